@@ -1,0 +1,210 @@
+import warnings
+
+import numpy as np
+import torch
+
+from nanovllm.config import Config
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.attention import Attention, load_attention_backend, resolve_attention_backend
+from nanovllm.layers.sampler import Sampler
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.utils.context import get_context, reset_context, set_context
+from nanovllm.utils.loader import dummy_weights, load_model, safetensors_weights
+
+
+class ModelRunner:
+    """Turns a scheduled batch into tensors, runs the model over the paged KV cache and samples.
+
+    It owns the model, the KV cache and the CUDA graphs; it knows nothing of queues or requests.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        hf = config.hf_config
+        self.block_size = config.kvcache_block_size
+        self.device = torch.device(config.device)
+        self.enforce_eager = config.enforce_eager or config.device != "cuda"
+        self.attention_backend = resolve_attention_backend(config.attention_backend, config.device)
+        backend = load_attention_backend(self.attention_backend)
+        backend.check_block_size(self.block_size)
+        if self.attention_backend == "torch":
+            self.enforce_eager = True       # the portable path syncs with the host, so it is not captured
+
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(hf.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = Qwen3ForCausalLM(hf)
+            weights = (dummy_weights(hf, self.device) if config.load_format == "dummy"
+                       else safetensors_weights(config.model))
+            load_model(self.model, weights, config.model)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer in self.attention_layers:
+            layer.backend = backend
+        self.sampler = Sampler()
+        if self.device.type == "cuda":
+            self.warmup_model()
+        self.allocate_kv_cache()
+        if not self.enforce_eager:
+            self.capture_cudagraph()
+
+    # ---- start-up -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def warmup_model(self):
+        """Run the largest prefill and sampling batch once, so the cache is sized after peak activation memory."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        cfg = self.config
+        num_tokens = cfg.max_num_batched_tokens
+        seq_lens = [min(cfg.max_model_len, num_tokens - i) for i in range(0, num_tokens, cfg.max_model_len)]
+        cu = torch.tensor(np.cumsum([0] + seq_lens), dtype=torch.int32, device=self.device)
+        set_context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=max(seq_lens))
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in seq_lens])
+        hidden = self.model(input_ids, positions)
+        reset_context()
+        rows = hidden[:1].expand(cfg.max_num_seqs, -1)
+        logits = self.model.compute_logits(rows)
+        self.sampler(logits, torch.ones(cfg.max_num_seqs, device=self.device))
+        del hidden, logits
+        torch.cuda.synchronize()
+
+    def allocate_kv_cache(self):
+        cfg, hf = self.config, self.config.hf_config
+        kv_heads = self.attention_layers[0].num_kv_heads
+        block_bytes = 2 * hf.num_hidden_layers * self.block_size * kv_heads * hf.head_dim * hf.dtype.itemsize
+        if cfg.num_kvcache_blocks > 0:
+            num_blocks = cfg.num_kvcache_blocks
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            stats = torch.cuda.memory_stats()
+            # Leave room for the warm-up's peak activations on top of what is allocated now.
+            peak_extra = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
+            budget = total * cfg.gpu_memory_utilization - (total - free) - peak_extra
+            num_blocks = int(budget // block_bytes)
+            if num_blocks < 1:
+                raise ValueError(
+                    f"no GPU memory is left for the KV cache: one block needs {block_bytes / 2**20:.1f} MiB but "
+                    f"{budget / 2**20:.0f} MiB remain under gpu_memory_utilization={cfg.gpu_memory_utilization}; "
+                    f"raise gpu_memory_utilization or lower max_num_batched_tokens")
+        else:
+            num_blocks = int(cfg.cpu_kvcache_space_gib * 2**30 // block_bytes)
+            if num_blocks < 1:
+                raise ValueError(
+                    f"cpu_kvcache_space_gib={cfg.cpu_kvcache_space_gib} holds no KV block "
+                    f"({block_bytes / 2**20:.1f} MiB each); raise cpu_kvcache_space_gib or lower kvcache_block_size")
+        cfg.num_kvcache_blocks = num_blocks
+        capacity = num_blocks * self.block_size
+        if capacity < cfg.max_model_len:
+            warnings.warn(f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {self.block_size}), "
+                          f"fewer than max_model_len={cfg.max_model_len}; lowering max_model_len to {capacity}")
+            cfg.max_model_len = capacity
+        self.kv_cache = torch.empty(2, hf.num_hidden_layers, num_blocks, self.block_size, kv_heads, hf.head_dim,
+                                    dtype=hf.dtype, device=self.device)
+        for i, layer in enumerate(self.attention_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    # ---- per step -------------------------------------------------------------------------------------
+
+    def _to_device(self, data, dtype) -> torch.Tensor:
+        pin = self.device.type == "cuda"
+        return torch.tensor(data, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(seq.block_table) for seq in seqs)
+        return self._to_device([seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs],
+                               torch.int32)
+
+    def prepare_prefill(self, seqs: list[Sequence]):
+        input_ids, positions, slot_mapping, cu_seqlens_q, context_lens = [], [], [], [0], []
+        for seq in seqs:
+            start = seq.num_computed_tokens
+            end = start + seq.num_scheduled_tokens
+            input_ids.extend(seq[start:end])
+            pos = np.arange(start, end)
+            positions.append(pos)
+            slot_mapping.append(np.asarray(seq.block_table)[pos // self.block_size] * self.block_size
+                                + pos % self.block_size)
+            cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
+            context_lens.append(end)
+        set_context(is_prefill=True,
+                    cu_seqlens_q=self._to_device(cu_seqlens_q, torch.int32),
+                    max_seqlen_q=max(s.num_scheduled_tokens for s in seqs),
+                    max_seqlen_k=max(context_lens),
+                    slot_mapping=self._to_device(np.concatenate(slot_mapping), torch.int64),
+                    context_lens=self._to_device(context_lens, torch.int32),
+                    block_tables=self._block_tables(seqs),
+                    has_cached_prefix=any(s.num_computed_tokens > 0 for s in seqs))
+        return (self._to_device(input_ids, torch.int64),
+                self._to_device(np.concatenate(positions), torch.int64))
+
+    def prepare_decode(self, seqs: list[Sequence]):
+        input_ids = [seq.last_token for seq in seqs]
+        positions = [len(seq) - 1 for seq in seqs]
+        slot_mapping = [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
+                        for seq, p in zip(seqs, positions)]
+        set_context(is_prefill=False,
+                    slot_mapping=self._to_device(slot_mapping, torch.int64),
+                    context_lens=self._to_device([len(seq) for seq in seqs], torch.int32),
+                    block_tables=self._block_tables(seqs))
+        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64)
+
+    @torch.inference_mode()
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+        batch = input_ids.size(0)
+        if is_prefill or self.enforce_eager or batch > self.graph_batch_sizes[-1]:
+            return self.model.compute_logits(self.model(input_ids, positions))
+        graph_bs = next(bs for bs in self.graph_batch_sizes if bs >= batch)
+        ctx, g = get_context(), self.graph_vars
+        g["input_ids"][:batch] = input_ids
+        g["positions"][:batch] = positions
+        g["slot_mapping"].fill_(-1)
+        g["slot_mapping"][:batch] = ctx.slot_mapping
+        g["context_lens"].zero_()
+        g["context_lens"][:batch] = ctx.context_lens
+        g["block_tables"][:batch, :ctx.block_tables.size(1)] = ctx.block_tables
+        self.graphs[graph_bs].replay()
+        return self.model.compute_logits(g["outputs"][:batch])
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        """Run one scheduled step and return one sampled token id per sequence."""
+        input_ids, positions = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
+        temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
+        try:
+            logits = self.run_model(input_ids, positions, is_prefill)
+            return self.sampler(logits, temperatures).tolist()
+        finally:
+            reset_context()
+
+    # ---- CUDA graphs ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture_cudagraph(self):
+        """Capture one decode graph per batch size on a ladder; a step replays the smallest that fits, padded."""
+        cfg, hf = self.config, self.config.hf_config
+        max_bs = min(cfg.max_num_seqs, 512)
+        max_blocks = (cfg.max_model_len + self.block_size - 1) // self.block_size
+        self.graph_batch_sizes = [bs for bs in (1, 2, 4, 8) if bs < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
+        g = self.graph_vars = dict(
+            input_ids=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
+            positions=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
+            slot_mapping=torch.full((max_bs,), -1, dtype=torch.int64, device=self.device),
+            context_lens=torch.zeros(max_bs, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=self.device),
+            outputs=torch.zeros(max_bs, hf.hidden_size, device=self.device, dtype=hf.dtype),
+        )
+        self.graphs, pool = {}, None
+        for bs in reversed(self.graph_batch_sizes):
+            graph = torch.cuda.CUDAGraph()
+            set_context(is_prefill=False, slot_mapping=g["slot_mapping"][:bs], context_lens=g["context_lens"][:bs],
+                        block_tables=g["block_tables"][:bs])
+            g["outputs"][:bs] = self.model(g["input_ids"][:bs], g["positions"][:bs])    # warm-up, compiles
+            with torch.cuda.graph(graph, pool):
+                g["outputs"][:bs] = self.model(g["input_ids"][:bs], g["positions"][:bs])
+            pool = graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize()
+            reset_context()

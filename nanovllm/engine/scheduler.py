@@ -1,0 +1,110 @@
+from collections import deque
+
+from nanovllm.config import Config
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    """Decides which sequences run in each step, and books the tokens that come back.
+
+    Prefill comes first: waiting sequences (new or preempted) are admitted in FCFS order while blocks,
+    the token budget `max_num_batched_tokens` and `max_num_seqs` allow; a prompt longer than the budget left
+    is split into chunks over several steps. Otherwise every running sequence decodes one token; when a
+    decode cannot get a block, the most recently admitted sequence is preempted (its blocks are freed and it
+    is recomputed later, which is cheap when its prefix is still cached).
+    """
+
+    def __init__(self, config: Config, eos_token_ids: tuple[int, ...]):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.block_manager = BlockManager(config.num_kvcache_blocks, config.kvcache_block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def add(self, seq: Sequence):
+        self.waiting.append(seq)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Pick this step's sequences; each gets `num_scheduled_tokens`. Returns (seqs, is_prefill)."""
+        scheduled = self._schedule_prefill()
+        if scheduled:
+            return scheduled, True
+        return self._schedule_decode(), False
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        budget = self.max_num_batched_tokens
+        while self.waiting and budget > 0 and len(self.running) + len(scheduled) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                if not self.block_manager.can_allocate(seq):
+                    break
+                self.block_manager.allocate(seq)
+            seq.num_scheduled_tokens = min(seq.num_uncomputed_tokens, budget)
+            budget -= seq.num_scheduled_tokens
+            scheduled.append(seq)
+            if seq.num_scheduled_tokens < seq.num_uncomputed_tokens:
+                break       # a chunk: the rest of this prompt stays at the head of the queue
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        return scheduled
+
+    def _schedule_decode(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        while self.running and len(scheduled) < self.max_num_seqs:
+            seq = self.running.popleft()
+            while not self.block_manager.can_append(seq):
+                if self.running:
+                    self.preempt(self.running.pop())
+                else:
+                    self.preempt(seq)
+                    break
+            else:
+                self.block_manager.may_append(seq)
+                seq.num_scheduled_tokens = 1
+                scheduled.append(seq)
+        self.running.extendleft(reversed(scheduled))
+        return scheduled
+
+    def preempt(self, seq: Sequence):
+        seq.status = SequenceStatus.WAITING
+        self.block_manager.deallocate(seq)
+        self.waiting.appendleft(seq)
+
+    def abort(self, seq: Sequence):
+        """Drop a request wherever it is and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.block_table:
+            self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
+        """Book one step's results; returns the sequences that finished."""
+        finished = []
+        for seq, token_id in zip(seqs, token_ids):
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            self.block_manager.publish_computed_blocks(seq)
+            if seq.num_computed_tokens < len(seq):
+                continue    # mid-prompt chunk: its sample is meaningless
+            seq.append_token(token_id)
+            if self._should_stop(seq, token_id):
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.deallocate(seq)
+                self.running.remove(seq)
+                finished.append(seq)
+        return finished
+
+    def _should_stop(self, seq: Sequence, token_id: int) -> bool:
+        return ((not seq.ignore_eos and token_id in self.eos_token_ids)
+                or seq.num_completion_tokens >= seq.max_tokens
+                or len(seq) >= self.max_model_len)

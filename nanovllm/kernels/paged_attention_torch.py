@@ -1,0 +1,91 @@
+"""Paged attention in plain PyTorch: runs on any device, and is the reference the fast kernels are tested against.
+
+Cache layout (every backend): k_cache, v_cache are [num_blocks, block_size, num_kv_heads, head_dim]; a token at
+position p of a sequence lives in block block_table[p // block_size], row p % block_size.
+"""
+import torch
+import torch.nn.functional as F
+
+from nanovllm.utils.context import Context
+
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """Write row j of key/value ([N, kv_heads, head_dim]) to cache slot slot_mapping[j]; slot -1 is skipped."""
+    valid = slot_mapping >= 0       # boolean indexing syncs with the host: this path is not graph-captured
+    slots = slot_mapping[valid].long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key[valid])
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[valid])
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of one sequence's K or V: [length, kv_heads, head_dim]."""
+    num_blocks = (length + cache.shape[1] - 1) // cache.shape[1]
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
+
+
+def _attend(q, k, v, mask, scale):
+    """q [..., Hq, Lq, D], k/v [..., Hkv, Lk, D]; mask True where attention is allowed."""
+    group = q.shape[-3] // k.shape[-3]
+    k = k.repeat_interleave(group, dim=-3)
+    v = v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(F.softmax(scores, dim=-1), v.float()).to(q.dtype)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens (q: [N, heads, head_dim]) over its cached + new K/V."""
+    out = torch.empty_like(q)
+    starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
+    for i, context_len in enumerate(lens):
+        start, end = starts[i], starts[i + 1]
+        k = gather_kv(k_cache, block_tables[i], context_len).transpose(0, 1)
+        v = gather_kv(v_cache, block_tables[i], context_len).transpose(0, 1)
+        q_pos = torch.arange(context_len - (end - start), context_len, device=q.device)
+        mask = q_pos[:, None] >= torch.arange(context_len, device=q.device)[None, :]
+        out[start:end] = _attend(q[start:end].transpose(0, 1), k, v, mask, scale).transpose(0, 1)
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence (q: [B, heads, head_dim]) over its first context_lens[b] cached tokens.
+
+    Batched over sequences, padded to the longest block table.
+    """
+    batch, max_blocks = block_tables.shape
+    block_size = k_cache.shape[1]
+    safe_tables = block_tables.clamp_min(0).long()
+    k = k_cache[safe_tables].flatten(1, 2).transpose(1, 2)    # [B, Hkv, max_blocks*block_size, D]
+    v = v_cache[safe_tables].flatten(1, 2).transpose(1, 2)
+    mask = torch.arange(max_blocks * block_size, device=q.device)[None, :] < context_lens[:, None]
+    return _attend(q.unsqueeze(2), k, v, mask[:, None, None, :], scale).squeeze(2)
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """Causal attention over packed sequences with no cache at all; used by the memory-profiling warm-up."""
+    out = torch.empty_like(q)
+    starts = cu_seqlens.tolist()
+    for start, end in zip(starts[:-1], starts[1:]):
+        out[start:end] = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
+            is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+    return out
+
+
+# Backend interface used by nanovllm.layers.attention.
+
+def check_block_size(block_size: int) -> None:
+    pass
+
+
+def prefill(q, k, v, k_cache, v_cache, ctx: Context, scale: float) -> torch.Tensor:
+    return paged_prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale)
+
+
+def decode(q, k_cache, v_cache, ctx: Context, scale: float) -> torch.Tensor:
+    return paged_decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale)

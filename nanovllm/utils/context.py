@@ -1,0 +1,40 @@
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class Context:
+    """Attention metadata for the current step, set by the ModelRunner and read by every Attention layer.
+
+    Prefill: the new tokens of all sequences are packed; sequence i owns query rows
+    cu_seqlens_q[i]:cu_seqlens_q[i+1] and attends to its first context_lens[i] tokens (cached prefix + new).
+    Decode: one query row per sequence. In both, block_tables[i] lists sequence i's KV blocks (-1 padded)
+    and slot_mapping[j] is the cache slot where the new token j's K/V is written (-1: skip, padding).
+    """
+    is_prefill: bool = False
+    cu_seqlens_q: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    slot_mapping: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    has_cached_prefix: bool = False
+    cu_seqlens_k: torch.Tensor | None = None
+
+
+_CONTEXT = Context()
+
+
+def get_context() -> Context:
+    return _CONTEXT
+
+
+def set_context(**fields) -> None:
+    global _CONTEXT
+    _CONTEXT = Context(**fields)
+
+
+def reset_context() -> None:
+    global _CONTEXT
+    _CONTEXT = Context()

@@ -1,0 +1,98 @@
+import glob
+import os
+import zlib
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from nanovllm.config import ModelConfig
+
+
+def _default_weight_loader(param: nn.Parameter, loaded: torch.Tensor):
+    if param.shape != loaded.shape:
+        raise ValueError(f"expected a tensor of shape {tuple(param.shape)}, got {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+def safetensors_weights(path: str) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(file, tensor name, tensor) for every tensor of every *.safetensors file in `path`."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {path!r} (pass load_format='dummy' for random weights)")
+    for file in files:
+        with safe_open(file, "pt", "cpu") as f:
+            for name in f.keys():
+                yield file, name, f.get_tensor(name)
+
+
+def dummy_weights(config: ModelConfig, device: torch.device) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """A checkpoint of random values with the published tensor names and shapes (vLLM's load_format='dummy').
+
+    Each tensor is seeded by its name, so every tensor-parallel rank sees the same full tensor and takes
+    its own shard, and tp=1 and tp=2 run the same model. Small uniform values keep activations finite;
+    norm weights are 1.
+    """
+    h, d = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                   p + "mlp.gate_proj.weight": (config.intermediate_size, h),
+                   p + "mlp.up_proj.weight": (config.intermediate_size, h),
+                   p + "mlp.down_proj.weight": (h, config.intermediate_size),
+                   p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        if config.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+        if config.attention_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                       p + "self_attn.v_proj.bias": (kv,)}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            yield "dummy", name, torch.ones(shape, device=device, dtype=config.dtype)
+            continue
+        gen = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
+        yield "dummy", name, torch.empty(shape, device=device, dtype=config.dtype).uniform_(-0.05, 0.05, generator=gen)
+
+
+def load_model(model: nn.Module, weights: Iterator[tuple[str, str, torch.Tensor]], source: str):
+    """Copy checkpoint tensors into `model`, routing q/k/v and gate/up into their packed parameters.
+
+    Every tensor must land on a parameter of the right shape and every parameter must be filled;
+    otherwise a ValueError names the tensor, rather than leaving a half-loaded model.
+    """
+    packed = getattr(model, "packed_modules_mapping", {})
+    params = dict(model.named_parameters())     # a tied weight appears once, under its first name
+    loaded: dict[str, set] = {name: set() for name in params}
+    for file, name, tensor in weights:
+        if name.startswith("lm_head.") and "lm_head.weight" not in params:
+            continue    # tied to the embedding, which is loaded under its own name
+        target, shard_id = name, None
+        for ckpt_part, (our_part, sid) in packed.items():
+            if f".{ckpt_part}." in name:
+                target, shard_id = name.replace(ckpt_part, our_part), sid
+                break
+        param = params.get(target)
+        if param is None:
+            raise ValueError(f"checkpoint tensor {name!r} in {file} matches no parameter of the model "
+                             f"(does config.json belong to this checkpoint?)")
+        loader = getattr(param, "weight_loader", _default_weight_loader)
+        try:
+            loader(param, tensor) if shard_id is None else loader(param, tensor, shard_id)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"checkpoint tensor {name!r} in {file} does not fit the model: {e}") from None
+        loaded[target].add(shard_id)
+    missing = [name for name, shards in loaded.items() if shards != _expected_shards(name, packed)]
+    if missing:
+        raise ValueError(f"checkpoint {source!r} lacks tensors for: {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))
+
+
+def _expected_shards(param_name: str, packed: dict) -> set:
+    shards = {sid for our_part, sid in packed.values() if f".{our_part}." in param_name}
+    return shards or {None}

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random checkpoints written offline, and the transformers oracle."""
+import pytest
+import torch
+
+from nanovllm.utils.tiny_checkpoint import build_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory):
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("qwen3")), arch="qwen3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory):
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("qwen2")), arch="qwen2", seed=1)
+
+
+@pytest.fixture(scope="session", params=["qwen3", "qwen2"])
+def model_dir(request, qwen3_dir, qwen2_dir):
+    return qwen3_dir if request.param == "qwen3" else qwen2_dir
+
+
+_HF_CACHE = {}
+
+
+def hf_model(path: str, device: str = "cpu"):
+    from transformers import AutoModelForCausalLM
+    key = (path, device)
+    if key not in _HF_CACHE:
+        _HF_CACHE[key] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    return _HF_CACHE[key]
+
+
+def hf_greedy(path: str, prompt: list[int], max_tokens: int, device: str = "cpu") -> list[int]:
+    """transformers' greedy completion of exactly `max_tokens` tokens (eos masked, like ignore_eos)."""
+    model = hf_model(path, device)
+    ids = torch.tensor([prompt], device=device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
