@@ -32,10 +32,14 @@ def hf_model(path: str, device: str = "cpu"):
 
 
 def hf_greedy(path: str, prompt: list[int], max_tokens: int, device: str = "cpu") -> list[int]:
-    """transformers' greedy completion of exactly `max_tokens` tokens (eos masked, like ignore_eos)."""
+    """transformers' greedy completion of exactly `max_tokens` tokens, not stopping at eos (like ignore_eos)."""
     model = hf_model(path, device)
     ids = torch.tensor([prompt], device=device)
+    out, past = [], None
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                             min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        for _ in range(max_tokens):
+            result = model(ids, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            ids = result.logits[:, -1].argmax(-1, keepdim=True)
+            out.append(ids.item())
+    return out

@@ -104,7 +104,7 @@ class BlockManager:
                 self.used_block_ids.remove(block_id)
                 self.free_block_ids.append(block_id)
         seq.block_table.clear()
-        seq.num_cached_tokens = seq.num_computed_tokens = 0
+        seq.num_computed_tokens = 0
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether the next decode step of `seq` can get the block it may need."""

@@ -90,7 +90,8 @@ class LLMEngine:
     def generate(self, prompts: list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] = SamplingParams(),
                  use_tqdm: bool = True) -> list[dict]:
-        """Complete every prompt; returns one {"text", "token_ids"} dict per prompt, in input order.
+        """Complete every prompt; returns one dict per prompt, in input order: "text" (the decoded completion),
+        "token_ids" (the completion's ids) and "num_cached_tokens" (prompt tokens served by the prefix cache).
 
         All requests are validated before any runs. If anything raises mid-way (Ctrl-C included), the
         requests of this call are aborted and their blocks freed, so the engine stays usable.
@@ -136,4 +137,4 @@ class LLMEngine:
     def _output(self, seq: Sequence) -> dict:
         token_ids = seq.completion_token_ids
         text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
-        return {"text": text, "token_ids": token_ids}
+        return {"text": text, "token_ids": token_ids, "num_cached_tokens": seq.num_cached_tokens}

@@ -1,0 +1,183 @@
+"""Bad input is refused with a clear error before any work, and config.json formats of transformers 4 and 5 load."""
+import json
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.config import ModelConfig
+from nanovllm.utils.tiny_checkpoint import build_tiny_checkpoint, rewrite_config_as_transformers_4
+from tests.conftest import hf_greedy
+
+GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(qwen3_dir):
+    return LLM(qwen3_dir, device="cpu", kvcache_block_size=16, max_model_len=64)
+
+
+def all_free(llm):
+    bm = llm.scheduler.block_manager
+    return len(bm.free_block_ids) == len(bm.blocks) and llm.is_finished()
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ([[]], "empty prompt"),
+    ([""], "empty prompt"),
+    ([list(range(3, 68))], "more than max_model_len"),
+    ([[5, 384]], "outside the vocabulary"),
+    ([[5, -1]], "outside the vocabulary"),
+    ([[5, 6.0]], "list of token ids"),
+    ("hello", "must be a list"),
+])
+def test_bad_prompts_raise_before_any_work(llm, prompts, message):
+    good = [5, 6, 7]
+    with pytest.raises(ValueError, match=message):
+        llm.generate([good] + list(prompts) if isinstance(prompts, list) else prompts, GREEDY, use_tqdm=False)
+    assert all_free(llm)        # the valid prompt next to the bad one was not queued either
+    assert llm.generate([good], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(llm.config.model, good, 5)
+
+
+def test_mismatched_sampling_params_list(llm):
+    with pytest.raises(ValueError, match="one per prompt"):
+        llm.generate([[1], [2]], [GREEDY], use_tqdm=False)
+    assert all_free(llm)
+
+
+def test_generate_empty_list(llm):
+    assert llm.generate([], GREEDY) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-0.1), "temperature"), (dict(max_tokens=2.5), "max_tokens"),
+])
+def test_sampling_params_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_misspelt_keyword_is_a_type_error(qwen3_dir):
+    with pytest.raises(TypeError, match="max_num_seq"):
+        LLM(qwen3_dir, max_num_seq=4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_num_seqs=0), "max_num_seqs"), (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    (dict(tensor_parallel_size=9), "tensor_parallel_size"), (dict(device="tpu"), "device"),
+    (dict(attention_backend="xformers"), "attention_backend"), (dict(num_kvcache_blocks=0), "num_kvcache_blocks"),
+])
+def test_bad_config_values(qwen3_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(qwen3_dir, device=kwargs.pop("device", "cpu"), **kwargs)
+
+
+def test_gpu_backend_on_cpu_is_refused(qwen3_dir):
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        LLM(qwen3_dir, device="cpu", attention_backend="triton")
+
+
+def test_text_prompt_without_tokenizer(tmp_path):
+    path = build_tiny_checkpoint(str(tmp_path / "m"), with_tokenizer=False)
+    llm = LLM(path, device="cpu", kvcache_block_size=16)
+    assert llm.tokenizer is None
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        llm.generate(["hi"], GREEDY, use_tqdm=False)
+    assert len(llm.generate([[5, 6]], GREEDY, use_tqdm=False)[0]["token_ids"]) == 5
+    assert all_free(llm)
+
+
+def test_missing_model_dir_and_config(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="no config.json"):
+        LLM(str(tmp_path))
+
+
+def test_home_is_expanded(qwen3_dir, monkeypatch):
+    home, name = os.path.split(qwen3_dir)
+    monkeypatch.setenv("HOME", home)
+    assert LLM(f"~/{name}", device="cpu", kvcache_block_size=16).config.model == qwen3_dir
+
+
+def test_sequence_stops_at_max_model_len(llm):
+    out = llm.generate([list(range(3, 60))], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out["token_ids"]) == 64 - 57
+    assert all_free(llm)
+
+
+def test_small_cache_lowers_max_model_len_with_a_warning(qwen3_dir):
+    with pytest.warns(UserWarning, match="lowering max_model_len to 48"):
+        llm = LLM(qwen3_dir, device="cpu", kvcache_block_size=16, num_kvcache_blocks=3, max_model_len=100)
+    assert llm.config.max_model_len == 48
+    with pytest.raises(ValueError, match="max_model_len=48"):     # a prompt that could never fit the cache
+        llm.generate([list(range(3, 53))], GREEDY, use_tqdm=False)
+    assert all_free(llm)
+
+
+def test_cache_budget_too_small_for_one_block(qwen3_dir):
+    with pytest.raises(ValueError, match="cpu_kvcache_space_gib"):
+        LLM(qwen3_dir, device="cpu", cpu_kvcache_space_gib=1e-9)
+
+
+def test_transformers_4_and_5_config_formats(tmp_path):
+    v5 = build_tiny_checkpoint(str(tmp_path / "v5"), seed=3)
+    with open(os.path.join(v5, "config.json")) as f:
+        raw = json.load(f)
+    raw["rope_parameters"]["rope_theta"] = 500.0        # not the default, so a wrong reader is caught
+    with open(os.path.join(v5, "config.json"), "w") as f:
+        json.dump(raw, f)
+    v4 = str(tmp_path / "v4")
+    shutil.copytree(v5, v4)
+    rewrite_config_as_transformers_4(v4)
+    with open(os.path.join(v4, "config.json")) as f:
+        raw4 = json.load(f)
+    assert "rope_parameters" not in raw4 and raw4["rope_theta"] == 500.0 and raw4["torch_dtype"] == "float32"
+    for path in (v4, v5):
+        cfg = ModelConfig.from_model_dir(path)
+        assert cfg.rope_theta == 500.0 and cfg.dtype == torch.float32
+    prompt = list(range(10, 50))
+    expected = hf_greedy(v5, prompt, 8)
+    for path in (v4, v5):
+        out = LLM(path, device="cpu", kvcache_block_size=16).generate(
+            [prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+        assert out[0]["token_ids"] == expected
+
+
+def test_checkpoint_dtype_is_used(tmp_path):
+    path = build_tiny_checkpoint(str(tmp_path / "bf16"))
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    raw["dtype"] = "bfloat16"
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(raw, f)
+    llm = LLM(path, device="cpu", kvcache_block_size=16)
+    assert llm.model_runner.model.lm_head.weight.dtype == torch.bfloat16
+    assert llm.model_runner.kv_cache.dtype == torch.bfloat16
+    assert len(llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0]["token_ids"]) == 5
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    path = build_tiny_checkpoint(str(tmp_path / "llama"))
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    raw["architectures"] = ["LlamaForCausalLM"]
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
+        LLM(path, device="cpu")
+
+
+def test_mismatched_weights_name_the_tensor(tmp_path):
+    path = build_tiny_checkpoint(str(tmp_path / "bad"))
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    raw["intermediate_size"] = 96
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(ValueError, match=r"mlp\.(gate|up|down)_proj\.weight.*does not fit.*shape"):
+        LLM(path, device="cpu")

@@ -1,0 +1,120 @@
+"""Scheduler state machine without a model: fake token ids stand in for the runner."""
+from types import SimpleNamespace
+
+import pytest
+
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.sampling_params import SamplingParams
+
+BLOCK = 4
+EOS = 0
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(Sequence, "block_size", BLOCK)
+
+
+def make_scheduler(num_blocks=16, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64):
+    config = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                             max_model_len=max_model_len, num_kvcache_blocks=num_blocks, kvcache_block_size=BLOCK)
+    return Scheduler(config, (EOS,))
+
+
+def step(scheduler, token=7):
+    seqs, is_prefill = scheduler.schedule()
+    finished = scheduler.postprocess(seqs, [token] * len(seqs))
+    return seqs, is_prefill, finished
+
+
+def test_lifecycle_waiting_running_finished():
+    s = make_scheduler()
+    seq = Sequence([1, 2, 3, 4, 5], SamplingParams(max_tokens=3))
+    s.add(seq)
+    assert seq.status == SequenceStatus.WAITING
+    seqs, is_prefill, _ = step(s)
+    assert is_prefill and seqs == [seq] and seq.status == SequenceStatus.RUNNING
+    assert seq.num_completion_tokens == 1 and seq.num_computed_tokens == 5
+    _, is_prefill, _ = step(s)
+    assert not is_prefill
+    _, _, finished = step(s)
+    assert finished == [seq] and seq.status == SequenceStatus.FINISHED
+    assert seq.completion_token_ids == [7, 7, 7] and s.is_finished()
+    assert s.block_manager.num_free_blocks == 16
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_eos_stops_unless_ignored(ignore_eos):
+    s = make_scheduler()
+    seq = Sequence([1, 2], SamplingParams(max_tokens=5, ignore_eos=ignore_eos))
+    s.add(seq)
+    step(s, token=EOS)
+    assert seq.is_finished != ignore_eos
+    while not s.is_finished():
+        step(s, token=EOS)
+    assert seq.num_completion_tokens == (5 if ignore_eos else 1)
+
+
+def test_stops_at_max_model_len():
+    s = make_scheduler(max_model_len=10)
+    seq = Sequence(list(range(1, 8)), SamplingParams(max_tokens=100))
+    s.add(seq)
+    while not s.is_finished():
+        step(s)
+    assert len(seq) == 10
+
+
+def test_preempts_most_recently_started_first():
+    s = make_scheduler(num_blocks=6, max_num_batched_tokens=4)
+    seqs = [Sequence([1, 2, 3, 4], SamplingParams(max_tokens=20)) for _ in range(3)]
+    for seq in seqs:
+        s.add(seq)
+    for _ in range(3):      # the budget admits one 4-token prompt per step
+        step(s)
+    assert [q.status for q in seqs] == [SequenceStatus.RUNNING] * 3
+    # Each holds 2 blocks (4 prompt tokens + 1 new needs the second at decode); 6 blocks, all used.
+    step(s)
+    assert s.num_preemptions == 0
+    while s.num_preemptions == 0:
+        step(s)
+    assert seqs[2].status == SequenceStatus.WAITING and s.waiting[0] is seqs[2]
+    assert not seqs[2].block_table and seqs[2].num_computed_tokens == 0
+    assert all(q.status == SequenceStatus.RUNNING for q in seqs[:2])
+
+
+def test_chunked_prefill_respects_the_token_budget():
+    s = make_scheduler(max_num_batched_tokens=5)
+    long_seq = Sequence(list(range(1, 13)), SamplingParams(max_tokens=2))
+    short = Sequence([1, 2], SamplingParams(max_tokens=2))
+    s.add(long_seq)
+    s.add(short)
+    chunks = []
+    while long_seq.num_completion_tokens == 0:
+        seqs, is_prefill, _ = step(s)
+        assert is_prefill and sum(q.num_scheduled_tokens for q in seqs) <= 5
+        chunks.append(long_seq.num_scheduled_tokens)
+        assert long_seq.status == (SequenceStatus.RUNNING if long_seq.num_completion_tokens else SequenceStatus.WAITING)
+    assert chunks == [5, 5, 2] and long_seq.num_computed_tokens == 12
+    assert short.status == SequenceStatus.RUNNING       # admitted in the last chunk's step with the 3 left
+
+
+def test_max_num_seqs_bounds_every_batch():
+    s = make_scheduler(max_num_seqs=2, num_blocks=64)
+    for _ in range(5):
+        s.add(Sequence([1, 2, 3], SamplingParams(max_tokens=4)))
+    while not s.is_finished():
+        seqs, _, _ = step(s)
+        assert 1 <= len(seqs) <= 2 and len(s.running) <= 2
+
+
+def test_abort_frees_blocks_wherever_the_request_is():
+    s = make_scheduler(max_num_batched_tokens=3)
+    running, partial, waiting = (Sequence(list(range(1, n)), SamplingParams(max_tokens=9)) for n in (3, 9, 5))
+    for seq in (running, partial, waiting):
+        s.add(seq)
+    step(s)     # running: prefilled; partial: a 1-token chunk, holding its blocks
+    assert running.status == SequenceStatus.RUNNING and partial.block_table
+    for seq in (running, partial, waiting):
+        s.abort(seq)
+    assert s.is_finished() and s.block_manager.num_free_blocks == 16
