@@ -1,0 +1,69 @@
+"""nano-vllm's throughput benchmark: 256 requests, prompt and output lengths uniform in 100..1024, seed 0.
+
+    python bench.py --dummy            # the shipped Qwen3-0.6B config with random weights, no download
+    python bench.py --model ~/huggingface/Qwen3-0.6B
+"""
+import argparse
+import os
+import time
+from random import randint, seed
+
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.configs import QWEN3_0_6B
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="~/huggingface/Qwen3-0.6B")
+    p.add_argument("--dummy", action="store_true", help="random weights in the shipped Qwen3-0.6B shapes")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "flash_attn", "triton", "torch"])
+    p.add_argument("--num-seqs", type=int, default=256)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1, help="run the workload this many times in one process")
+    p.add_argument("--skip-batch1", action="store_true", help="skip the single-request decode measurement")
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    path = QWEN3_0_6B if args.dummy else os.path.expanduser(args.model)
+    start = time.perf_counter()
+    llm = LLM(path, enforce_eager=args.enforce_eager, max_model_len=4096, attention_backend=args.attention_backend,
+              tensor_parallel_size=args.tensor_parallel_size, load_format="dummy" if args.dummy else "auto")
+    print(f"Startup: {time.perf_counter() - start:.2f}s "
+          f"(backend {llm.model_runner.attention_backend}, {llm.config.num_kvcache_blocks} KV blocks)")
+
+    seed(0)
+    num_seqs, max_input_len, max_output_len = args.num_seqs, 1024, 1024
+    prompt_token_ids = [[randint(0, 10000) for _ in range(randint(100, max_input_len))] for _ in range(num_seqs)]
+    sampling_params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_output_len))
+                       for _ in range(num_seqs)]
+
+    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)     # warm-up
+    cuda = torch.cuda.is_available()
+    for i in range(args.repeat):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        outputs = llm.generate(prompt_token_ids, sampling_params, use_tqdm=False)
+        t = time.perf_counter() - t     # generate() has read every sampled token back, so the GPU is done
+        total_tokens = sum(len(o["token_ids"]) for o in outputs)
+        print(f"Total: {total_tokens}tok, Time: {t:.2f}s, Throughput: {total_tokens / t:.2f}tok/s")
+        if cuda:
+            print(f"  run {i + 1}: torch.cuda.memory_allocated = {torch.cuda.memory_allocated() / 2**20:.1f} MiB")
+
+    if not args.skip_batch1:
+        t = time.perf_counter()
+        out = llm.generate([[randint(0, 10000) for _ in range(16)]],
+                           SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1024), use_tqdm=False)
+        t = time.perf_counter() - t
+        print(f"Batch-1 decode: {len(out[0]['token_ids']) / t:.2f}tok/s (1024 tokens after a 16-token prompt)")
+    if hasattr(llm, "exit"):
+        llm.exit()
+
+
+if __name__ == "__main__":
+    main()
