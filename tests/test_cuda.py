@@ -1,0 +1,99 @@
+"""CUDA-only checks of the whole engine (skipped without a GPU): exactness vs transformers, graphs vs eager."""
+import importlib.util
+import random
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.configs import QWEN3_0_6B
+from tests.conftest import hf_greedy
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BACKENDS = ["torch"] + [name for name, module in (("triton", "nanovllm.kernels.paged_attention_triton"),
+                                                   ("flash_attn", "flash_attn"))
+                        if importlib.util.find_spec(module) is not None]
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def prompts(seed=0, lengths=(1, 15, 16, 17, 40, 100)):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 384) for _ in range(n)] for n in lengths]
+
+
+def block_size(backend):
+    return 256 if backend == "flash_attn" else 16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_matches_transformers_on_cuda(qwen3_dir, backend):
+    llm = LLM(qwen3_dir, attention_backend=backend, kvcache_block_size=block_size(backend), max_model_len=512,
+              enforce_eager=backend == "torch", gpu_memory_utilization=0.3, max_num_batched_tokens=2048)
+    batch = prompts()
+    outs = llm.generate(batch, GREEDY, use_tqdm=False)
+    for prompt, out in zip(batch, outs):
+        assert out["token_ids"] == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens, device="cuda")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_preemption_and_prefix_hits_on_cuda(qwen3_dir, backend):
+    rng = random.Random(1)
+    prefix = [rng.randrange(3, 384) for _ in range(40)]
+    batch = [prefix + p for p in prompts(2, (3, 9, 30, 1, 22, 17))]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    bs = block_size(backend)
+    llm = LLM(qwen3_dir, attention_backend=backend, kvcache_block_size=bs, num_kvcache_blocks=max(10, 2048 // bs),
+              max_model_len=160, gpu_memory_utilization=0.3, max_num_batched_tokens=64)
+    outs = llm.generate(batch, params, use_tqdm=False)
+    again = llm.generate(batch, params, use_tqdm=False)
+    if bs == 16:
+        assert llm.scheduler.num_preemptions > 0
+        assert all(o["num_cached_tokens"] >= 32 for o in again)
+    for prompt, out, out2 in zip(batch, outs, again):
+        expected = hf_greedy(qwen3_dir, prompt, params.max_tokens, device="cuda")
+        assert out["token_ids"] == expected and out2["token_ids"] == expected
+    bm = llm.scheduler.block_manager
+    assert len(bm.free_block_ids) == len(bm.blocks)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_cuda_graphs_give_the_same_tokens_as_eager(qwen3_dir, backend):
+    batch = prompts(3, tuple(range(1, 70, 3)))      # 23 sequences: a padded graph batch size
+    outs = {}
+    for eager in (True, False):
+        llm = LLM(qwen3_dir, attention_backend=backend, kvcache_block_size=block_size(backend), max_model_len=512,
+                  enforce_eager=eager, gpu_memory_utilization=0.3, max_num_batched_tokens=2048, max_num_seqs=64)
+        outs[eager] = [o["token_ids"] for o in llm.generate(batch, GREEDY, use_tqdm=False)]
+        del llm
+    assert outs[True] == outs[False]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
+def test_triton_and_torch_logits_close_on_dummy_qwen3_0_6b():
+    """Real shapes in bfloat16: the Triton kernels' logits stay close to the PyTorch reference's."""
+    from nanovllm.utils.context import reset_context
+    rng = random.Random(4)
+    batch = [[rng.randrange(0, 10000) for _ in range(n)] for n in (5, 300, 700)]
+    logits = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(QWEN3_0_6B, load_format="dummy", attention_backend=backend, enforce_eager=True,
+                  max_model_len=1024, gpu_memory_utilization=0.5, max_num_batched_tokens=2048)
+        for prompt in batch:
+            llm.add_request(prompt, GREEDY)
+        seqs, is_prefill = llm.scheduler.schedule()
+        runner = llm.model_runner
+        input_ids, positions = runner.prepare_prefill(seqs)
+        prefill_logits = runner.run_model(input_ids, positions, True).float()
+        reset_context()
+        llm.scheduler.postprocess(seqs, [42] * len(seqs))      # the same next token for both backends
+        seqs, _ = llm.scheduler.schedule()
+        input_ids, positions = runner.prepare_decode(seqs)
+        decode_logits = runner.run_model(input_ids, positions, False).float()
+        reset_context()
+        logits[backend] = (prefill_logits, decode_logits)
+        del llm, runner
+        torch.cuda.empty_cache()
+    for ref, out in zip(logits["torch"], logits["triton"]):
+        rel = (out - ref).norm() / ref.norm()
+        assert rel < 2e-2, f"relative logits error {rel:.3e}"
