@@ -110,8 +110,11 @@ class ModelRunner:
     # ---- per step -------------------------------------------------------------------------------------
 
     def _to_device(self, data, dtype) -> torch.Tensor:
-        pin = self.device.type == "cuda"
-        return torch.tensor(data, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
+        """Host list or array -> device tensor; through pinned memory on CUDA so the copy is asynchronous."""
+        tensor = torch.from_numpy(data).to(dtype) if isinstance(data, np.ndarray) else torch.tensor(data, dtype=dtype)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(seq.block_table) for seq in seqs)
