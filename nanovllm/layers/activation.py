@@ -5,10 +5,14 @@ from torch import nn
 from nanovllm.utils.compile import compile_on_cuda
 
 
+@compile_on_cuda
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, -1)
+    return F.silu(gate) * up
+
+
 class SiluAndMul(nn.Module):
     """SwiGLU's gate: silu(x[..., :d]) * x[..., d:] for the packed gate/up projection."""
 
-    @compile_on_cuda
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, -1)
-        return F.silu(gate) * up
+        return silu_and_mul(x)

@@ -4,15 +4,19 @@ import torch
 
 
 def compile_on_cuda(fn):
-    """torch.compile `fn` for CUDA tensors only: on CPU it stays eager (compiling there costs seconds and buys little)."""
+    """torch.compile a pure tensor function for CUDA inputs; CPU inputs run it eagerly.
+
+    Decorate free functions of tensors (not methods): a method would make dynamo guard on `self`, and every
+    layer instance would then compile its own copy.
+    """
     compiled = None
 
     @functools.wraps(fn)
-    def wrapper(self, x, *args, **kwargs):
+    def wrapper(x, *args, **kwargs):
         nonlocal compiled
         if not x.is_cuda:
-            return fn(self, x, *args, **kwargs)
+            return fn(x, *args, **kwargs)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True)
-        return compiled(self, x, *args, **kwargs)
+        return compiled(x, *args, **kwargs)
     return wrapper
