@@ -119,8 +119,9 @@ class Config:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if not 1 <= self.tensor_parallel_size <= 8:
-            raise ValueError(f"tensor_parallel_size must be between 1 and 8, got {self.tensor_parallel_size}")
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 8:
+            raise ValueError(f"tensor_parallel_size must be an integer between 1 and 8, got {tp!r}")
         if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
             raise ValueError(f"num_kvcache_blocks must be -1 (size from memory) or positive, got {self.num_kvcache_blocks}")
         if self.device == "auto":
@@ -137,3 +138,15 @@ class Config:
             raise ValueError(f"cpu_kvcache_space_gib must be positive, got {self.cpu_kvcache_space_gib}")
         self.hf_config = ModelConfig.from_model_dir(self.model)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        self._check_tensor_parallel()
+
+    def _check_tensor_parallel(self):
+        """Refuse a split the model or the machine cannot take, before any worker process is spawned."""
+        tp, hf = self.tensor_parallel_size, self.hf_config
+        for what, n in (("attention heads", hf.num_attention_heads), ("KV heads", hf.num_key_value_heads),
+                        ("vocab size", hf.vocab_size), ("intermediate size", hf.intermediate_size)):
+            if n % tp:
+                raise ValueError(f"tensor_parallel_size={tp} must divide the model's {what} ({n})")
+        if self.device == "cuda" and tp > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs (one per rank), "
+                             f"but torch sees {torch.cuda.device_count()}")
