@@ -126,7 +126,7 @@ class ModelRunner:
         for seq in seqs:
             start = seq.num_computed_tokens
             end = start + seq.num_scheduled_tokens
-            input_ids.extend(seq[start:end])
+            input_ids.extend(seq.scheduled_token_ids)
             pos = np.arange(start, end)
             positions.append(pos)
             slot_mapping.append(np.asarray(seq.block_table)[pos // self.block_size] * self.block_size

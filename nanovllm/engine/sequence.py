@@ -12,9 +12,14 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    """One request: its tokens (prompt then completion), its KV blocks and how far it has been computed."""
+    """One request: its tokens (prompt then completion), its KV blocks and how far it has been computed.
+
+    Pickling (how rank 0 sends a scheduled batch to tensor-parallel workers) keeps only what the ModelRunner
+    reads for this step, so a decode step costs a few ints per sequence, not the whole token history.
+    """
     block_size = 256
     counter = count()
+    token_offset = 0    # token_ids[i] is token token_offset + i: 0 here, this step's first token in a worker's copy
 
     def __init__(self, token_ids: list[int], sampling_params: SamplingParams = SamplingParams()):
         self.seq_id = next(Sequence.counter)
@@ -25,6 +30,7 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.num_cached_tokens = 0      # tokens whose KV came from the prefix cache at allocation
         self.num_computed_tokens = 0    # tokens whose KV is in the cache (cached or computed)
+        self.num_scheduled_tokens = 0   # tokens the current step runs through the model (set by the scheduler)
         self.block_table: list[int] = []
         self.sampling_params = sampling_params
         self.temperature = sampling_params.temperature
@@ -61,6 +67,21 @@ class Sequence:
     def num_uncomputed_tokens(self):
         """Tokens still to run through the model: the whole rest of the prompt in prefill, 1 in decode."""
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def scheduled_token_ids(self) -> list[int]:
+        """The tokens this step runs through the model."""
+        start = self.num_computed_tokens - self.token_offset
+        return self.token_ids[start:start + self.num_scheduled_tokens]
+
+    def __getstate__(self):
+        return (self.num_tokens, self.num_computed_tokens, self.num_scheduled_tokens, self.block_table,
+                self.scheduled_token_ids)
+
+    def __setstate__(self, state):
+        self.num_tokens, self.num_computed_tokens, self.num_scheduled_tokens, self.block_table, self.token_ids = state
+        self.token_offset = self.num_computed_tokens
+        self.last_token = self.token_ids[-1]    # in decode, the one scheduled token is the sequence's last
 
     def block(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size: (i + 1) * self.block_size]
