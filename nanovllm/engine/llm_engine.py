@@ -1,5 +1,7 @@
+import atexit
 import os
 from collections.abc import Sequence as SequenceABC
+from contextlib import nullcontext
 from dataclasses import fields
 from time import perf_counter
 
@@ -9,6 +11,7 @@ from nanovllm.config import Config
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.workers import WorkerPool
 from nanovllm.sampling_params import SamplingParams
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -35,7 +38,12 @@ class LLMEngine:
         Sequence.block_size = config.kvcache_block_size
         self.config = config
         self.tokenizer = load_tokenizer(config.model)
-        self.model_runner = ModelRunner(config)     # may lower config.max_model_len to what the cache holds
+        # Ranks 1..N-1 start loading in their own processes while rank 0 loads here.
+        self.workers = WorkerPool(config) if config.tensor_parallel_size > 1 else None
+        if self.workers is not None:
+            atexit.register(self.exit)
+        with self.workers.guard() if self.workers is not None else nullcontext():
+            self.model_runner = ModelRunner(config, self.workers)   # may lower config.max_model_len to fit the cache
         eos = config.hf_config.eos_token_ids
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = (self.tokenizer.eos_token_id,)
@@ -77,13 +85,20 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             raise RuntimeError("the scheduler found nothing to run while requests are pending; this is a bug")
-        token_ids = self.model_runner.run(seqs, is_prefill)
+        token_ids = self.model_runner.call("run", seqs, is_prefill)
         finished = self.scheduler.postprocess(seqs, token_ids)
         num_tokens = sum(seq.num_scheduled_tokens for seq in seqs) if is_prefill else -len(seqs)
         return [(seq.seq_id, seq.completion_token_ids) for seq in finished], num_tokens
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished()
+
+    def exit(self):
+        """Stop the tensor-parallel worker processes and free their shared memory. Idempotent; it also runs at
+        interpreter exit. The engine cannot run afterwards. With tensor_parallel_size=1 there is nothing to stop."""
+        atexit.unregister(self.exit)
+        if self.workers is not None:
+            self.workers.close()
 
     # ---- batch API ------------------------------------------------------------------------------------
 

@@ -2,27 +2,34 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.workers import WorkerPool
 from nanovllm.layers.attention import Attention, load_attention_backend, resolve_attention_backend
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import get_context, reset_context, set_context
 from nanovllm.utils.loader import dummy_weights, load_model, safetensors_weights
+from nanovllm.utils.parallel import tp_rank, tp_size
 
 
 class ModelRunner:
     """Turns a scheduled batch into tensors, runs the model over the paged KV cache and samples.
 
     It owns the model, the KV cache and the CUDA graphs; it knows nothing of queues or requests.
+    With tensor parallelism every rank runs one, each holding its shard of the weights and its own KV heads;
+    rank 0 drives the others through `call` (see engine/workers.py) and is the only one that samples.
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, workers: WorkerPool | None = None):
         self.config = config
         hf = config.hf_config
+        self.rank = tp_rank()
+        self.workers = workers      # on rank 0 of a tensor-parallel engine: the processes running ranks 1..N-1
         self.block_size = config.kvcache_block_size
-        self.device = torch.device(config.device)
+        self.device = torch.device(config.device)     # on CUDA the current device, which is cuda:rank
         self.enforce_eager = config.enforce_eager or config.device != "cuda"
         self.attention_backend = resolve_attention_backend(config.attention_backend, config.device)
         backend = load_attention_backend(self.attention_backend)
@@ -50,6 +57,14 @@ class ModelRunner:
         if not self.enforce_eager:
             self.capture_cudagraph()
 
+    def call(self, name: str, *args):
+        """Run method `name` on every rank and return rank 0's result (the ranks meet in the model's collectives)."""
+        if self.workers is None:
+            return getattr(self, name)(*args)
+        with self.workers.guard():
+            self.workers.send(name, args)
+            return getattr(self, name)(*args)
+
     # ---- start-up -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -68,7 +83,8 @@ class ModelRunner:
         reset_context()
         rows = hidden[:1].expand(cfg.max_num_seqs, -1)
         logits = self.model.compute_logits(rows)
-        self.sampler(logits, torch.ones(cfg.max_num_seqs, device=self.device))
+        if self.rank == 0:      # the other ranks get no logits
+            self.sampler(logits, torch.ones(cfg.max_num_seqs, device=self.device))
         del hidden, logits
         torch.cuda.synchronize()
 
@@ -84,7 +100,7 @@ class ModelRunner:
             # Leave room for the warm-up's peak activations on top of what is allocated now.
             peak_extra = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
             budget = total * cfg.gpu_memory_utilization - (total - free) - peak_extra
-            num_blocks = int(budget // block_bytes)
+            num_blocks = self._min_over_ranks(int(budget // block_bytes))
             if num_blocks < 1:
                 raise ValueError(
                     f"no GPU memory is left for the KV cache: one block needs {block_bytes / 2**20:.1f} MiB but "
@@ -106,6 +122,14 @@ class ModelRunner:
                                     dtype=hf.dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def _min_over_ranks(self, n: int) -> int:
+        """Ranks may have different free memory, but rank 0's scheduler hands out block ids for all of them."""
+        if tp_size() == 1:
+            return n
+        t = torch.tensor([n], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
 
     # ---- per step -------------------------------------------------------------------------------------
 
@@ -172,13 +196,23 @@ class ModelRunner:
         self.graphs[graph_bs].replay()
         return self.model.compute_logits(g["outputs"][:batch])
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """Run one scheduled step and return one sampled token id per sequence."""
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
+        """Run one scheduled step and return one sampled token id per sequence (None on ranks other than 0)."""
         input_ids, positions = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
-        temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
+        # Only rank 0 samples: the lm head gathers the logits there, and the other ranks get None.
+        temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32) if self.rank == 0 else None
         try:
             logits = self.run_model(input_ids, positions, is_prefill)
-            return self.sampler(logits, temperatures).tolist()
+            return self.sampler(logits, temperatures).tolist() if logits is not None else None
+        finally:
+            reset_context()
+
+    def prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """The next-token logits of a scheduled prefill, unsampled (None on ranks other than 0): for checks that
+        greedy token ids would hide, such as bfloat16 tensor parallel against one GPU."""
+        input_ids, positions = self.prepare_prefill(seqs)
+        try:
+            return self.run_model(input_ids, positions, True)
         finally:
             reset_context()
 

@@ -1,0 +1,272 @@
+"""Ranks 1..N-1 of a tensor-parallel engine: spawned processes running the same ModelRunner as rank 0.
+
+Rank 0 (the caller's process) sends every ModelRunner call to the workers through one shared-memory
+buffer: a header (call number, payload length) and the pickled (method name, args), written once per
+call, then a post to each worker's semaphore wakes it. (Not multiprocessing.Event: its set() waits for
+every sleeper to wake, forever if one was killed.) The buffer is never overwritten under a reader: each
+call meets in the model's collectives and rank 0 waits for the sampled tokens, so every worker has read
+call k before rank 0 writes call k+1 (a worker checks the call number to be sure).
+
+Failures: a worker that raises sends its traceback over a pipe and exits. Rank 0 notices a dead worker
+through its process sentinel (a watchdog thread, and after any failed call) and raises a RuntimeError
+naming the rank, instead of waiting forever in a collective. After that the engine is dead; `close`
+still cleans up. Workers ignore Ctrl-C (rank 0 decides) and exit when rank 0's process goes away.
+"""
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+import traceback
+from contextlib import contextmanager
+from multiprocessing.connection import wait
+from multiprocessing.shared_memory import SharedMemory
+
+import torch
+import torch.distributed as dist
+
+from nanovllm.config import Config
+
+HEADER = struct.Struct("<QQ")   # call number, payload length
+EXIT_TIMEOUT_S = 10.0           # how long workers may take to leave after "exit" before they are terminated
+DEATH_GRACE_S = 2.0             # after a failed call, how long to wait for the worker that caused it to exit
+
+
+def _buffer_size(config: Config) -> int:
+    """An upper bound on one pickled step: its tokens, every block table, and per-sequence overhead."""
+    max_blocks = -(-config.max_model_len // config.kvcache_block_size)
+    ints = config.max_num_batched_tokens + config.max_num_seqs * (max_blocks + 8)
+    return max(2**20, 5 * ints + 64 * config.max_num_seqs + 2**16)     # a pickled int takes at most 5 bytes
+
+
+def _join_group(config: Config, rank: int, store: dist.Store):
+    backend = "nccl" if config.device == "cuda" else "gloo"
+    device_id = torch.device("cuda", rank) if backend == "nccl" else None
+    dist.init_process_group(backend, store=store, rank=rank, world_size=config.tensor_parallel_size,
+                            device_id=device_id)
+
+
+class WorkerPool:
+    """Spawns ranks 1..N-1, sends them each call, notices when one dies, and shuts them down."""
+
+    def __init__(self, config: Config):
+        if dist.is_initialized():
+            raise RuntimeError("this process already has a torch.distributed process group (another "
+                               "tensor-parallel LLM?); call exit() on that LLM first")
+        n = config.tensor_parallel_size
+        self.failure: str | None = None     # why the engine stopped; every later call raises it
+        self.closed = False
+        self.calls = 0
+        self.lock = threading.Lock()
+        self.errors: dict[int, str] = {}    # rank -> the traceback it sent before exiting
+        self.processes, self.conns, self.wakeups = [], [], []
+        self.nccl = config.device == "cuda"
+        self.shm = SharedMemory(create=True, size=_buffer_size(config))     # a random name per engine
+        try:
+            # Port 0: the OS picks a free port, so engines on one machine never collide.
+            self.store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False)
+            ctx = mp.get_context("spawn")
+            for rank in range(1, n):
+                wakeup = ctx.Semaphore(0)
+                conn, child_conn = ctx.Pipe(duplex=False)    # worker -> rank 0: "ready", or its traceback
+                process = ctx.Process(target=_worker_main, name=f"nanovllm-tp-rank{rank}", daemon=True,
+                                      args=(config, rank, self.store.port, self.shm.name, wakeup, child_conn))
+                process.start()
+                child_conn.close()
+                self.processes.append(process)
+                self.conns.append(conn)
+                self.wakeups.append(wakeup)
+            self._wait_until_ready()
+            if config.device == "cuda":
+                torch.cuda.set_device(0)
+            _join_group(config, 0, self.store)
+        except BaseException:
+            self.failure = self.failure or "start-up failed"
+            self.close()
+            raise
+        threading.Thread(target=self._watch, name="nanovllm-tp-watchdog", daemon=True).start()
+
+    def _wait_until_ready(self):
+        """Wait until every worker is about to join the process group. One that dies first (say, a script
+        without an `if __name__ == "__main__":` guard) raises here, rather than leaving rank 0 in the rendezvous."""
+        pending = list(self.conns)
+        while pending:
+            for conn in wait(pending):
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    message = None
+                rank = self.conns.index(conn) + 1
+                if message is None:     # died before our code ran, e.g. while re-importing the main module
+                    self.processes[rank - 1].join(DEATH_GRACE_S)
+                    self.failure = ((self._death_report() or f"tensor-parallel worker rank {rank} closed its pipe")
+                                    + " before starting; see its traceback above. A script that creates a "
+                                    "tensor-parallel LLM needs an `if __name__ == \"__main__\":` guard")
+                elif message != "ready":
+                    self.failure = f"tensor-parallel worker rank {rank} raised:\n{message}"
+                if self.failure is not None:
+                    raise RuntimeError(self.failure)
+                pending.remove(conn)
+
+    # ---- calls ----------------------------------------------------------------------------------------
+
+    def send(self, name: str, args: tuple):
+        """Hand one call to every worker."""
+        data = pickle.dumps((name, args), protocol=pickle.HIGHEST_PROTOCOL)
+        if HEADER.size + len(data) > self.shm.size:
+            raise RuntimeError(f"a {len(data)}-byte call does not fit the {self.shm.size}-byte call buffer")
+        self.calls += 1
+        self.shm.buf[HEADER.size:HEADER.size + len(data)] = data
+        HEADER.pack_into(self.shm.buf, 0, self.calls, len(data))
+        for wakeup in self.wakeups:
+            wakeup.release()
+
+    @contextmanager
+    def guard(self):
+        """Run rank 0's side of a call. If it raises, the ranks are out of step: stop them all, and raise a dead
+        worker's story when there is one. A call that returns after a worker died (NCCL: the watchdog aborted
+        its collectives) raises too, since its result is garbage."""
+        if self.failure is not None or self.closed:
+            self.close()
+            raise RuntimeError("the tensor-parallel engine has stopped: "
+                               + (self.failure or "exit() was called; create a new LLM"))
+        try:
+            yield
+        except BaseException as error:
+            self._fail(error)
+            raise
+        if self.failure is not None:
+            self.close()
+            raise RuntimeError(self.failure)
+
+    def _fail(self, error: BaseException):
+        if not isinstance(error, KeyboardInterrupt):
+            wait([p.sentinel for p in self.processes], DEATH_GRACE_S)
+        report = self._death_report()
+        self.failure = self.failure or report or (f"rank 0 raised {type(error).__name__} in the middle of a call "
+                                                  f"({error}), leaving the ranks out of step; create a new LLM")
+        self.close()
+        # A ValueError is bad input that every rank rejects alike: keep rank 0's own.
+        if report is not None and not isinstance(error, ValueError):
+            raise RuntimeError(report) from error
+
+    # ---- failures -------------------------------------------------------------------------------------
+
+    def _death_report(self) -> str | None:
+        """What happened to the workers that have exited, or None while all are alive."""
+        with self.lock:
+            lines = []
+            for rank, (process, conn) in enumerate(zip(self.processes, self.conns), 1):
+                # A dying process's sentinel fires a moment before waitpid(WNOHANG) sees it exit, so `exitcode`
+                # (and join(0)) can miss it; join with a timeout waits for the status once the sentinel fired.
+                process.join(1e-3)
+                code = process.exitcode
+                if code is None:
+                    continue
+                try:
+                    while conn.poll():
+                        message = conn.recv()
+                        if message != "ready":
+                            self.errors[rank] = message
+                except (EOFError, OSError):
+                    pass
+                if rank in self.errors:
+                    lines.append(f"tensor-parallel worker rank {rank} raised:\n{self.errors[rank]}")
+                else:
+                    how = f" ({signal.Signals(-code).name})" if code < 0 else ""
+                    lines.append(f"tensor-parallel worker rank {rank} died with exit code {code}{how}")
+            return "\n".join(lines) or None
+
+    def _watch(self):
+        """Wake when any worker exits. Unless we are closing, the engine is dead: with NCCL, rank 0 may be
+        blocked in a collective that will never complete, so abort the group to let it return."""
+        wait([p.sentinel for p in self.processes])
+        if self.closed:
+            return
+        self.failure = self.failure or self._death_report()
+        if self.nccl and dist.is_initialized():
+            dist.distributed_c10d._abort_process_group()     # experimental, NCCL-only; there is no public API
+
+    # ---- shutdown -------------------------------------------------------------------------------------
+
+    def close(self):
+        """Stop the workers (asking first when they are in step), destroy the process group, free the buffer.
+        Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        healthy = self.failure is None and all(p.is_alive() for p in self.processes)
+        if healthy:
+            self.send("exit", ())
+        for process in self.processes:
+            process.join(EXIT_TIMEOUT_S if healthy else 0)
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(2)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:   # a broken group may refuse; it is dropped either way
+                pass
+        for conn in self.conns:
+            conn.close()
+        self.store = None
+        self.shm.close()
+        try:
+            self.shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# ---- the worker process ---------------------------------------------------------------------------------
+
+def _worker_main(config: Config, rank: int, port: int, shm_name: str, wakeup, conn):
+    """Entry point of rank `rank`: join the group, build the ModelRunner, then run calls until "exit"."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C reaches the whole process group; rank 0 handles it
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    try:
+        if config.device == "cuda":
+            torch.cuda.set_device(rank)
+        else:   # the ranks share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+        shm = SharedMemory(shm_name)
+        conn.send("ready")
+        store = dist.TCPStore("127.0.0.1", port, config.tensor_parallel_size, is_master=False)
+        _join_group(config, rank, store)
+        from nanovllm.engine.model_runner import ModelRunner     # here: model_runner imports this module
+        _serve(ModelRunner(config), shm, wakeup)
+    except BaseException:
+        try:
+            conn.send(traceback.format_exc())
+        except OSError:
+            pass
+        sys.stderr.flush()
+        os._exit(1)     # skip interpreter teardown: with the ranks out of step it could block
+    shm.close()
+    dist.destroy_process_group()
+
+
+def _serve(runner, shm: SharedMemory, wakeup):
+    expected = 1
+    while True:
+        wakeup.acquire()
+        number, size = HEADER.unpack_from(shm.buf, 0)
+        if number != expected:
+            raise RuntimeError(f"call {expected} was overwritten by call {number} before this worker read it")
+        name, args = pickle.loads(shm.buf[HEADER.size:HEADER.size + size])
+        if name == "exit":
+            return
+        getattr(runner, name)(*args)
+        expected += 1
+
+
+def _exit_with_parent():
+    """A worker must not outlive rank 0's process (killed, or gone without cleaning up)."""
+    wait([mp.parent_process().sentinel])
+    os._exit(1)
