@@ -45,7 +45,13 @@ class ModelRunner:
             layer.backend = backend
         self.sampler = Sampler()
         if self.device.type == "cuda":
-            self.warmup_model()
+            try:
+                self.warmup_model()
+            except torch.cuda.OutOfMemoryError as e:
+                raise RuntimeError(
+                    f"CUDA ran out of memory in the warm-up forward over max_num_batched_tokens="
+                    f"{config.max_num_batched_tokens} tokens; lower max_num_batched_tokens (or max_num_seqs), "
+                    f"or free GPU memory / lower gpu_memory_utilization if another process shares the GPU") from e
         self.allocate_kv_cache()
         if not self.enforce_eager:
             self.capture_cudagraph()
