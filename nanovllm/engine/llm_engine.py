@@ -64,7 +64,18 @@ class LLMEngine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if len(token_ids) > self.config.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len={self.config.max_model_len}")
-        return Sequence(token_ids, sampling_params)
+        self._check_against_model(sampling_params)
+        return Sequence(token_ids, sampling_params, self.scheduler.eos_token_ids)
+
+    def _check_against_model(self, sp: SamplingParams):
+        """The limits of SamplingParams that depend on the model: token ids in the vocabulary."""
+        vocab = self.config.hf_config.vocab_size
+        bad = [t for t in sp.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids must lie in the vocabulary [0, {vocab}), got {bad[0]}")
+        if sp.logprobs is not None and sp.logprobs > vocab:
+            raise ValueError(f"logprobs must be None or an integer in [0, {vocab}] (the vocabulary size), "
+                             f"got {sp.logprobs}")
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
         """Queue one request; returns its sequence id (the key of its output from `step`)."""
@@ -77,8 +88,8 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             raise RuntimeError("the scheduler found nothing to run while requests are pending; this is a bug")
-        token_ids = self.model_runner.run(seqs, is_prefill)
-        finished = self.scheduler.postprocess(seqs, token_ids)
+        token_ids, logprobs = self.model_runner.run(seqs, is_prefill)
+        finished = [seq for seq in self.scheduler.postprocess(seqs, token_ids, logprobs) if seq.is_finished]
         num_tokens = sum(seq.num_scheduled_tokens for seq in seqs) if is_prefill else -len(seqs)
         return [(seq.seq_id, seq.completion_token_ids) for seq in finished], num_tokens
 
@@ -136,4 +147,8 @@ class LLMEngine:
     def _output(self, seq: Sequence) -> dict:
         token_ids = seq.completion_token_ids
         text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
-        return {"text": text, "token_ids": token_ids}
+        out = {"text": text, "token_ids": token_ids, "prompt_token_ids": seq.prompt_token_ids,
+               "finish_reason": seq.finish_reason}
+        if seq.logprobs is not None:
+            out["logprobs"] = seq.logprobs
+        return out
