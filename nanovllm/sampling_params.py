@@ -55,9 +55,10 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
         _check_int("max_tokens", self.max_tokens, 1, "an integer >= 1")
-        _check_int("min_tokens", self.min_tokens, 0, f"an integer in [0, max_tokens={self.max_tokens}]")
+        allowed = f"an integer in [0, max_tokens={self.max_tokens}]"
+        _check_int("min_tokens", self.min_tokens, 0, allowed)
         if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+            raise ValueError(f"min_tokens must be {allowed}, got {self.min_tokens}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, "None or an integer >= 0")
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

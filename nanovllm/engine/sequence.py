@@ -36,6 +36,7 @@ class Sequence:
         self.plain_sampling = not sp.needs_sampler_extras     # cached: checked for every row of every step
         self.finish_reason: str | None = None                 # "stop" or "length" (or "abort") once finished
         self.logprobs: list[dict[int, float]] | None = [] if sp.logprobs is not None else None
+        self.detokenizer = None     # set by the engine when the request has a tokenizer
 
     def __len__(self):
         return self.num_tokens
