@@ -13,13 +13,14 @@ MAX_MODEL_LEN = 160
 PROMPTS = ["Hello, world!", "语言模型预测下一个词。", "😀🚀 emoji", "Les modèles 语言 😀 mixed"]
 
 _ENGINES = {}
+SMALL = dict(kvcache_block_size=16, num_kvcache_blocks=160, max_model_len=MAX_MODEL_LEN, max_num_seqs=32,
+             max_num_batched_tokens=64)
 
 
 def engine(path: str) -> LLM:
-    """One small engine per checkpoint for the whole module (blocks of 16 tokens, chunked prefill at 64)."""
+    """One small CPU engine per checkpoint for the whole module (blocks of 16 tokens, chunked prefill at 64)."""
     if path not in _ENGINES:
-        _ENGINES[path] = LLM(path, kvcache_block_size=16, num_kvcache_blocks=160, max_model_len=MAX_MODEL_LEN,
-                             max_num_seqs=32, max_num_batched_tokens=64)
+        _ENGINES[path] = LLM(path, device="cpu", **SMALL)
     return _ENGINES[path]
 
 
@@ -160,10 +161,7 @@ def test_stop_string_found_on_the_last_token_overrides_length(llm):
 
 # ---- logprobs ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
-def test_greedy_logprobs_match_transformers(arch, qwen3_dir, qwen2_dir):
-    path = qwen3_dir if arch == "qwen3" else qwen2_dir
-    llm = engine(path)
+def assert_greedy_logprobs_match_transformers(llm, path, tolerance):
     prompt = llm.tokenizer.encode(PROMPTS[3])
     out = greedy(llm, prompt, max_tokens=8, logprobs=3)
     assert out["token_ids"] == hf_greedy(path, prompt, 8)
@@ -172,10 +170,15 @@ def test_greedy_logprobs_match_transformers(arch, qwen3_dir, qwen2_dir):
     expected = logits[len(prompt) - 1:-1].log_softmax(-1)
     assert len(out["logprobs"]) == 8
     for token_id, entry, row in zip(out["token_ids"], out["logprobs"], expected):
-        top = row.topk(3)
-        assert set(entry) == {token_id, *top.indices.tolist()}
+        assert set(entry) == {token_id, *row.topk(3).indices.tolist()}
         for t, lp in entry.items():
-            assert lp == pytest.approx(row[t].item(), abs=1e-4)
+            assert lp == pytest.approx(row[t].item(), abs=tolerance)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
+def test_greedy_logprobs_match_transformers(arch, qwen3_dir, qwen2_dir):
+    path = qwen3_dir if arch == "qwen3" else qwen2_dir
+    assert_greedy_logprobs_match_transformers(engine(path), path, 1e-4)
 
 
 def test_logprobs_only_where_asked(llm):
@@ -289,3 +292,32 @@ def test_sampling_params_defaults_are_off():
     assert sp.stop == ["x"] and sp.stop_token_ids == [] and not sp.needs_sampler_extras
     assert SamplingParams(top_k=-1).needs_sampler_extras is False
     assert SamplingParams(temperature=0, top_p=0.5).needs_sampler_extras is False       # greedy ignores filters
+
+
+# ---- CUDA ----------------------------------------------------------------------------------------------
+
+def _kernels_present() -> bool:
+    import importlib.util
+    return any(importlib.util.find_spec(f"nanovllm.kernels.paged_attention_{name}") for name in ("triton", "flash"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", pytest.param("auto", marks=pytest.mark.skipif(
+    not _kernels_present(), reason="no GPU attention kernels in this tree"))])
+def test_sampling_controls_on_cuda(qwen3_dir, backend):
+    """The same controls on the GPU: warm-up through the filtering path, CUDA graphs with backend "auto",
+    the compiled fast path next to the filtering one, seeds, logprobs and stop strings."""
+    llm = LLM(qwen3_dir, device="cuda", attention_backend=backend, **SMALL)
+    assert_greedy_logprobs_match_transformers(llm, qwen3_dir, 2e-3)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, min_p=0.05, seed=7, max_tokens=24, ignore_eos=True)
+    alone = llm.generate([PROMPTS[1]], seeded, use_tqdm=False)[0]["token_ids"]
+    mixed = [SamplingParams(temperature=0.8, max_tokens=30), SamplingParams(temperature=0, max_tokens=10), seeded]
+    assert llm.generate(PROMPTS[:3], mixed[:2] + [seeded], use_tqdm=False)[2]["token_ids"] == alone
+    stop = spanning_stop(llm, greedy(llm, PROMPTS[0], max_tokens=48)["token_ids"])
+    sp = SamplingParams(temperature=0, max_tokens=48, stop=stop)
+    final = llm.generate([PROMPTS[0]], sp, use_tqdm=False)[0]
+    assert final["finish_reason"] == "stop" and stop not in final["text"]
+    assert "".join(s.new_text for s in llm.stream([PROMPTS[0]], sp)) == final["text"]
+    manager = llm.scheduler.block_manager
+    assert len(manager.free_block_ids) == len(manager.blocks)

@@ -75,7 +75,7 @@ class ModelRunner:
         self.sampler(logits, temperatures, SamplingTensors(
             top_ks=torch.full_like(rows, 50), top_ps=torch.full_like(temperatures, 0.9),
             min_ps=torch.full_like(temperatures, 0.1), seed_rows=rows, seed_keys=torch.stack([rows, rows], 1),
-            banned_rows=rows, banned_ids=torch.zeros_like(rows), num_logprobs=20))
+            banned_rows=rows, banned_ids=torch.zeros_like(rows), num_logprobs=min(20, logits.size(-1))))
         del hidden, logits
         torch.cuda.synchronize()
 
