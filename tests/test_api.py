@@ -3,6 +3,8 @@
 Expected values come from transformers, the tokenizer, or a run of the engine without the feature under
 test (a greedy run without a stop condition tells where that condition must cut), never from the feature.
 """
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -210,16 +212,19 @@ def test_unseeded_requests_differ_across_runs(llm):
 
 # ---- chat ----------------------------------------------------------------------------------------------
 
+def templated(llm, conversation) -> list[int]:
+    ids = llm.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    return ids["input_ids"] if hasattr(ids, "keys") else ids    # transformers 5 returns a BatchEncoding
+
+
 def test_chat_applies_the_template(llm):
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, 世界 😀"}]
-    expected = llm.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-    expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
     sp = SamplingParams(temperature=0, max_tokens=6)
     one = llm.chat(conversation, sp, use_tqdm=False)
-    assert len(one) == 1 and one[0]["prompt_token_ids"] == expected
-    assert one[0]["token_ids"] == llm.generate([expected], sp, use_tqdm=False)[0]["token_ids"]
+    assert len(one) == 1 and one[0]["prompt_token_ids"] == templated(llm, conversation)
+    assert one[0]["token_ids"] == llm.generate([templated(llm, conversation)], sp, use_tqdm=False)[0]["token_ids"]
     two = llm.chat([conversation, conversation[1:]], sp, use_tqdm=False)
-    assert [o["prompt_token_ids"] for o in two][0] == expected and len(two) == 2
+    assert [o["prompt_token_ids"] for o in two] == [templated(llm, conversation), templated(llm, conversation[1:])]
     with pytest.raises(ValueError, match="role"):
         llm.chat([{"content": "no role"}], use_tqdm=False)
 
@@ -259,11 +264,6 @@ def test_leaving_a_stream_early_frees_every_block(llm, how):
     manager = llm.scheduler.block_manager
     assert llm.scheduler.is_finished() and len(manager.free_block_ids) == len(manager.blocks)
     assert len(greedy(llm, PROMPTS[0], max_tokens=3)["token_ids"]) == 3     # the engine is still usable
-
-
-def nullcontext():
-    from contextlib import nullcontext
-    return nullcontext()
 
 
 def test_stream_validates_before_running(llm):
