@@ -1,5 +1,5 @@
 """Time the sampler on the GPU at bench.py's batch and Qwen3's vocabulary: the fast path, and what each
-control adds. Run `python bench_sampler.py [batch]`; compare the fast path's time with a bench.py decode
+control adds. Run `python benchmarks/sampler.py [batch]`; compare the fast path's time with a bench.py decode
 step (the sampler runs once per step, outside the CUDA graph).
 """
 import sys
