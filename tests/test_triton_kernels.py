@@ -9,6 +9,7 @@ a kernel that reads past a context or leaves an output row unwritten shows up as
 """
 import contextlib
 import importlib
+import importlib.util
 import multiprocessing
 import os
 import sys
@@ -383,6 +384,68 @@ def test_flash_backend_wiring():
         ctx = Context(context_lens=lens, block_tables=tables)
         torch.testing.assert_close(flash.decode(q[:3], k_cache, v_cache, ctx, 0.5),
                                    ref.decode(q[:3], k_cache, v_cache, ctx, 0.5))
+
+
+# ---- ahead-of-time compilation for an H100 -------------------------------------------------------------------
+
+H100_SHARED_MEMORY = 227 * 1024
+_PTXAS = os.path.join(os.path.dirname(importlib.util.find_spec("triton").origin), "backends", "nvidia", "bin", "ptxas")
+
+
+def compile_for_h100(fn, constexprs, pointer_dtypes, num_warps, num_stages):
+    """Compile a kernel for sm_90 without a GPU, specialised as a real launch would be: pointers and strides
+    divisible by 16, other ints i32, pointers bf16 unless pointer_dtypes says otherwise."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + pointer_dtypes.get(name, "bf16")
+        else:
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
+        if name.endswith("_ptr") or "stride" in name:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def qwen3_kernel_configs():
+    """(kernel, constexprs, pointer dtypes, warps, stages, streams K/V) as the backend launches them for Qwen3-0.6B."""
+    k = backend.kernels
+    tables = dict(context_lens_ptr="i32", block_tables_ptr="i32")
+    return {
+        "store": (k.store_kvcache_kernel, dict(NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128),
+                  dict(slot_mapping_ptr="i64"), 4, 3, True),
+        "prefill": (k.prefill_kernel, dict(GROUP=2, BLOCK_SIZE=256, HEAD_DIM=128, BLOCK_M=backend.PREFILL_BLOCK_M,
+                                           BLOCK_N=backend.PREFILL_BLOCK_N, DOT_PRECISION="tf32"),
+                    dict(cu_seqlens_q_ptr="i32", **tables), backend.PREFILL_WARPS, backend.PREFILL_STAGES, True),
+        "decode": (k.decode_split_kernel, dict(GROUP=2, GROUP_PAD=16, BLOCK_SIZE=256, HEAD_DIM=128,
+                                               BLOCK_N=backend.DECODE_BLOCK_N, DOT_PRECISION="tf32"),
+                   dict(part_out_ptr="fp32", part_lse_ptr="fp32", **tables), backend.DECODE_WARPS,
+                   backend.DECODE_STAGES, True),
+        "merge": (k.decode_merge_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128),
+                  dict(part_out_ptr="fp32", part_lse_ptr="fp32"), 4, 1, False),
+    }
+
+
+@pytest.mark.skipif(CUDA, reason="with CUDA the other tests compile and run these kernels for real")
+@pytest.mark.skipif(ENV_BEFORE == "1", reason="this process runs Triton's interpreter, which cannot compile")
+@pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("kernel", ["store", "prefill", "decode", "merge"])
+def test_kernels_compile_for_h100_with_16_byte_loads(kernel):
+    """Catches what the interpreter cannot: lowering errors, shared memory over an H100's, and scalar K/V loads
+    (the cache must be streamed with 16-byte vector loads to approach full bandwidth)."""
+    fn, constexprs, pointer_dtypes, warps, stages, streams_kv = qwen3_kernel_configs()[kernel]
+    compiled = compile_for_h100(fn, constexprs, pointer_dtypes, warps, stages)
+    assert compiled.metadata.shared <= H100_SHARED_MEMORY
+    ptx = compiled.asm["ptx"]
+    if streams_kv:
+        assert "ld.global.b16" not in ptx and ("cp.async.cg.shared.global" in ptx or "ld.global.v4" in ptx)
 
 
 # ---- real sizes on the GPU ------------------------------------------------------------------------------------
