@@ -22,7 +22,9 @@ LOG2E = 1.4426950408889634
 # Launch parameters, chosen for head_dim 128 / bf16 on an H100; benchmarks/attention_kernels.py times alternatives.
 # Prefill is compute-bound: 64x64 tiles keep short prompts from wasting rows and fit 3 pipeline stages.
 PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_WARPS, PREFILL_STAGES = 64, 64, 4, 3
-# Decode is bandwidth-bound: 64-token K/V tiles (16 KiB each at head_dim 128) with 3 stages in flight per program.
+# Decode is bandwidth-bound: 64-token K/V tiles (16 KiB each at head_dim 128). With 3 stages Triton spends one on
+# the block-table lookup and prefetches the next K/V tile during the current one (~38 KiB of shared memory, so
+# about five programs share an SM and keep plenty of bytes in flight).
 DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 64, 4, 3
 DECODE_PROGRAMS_PER_SM = 4      # split decode until batch * kv_heads * splits covers this many programs per SM
 DECODE_MAX_SPLITS = 32
