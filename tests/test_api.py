@@ -313,7 +313,8 @@ def test_sampling_controls_on_cuda(qwen3_dir, backend):
     seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, min_p=0.05, seed=7, max_tokens=24, ignore_eos=True)
     alone = llm.generate([PROMPTS[1]], seeded, use_tqdm=False)[0]["token_ids"]
     mixed = [SamplingParams(temperature=0.8, max_tokens=30), SamplingParams(temperature=0, max_tokens=10), seeded]
-    assert llm.generate(PROMPTS[:3], mixed[:2] + [seeded], use_tqdm=False)[2]["token_ids"] == alone
+    batch = [PROMPTS[0], PROMPTS[2], PROMPTS[1]]    # the seeded prompt last, next to two others
+    assert llm.generate(batch, mixed[:2] + [seeded], use_tqdm=False)[2]["token_ids"] == alone
     stop = spanning_stop(llm, greedy(llm, PROMPTS[0], max_tokens=48)["token_ids"])
     sp = SamplingParams(temperature=0, max_tokens=48, stop=stop)
     final = llm.generate([PROMPTS[0]], sp, use_tqdm=False)[0]
