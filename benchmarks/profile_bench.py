@@ -30,20 +30,20 @@ def timed(fn):
 
 
 def step_phases(llm, label):
-    """One decode step split into its phases, with a sync after each (so phases do not overlap)."""
+    """One step split into its phases, with a sync after each (so phases do not overlap)."""
     s, runner = llm.scheduler, llm.model_runner
     (seqs, is_prefill), t_sched = timed(s.schedule)
-    assert not is_prefill
-    (inputs, _), t_prep = timed(lambda: (runner.prepare_decode(seqs), runner.prepare_sample(seqs)))
+    prepare = runner.prepare_prefill if is_prefill else runner.prepare_decode
+    (inputs, _), t_prep = timed(lambda: (prepare(seqs), runner.prepare_sample(seqs)))
     temperatures, extras = runner.prepare_sample(seqs)
-    logits, t_fwd = timed(lambda: runner.run_model(*inputs, False))
+    logits, t_fwd = timed(lambda: runner.run_model(*inputs, is_prefill))
     (tokens, _), t_sample = timed(lambda: runner.sampler(logits, temperatures, extras))
     token_ids, t_tolist = timed(tokens.tolist)
     from nanovllm.utils.context import reset_context
     reset_context()
     _, t_post = timed(lambda: s.postprocess(seqs, token_ids, None))
     total = t_sched + t_prep + t_fwd + t_sample + t_tolist + t_post
-    print(f"{label}: batch {len(seqs)}  total {total * 1e3:.2f} ms = schedule {t_sched * 1e3:.2f} + prepare "
+    print(f"{label}: {'prefill' if is_prefill else 'decode'} batch {len(seqs)}  total {total * 1e3:.2f} ms = schedule {t_sched * 1e3:.2f} + prepare "
           f"{t_prep * 1e3:.2f} + forward(graph+lm_head) {t_fwd * 1e3:.2f} + sample {t_sample * 1e3:.2f} + "
           f"tolist {t_tolist * 1e3:.2f} + postprocess {t_post * 1e3:.2f}")
 
@@ -79,7 +79,21 @@ def main():
         print(f"  {key:12s} steps {n:5d}  time {t:6.2f}s ({100 * t / wall:4.1f}%)  {t / n * 1e3:7.2f} ms/step  "
               f"{tokens / t:9.0f} tok/s")
 
-    # 2. single decode steps, phase by phase, at batch 256 and batch 1
+    # 2. prefill steps, phase by phase, then one under the profiler
+    from torch.profiler import ProfilerActivity, profile
+    for prompt, sp in zip(prompts[:128], params[:128]):
+        llm.add_request(prompt, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2))
+    step_phases(llm, "prefill")
+    step_phases(llm, "prefill")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    while not llm.is_finished():
+        llm.step()
+
+    # 3. single decode steps, phase by phase, at batch 256 and batch 1
     for batch, label in ((256, "full batch"), (1, "batch 1")):
         for prompt, sp in zip(prompts[:batch], params[:batch]):
             llm.add_request(prompt, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=40))
@@ -92,13 +106,12 @@ def main():
         while not llm.is_finished():
             llm.step()
 
-    # 3. the GPU kernels of 5 decode steps at full batch
+    # 4. the GPU kernels of 5 decode steps at full batch
     for prompt in prompts:
         llm.add_request(prompt, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=30))
     while llm.scheduler.waiting:
         llm.step()
     llm.step()
-    from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             llm.step()
