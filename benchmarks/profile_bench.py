@@ -9,6 +9,7 @@ from collections import defaultdict
 from random import randint, seed
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.configs import QWEN3_0_6B
@@ -52,11 +53,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--attention-backend", default="triton")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--only-prefill", action="store_true")
     args = p.parse_args()
     llm = LLM(QWEN3_0_6B, load_format="dummy", attention_backend=args.attention_backend,
               enforce_eager=args.enforce_eager, max_model_len=4096)
     prompts, params = bench_workload()
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)
+    if args.only_prefill:
+        return profile_prefill(llm)
 
     # 1. the whole workload, step by step
     for prompt, sp in zip(prompts, params):
@@ -79,12 +83,18 @@ def main():
         print(f"  {key:12s} steps {n:5d}  time {t:6.2f}s ({100 * t / wall:4.1f}%)  {t / n * 1e3:7.2f} ms/step  "
               f"{tokens / t:9.0f} tok/s")
 
-    # 2. prefill steps, phase by phase, then one under the profiler
-    from torch.profiler import ProfilerActivity, profile
-    for prompt, sp in zip(prompts[:128], params[:128]):
-        llm.add_request(prompt, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2))
-    step_phases(llm, "prefill")
-    step_phases(llm, "prefill")
+    profile_prefill(llm)
+    profile_decode(llm, prompts, params)
+
+
+def profile_prefill(llm):
+    # 2. fresh (uncached) prefill steps, phase by phase, then one under the profiler
+    seed(1)
+    for _ in range(128):
+        llm.add_request([randint(0, 10000) for _ in range(randint(100, 1024))],
+                        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2))
+    for _ in range(3):
+        step_phases(llm, "prefill")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         llm.step()
         torch.cuda.synchronize()
@@ -93,6 +103,8 @@ def main():
     while not llm.is_finished():
         llm.step()
 
+
+def profile_decode(llm, prompts, params):
     # 3. single decode steps, phase by phase, at batch 256 and batch 1
     for batch, label in ((256, "full batch"), (1, "batch 1")):
         for prompt, sp in zip(prompts[:batch], params[:batch]):
