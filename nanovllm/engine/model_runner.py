@@ -53,6 +53,8 @@ class ModelRunner:
                     f"{config.max_num_batched_tokens} tokens; lower max_num_batched_tokens (or max_num_seqs), "
                     f"or free GPU memory / lower gpu_memory_utilization if another process shares the GPU") from e
         self.allocate_kv_cache()
+        if self.device.type == "cuda":
+            self.warmup_kernels()
         if not self.enforce_eager:
             self.capture_cudagraph()
 
@@ -84,6 +86,23 @@ class ModelRunner:
             banned_rows=rows, banned_ids=torch.zeros_like(rows), num_logprobs=min(20, logits.size(-1))))
         del hidden, logits
         torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def warmup_kernels(self):
+        """One real prefill and eager decode through the attention backend and the compiled layers, so their
+        JIT compilation happens at start-up instead of stalling the first requests (seconds on a GPU).
+
+        The cache holds nothing yet, so any blocks will do; the sampled tokens are thrown away."""
+        capacity = self.config.num_kvcache_blocks * self.block_size
+        seq = Sequence(list(range(min(capacity - 1, 2 * self.block_size + 1))))
+        seq.block_table = list(range(seq.num_blocks))
+        seq.num_scheduled_tokens = len(seq)
+        self.run([seq], True)
+        seq.num_computed_tokens = len(seq)
+        seq.append_token(0)
+        seq.block_table = list(range(seq.num_blocks))
+        seq.num_scheduled_tokens = 1
+        self.run([seq], False)
 
     def allocate_kv_cache(self):
         cfg, hf = self.config, self.config.hf_config
