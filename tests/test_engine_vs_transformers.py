@@ -158,3 +158,12 @@ def test_sampling_with_temperature_stays_in_vocab_and_length(qwen3_dir):
     assert all(len(o["token_ids"]) == 20 and all(0 <= t < 384 for t in o["token_ids"]) for o in outs)
     assert len({tuple(o["token_ids"]) for o in outs}) > 1     # four samples are not all the same
     assert_all_blocks_free(llm)
+
+
+def test_garbage_in_unused_cache_slots_does_not_leak_into_attention(qwen3_dir):
+    """The cache is allocated uninitialised: slots past a context may hold NaN, and must not matter."""
+    prompt = random_prompt(random.Random(8), 20)
+    llm = make_llm(qwen3_dir)
+    llm.model_runner.kv_cache.fill_(float("nan"))
+    out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out["token_ids"] == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)

@@ -47,7 +47,7 @@ def test_lifecycle_waiting_running_finished():
 @pytest.mark.parametrize("ignore_eos", [False, True])
 def test_eos_stops_unless_ignored(ignore_eos):
     s = make_scheduler()
-    seq = Sequence([1, 2], SamplingParams(max_tokens=5, ignore_eos=ignore_eos))
+    seq = Sequence([1, 2], SamplingParams(max_tokens=5, ignore_eos=ignore_eos), eos_token_ids=(EOS,))
     s.add(seq)
     step(s, token=EOS)
     assert seq.is_finished != ignore_eos

@@ -8,7 +8,7 @@ from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.workers import WorkerPool
 from nanovllm.layers.attention import Attention, load_attention_backend, resolve_attention_backend
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import Sampler, SamplingTensors, logprob_dicts, seed_key
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import get_context, reset_context, set_context
 from nanovllm.utils.loader import dummy_weights, load_model, safetensors_weights
@@ -52,8 +52,16 @@ class ModelRunner:
             layer.backend = backend
         self.sampler = Sampler()
         if self.device.type == "cuda":
-            self.warmup_model()
+            try:
+                self.warmup_model()
+            except torch.cuda.OutOfMemoryError as e:
+                raise RuntimeError(
+                    f"CUDA ran out of memory in the warm-up forward over max_num_batched_tokens="
+                    f"{config.max_num_batched_tokens} tokens; lower max_num_batched_tokens (or max_num_seqs), "
+                    f"or free GPU memory / lower gpu_memory_utilization if another process shares the GPU") from e
         self.allocate_kv_cache()
+        if self.device.type == "cuda":
+            self.warmup_kernels()
         if not self.enforce_eager:
             self.capture_cudagraph()
 
@@ -84,9 +92,33 @@ class ModelRunner:
         rows = hidden[:1].expand(cfg.max_num_seqs, -1)
         logits = self.model.compute_logits(rows)
         if self.rank == 0:      # the other ranks get no logits
-            self.sampler(logits, torch.ones(cfg.max_num_seqs, device=self.device))
+            temperatures = torch.ones(cfg.max_num_seqs, device=self.device)
+            self.sampler(logits, temperatures)
+            # The filtering path (a sort, seeded noise, logprobs) needs more memory: count its peak too.
+            rows = torch.arange(cfg.max_num_seqs, device=self.device)
+            self.sampler(logits, temperatures, SamplingTensors(
+                top_ks=torch.full_like(rows, 50), top_ps=torch.full_like(temperatures, 0.9),
+                min_ps=torch.full_like(temperatures, 0.1), seed_rows=rows, seed_keys=torch.stack([rows, rows], 1),
+                banned_rows=rows, banned_ids=torch.zeros_like(rows), num_logprobs=min(20, logits.size(-1))))
         del hidden, logits
         torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def warmup_kernels(self):
+        """One real prefill and eager decode through the attention backend and the compiled layers, so their
+        JIT compilation happens at start-up instead of stalling the first requests (seconds on a GPU).
+
+        The cache holds nothing yet, so any blocks will do; the sampled tokens are thrown away."""
+        capacity = self.config.num_kvcache_blocks * self.block_size
+        seq = Sequence(list(range(min(capacity - 1, 2 * self.block_size + 1))))
+        seq.block_table = list(range(seq.num_blocks))
+        seq.num_scheduled_tokens = len(seq)
+        self.run([seq], True)
+        seq.num_computed_tokens = len(seq)
+        seq.append_token(0)
+        seq.block_table = list(range(seq.num_blocks))
+        seq.num_scheduled_tokens = 1
+        self.run([seq], False)
 
     def allocate_kv_cache(self):
         cfg, hf = self.config, self.config.hf_config
@@ -196,14 +228,50 @@ class ModelRunner:
         self.graphs[graph_bs].replay()
         return self.model.compute_logits(g["outputs"][:batch])
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
-        """Run one scheduled step and return one sampled token id per sequence (None on ranks other than 0)."""
+    def prepare_sample(self, seqs: list[Sequence]) -> tuple[torch.Tensor, SamplingTensors | None]:
+        """Per-row sampling inputs: the temperatures, and SamplingTensors only when some row needs more."""
+        temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
+        if all(seq.plain_sampling for seq in seqs):
+            return temperatures, None
+        params = [seq.sampling_params for seq in seqs]
+        vocab = self.config.hf_config.vocab_size
+        # Filters and seeds only matter where a row samples; greedy rows get the neutral values.
+        top_ks = [p.top_k if p.top_k > 0 and p.temperature > 0 else vocab for p in params]
+        top_ps = [p.top_p if p.temperature > 0 else 1.0 for p in params]
+        min_ps = [p.min_p if p.temperature > 0 else 0.0 for p in params]
+        seeded = [i for i, p in enumerate(params) if p.seed is not None and p.temperature > 0]
+        banned = [(i, t) for i, seq in enumerate(seqs) if seq.num_completion_tokens < seq.min_tokens
+                  for t in seq.stop_token_ids]
+        extras = SamplingTensors(num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1))
+        if any(k < vocab for k in top_ks) or any(p < 1 for p in top_ps):
+            extras.top_ks = self._to_device(top_ks, torch.int64)
+            extras.top_ps = self._to_device(top_ps, torch.float32)
+        if any(min_ps):
+            extras.min_ps = self._to_device(min_ps, torch.float32)
+        if seeded:
+            extras.seed_rows = self._to_device(seeded, torch.int64)
+            keys = [seed_key(params[i].seed, seqs[i].num_completion_tokens) for i in seeded]
+            extras.seed_keys = self._to_device(keys, torch.int64)
+        if banned:
+            extras.banned_rows = self._to_device([i for i, _ in banned], torch.int64)
+            extras.banned_ids = self._to_device([t for _, t in banned], torch.int64)
+        return temperatures, extras
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[dict[int, float] | None] | None]:
+        """Run one scheduled step. Returns one sampled token id per sequence, and per sequence its
+        {token_id: logprob} dict (None where not asked for), or None when no sequence asked for logprobs.
+        Only rank 0 samples (the lm head gathers the logits there): the other ranks return None."""
         input_ids, positions = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
-        # Only rank 0 samples: the lm head gathers the logits there, and the other ranks get None.
-        temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32) if self.rank == 0 else None
+        temperatures, extras = self.prepare_sample(seqs) if self.rank == 0 else (None, None)
         try:
             logits = self.run_model(input_ids, positions, is_prefill)
-            return self.sampler(logits, temperatures).tolist() if logits is not None else None
+            if logits is None:
+                return None
+            token_ids, logprobs = self.sampler(logits, temperatures, extras)
+            token_ids = token_ids.tolist()
+            if logprobs is None:
+                return token_ids, None
+            return token_ids, logprob_dicts(token_ids, logprobs, [seq.sampling_params.logprobs for seq in seqs])
         finally:
             reset_context()
 

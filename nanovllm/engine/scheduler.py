@@ -1,4 +1,5 @@
 from collections import deque
+from itertools import repeat
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
@@ -80,8 +81,11 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         self.waiting.appendleft(seq)
 
-    def abort(self, seq: Sequence):
-        """Drop a request wherever it is and free its blocks."""
+    def finish(self, seq: Sequence, reason: str):
+        """End a request wherever it is, for `reason` ("stop", "length" or "abort"), and free its blocks.
+
+        The engine calls this too, for reasons decided outside the scheduler (a stop string in the text).
+        """
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.waiting:
@@ -89,24 +93,33 @@ class Scheduler:
         if seq.block_table:
             self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Book one step's results; returns the sequences that finished."""
-        finished = []
-        for seq, token_id in zip(seqs, token_ids):
+    def abort(self, seq: Sequence):
+        """Drop a request wherever it is and free its blocks."""
+        self.finish(seq, "abort")
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int],
+                    logprobs: list[dict[int, float] | None] | None = None) -> list[Sequence]:
+        """Book one step's results; returns the sequences that got a token (finished ones included)."""
+        advanced = []
+        for seq, token_id, token_logprobs in zip(seqs, token_ids, logprobs or repeat(None)):
             seq.num_computed_tokens += seq.num_scheduled_tokens
             self.block_manager.publish_computed_blocks(seq)
             if seq.num_computed_tokens < len(seq):
                 continue    # mid-prompt chunk: its sample is meaningless
             seq.append_token(token_id)
-            if self._should_stop(seq, token_id):
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.deallocate(seq)
-                self.running.remove(seq)
-                finished.append(seq)
-        return finished
+            if token_logprobs is not None:
+                seq.logprobs.append(token_logprobs)
+            advanced.append(seq)
+            reason = self._finish_reason(seq, token_id)
+            if reason is not None:
+                self.finish(seq, reason)
+        return advanced
 
-    def _should_stop(self, seq: Sequence, token_id: int) -> bool:
-        return ((not seq.ignore_eos and token_id in self.eos_token_ids)
-                or seq.num_completion_tokens >= seq.max_tokens
-                or len(seq) >= self.max_model_len)
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        if token_id in seq.stop_token_ids:
+            return "stop"
+        if seq.num_completion_tokens >= seq.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None

@@ -21,7 +21,8 @@ class Sequence:
     counter = count()
     token_offset = 0    # token_ids[i] is token token_offset + i: 0 here, this step's first token in a worker's copy
 
-    def __init__(self, token_ids: list[int], sampling_params: SamplingParams = SamplingParams()):
+    def __init__(self, token_ids: list[int], sampling_params: SamplingParams = SamplingParams(),
+                 eos_token_ids: tuple[int, ...] = ()):
         self.seq_id = next(Sequence.counter)
         self.status = SequenceStatus.WAITING
         self.token_ids = copy(token_ids)
@@ -32,10 +33,16 @@ class Sequence:
         self.num_computed_tokens = 0    # tokens whose KV is in the cache (cached or computed)
         self.num_scheduled_tokens = 0   # tokens the current step runs through the model (set by the scheduler)
         self.block_table: list[int] = []
-        self.sampling_params = sampling_params
-        self.temperature = sampling_params.temperature
-        self.max_tokens = sampling_params.max_tokens
-        self.ignore_eos = sampling_params.ignore_eos
+        sp = self.sampling_params = sampling_params
+        self.temperature = sp.temperature
+        self.max_tokens = sp.max_tokens
+        self.min_tokens = sp.min_tokens
+        # Tokens that end the request with "stop"; until min_tokens the sampler masks them instead.
+        self.stop_token_ids = frozenset(sp.stop_token_ids).union(() if sp.ignore_eos else eos_token_ids)
+        self.plain_sampling = not sp.needs_sampler_extras     # cached: checked for every row of every step
+        self.finish_reason: str | None = None                 # "stop" or "length" (or "abort") once finished
+        self.logprobs: list[dict[int, float]] | None = [] if sp.logprobs is not None else None
+        self.detokenizer = None     # set by the engine when the request has a tokenizer
 
     def __len__(self):
         return self.num_tokens

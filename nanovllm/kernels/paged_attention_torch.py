@@ -62,6 +62,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     k = k_cache[safe_tables].flatten(1, 2).transpose(1, 2)    # [B, Hkv, max_blocks*block_size, D]
     v = v_cache[safe_tables].flatten(1, 2).transpose(1, 2)
     mask = torch.arange(max_blocks * block_size, device=q.device)[None, :] < context_lens[:, None]
+    # Slots past a context hold whatever the cache held (NaN included): a zero weight would not cancel a NaN.
+    v = torch.where(mask[:, None, :, None], v, 0)
     return _attend(q.unsqueeze(2), k, v, mask[:, None, None, :], scale).squeeze(2)
 
 

@@ -1,7 +1,74 @@
+from dataclasses import dataclass
+
 import torch
+import xxhash
 from torch import nn
 
 from nanovllm.utils.compile import compile_on_cuda
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """Per-row sampling inputs beyond the temperature, for a batch where some row needs them.
+
+    A field is None when no row of the batch uses it. Rows that do not use a field carry its neutral value
+    (top_k = vocabulary size, top_p = 1, min_p = 0), and so do greedy rows (temperature 0).
+    """
+    top_ks: torch.Tensor | None = None          # int64 [rows]; set (with top_ps) when some row needs the sort
+    top_ps: torch.Tensor | None = None          # float32 [rows]
+    min_ps: torch.Tensor | None = None          # float32 [rows]
+    seed_rows: torch.Tensor | None = None       # int64 [seeded]: rows whose noise comes from their seed
+    seed_keys: torch.Tensor | None = None       # int64 [seeded, 2]: seed_key(seed, position) of each seeded row
+    banned_rows: torch.Tensor | None = None     # int64 [pairs]: (row, token) pairs whose logit is set to -inf,
+    banned_ids: torch.Tensor | None = None      # int64 [pairs]   the stop tokens of rows still under min_tokens
+    num_logprobs: int = -1                      # the largest top-n asked for; -1: no row wants logprobs
+
+
+def seed_key(seed: int, position: int) -> tuple[int, int]:
+    """Two 32-bit keys for the draw of a seeded request at one output position (host side, per sequence)."""
+    h = xxhash.xxh64_intdigest((seed % 2**64).to_bytes(8, "little") + position.to_bytes(8, "little"))
+    return h & _MASK32, h >> 32
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """The low 32 bits of x * c for x < 2**32, in halves so that no int64 product overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finalizer: a bijection on 32-bit values where every input bit flips every output bit
+    with probability about 1/2."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def seeded_exponential(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Exp(1) noise [rows, vocab_size] that is a pure function of each row's keys: counter-based, computed
+    on the device with integer ops, so a seeded draw does not depend on the batch or on the global RNG."""
+    counter = torch.arange(vocab_size, device=keys.device)
+    bits = _mix32(_mix32(counter ^ keys[:, :1]) ^ keys[:, 1:])
+    # 23 bits + 0.5 are exact in float32, so u lies in (0, 1) strictly and -log(u) is finite and positive.
+    u = ((bits >> 9).float() + 0.5) * 2.0 ** -23
+    return -torch.log(u)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """Set to -inf what top-k, then top-p over what top-k kept, drop; one sort for the whole batch."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.size(-1), device=logits.device)
+    sorted_logits.masked_fill_(ranks >= top_ks.unsqueeze(1), float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # A token is kept while the mass strictly before it is below p, so the token that crosses p stays.
+    # Rows with top_p = 1 keep everything, whatever the rounding of the cumulative sum.
+    mass_before = probs.cumsum(dim=-1) - probs
+    top_ps = top_ps.unsqueeze(1)
+    sorted_logits.masked_fill_((mass_before >= top_ps) & (top_ps < 1), float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
 @compile_on_cuda
@@ -15,7 +82,56 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler(nn.Module):
-    """Picks one token per row: argmax where temperature is 0, else a draw from softmax(logits / temperature)."""
+    """Picks one token per row of a batch with mixed per-request parameters, in one batched pass.
 
-    def forward(self, logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-        return sample(logits, temperatures)
+    Each row draws from softmax(logits / temperature) after min_p, top_k and top_p filtering; a row with
+    temperature 0 takes the argmax. Draws use argmax(p / E) with E ~ Exp(1) (the Gumbel-max trick): no sort
+    and no host sync. A batch with no `SamplingTensors` takes a compiled fast path that does only that.
+
+    Logprobs, when asked for, are those of the distribution actually sampled from: log_softmax of the logits
+    after min_tokens masking, temperature and the filters (tokens filtered out get -inf); for a greedy row,
+    log_softmax of the (masked) logits. This is vLLM's "processed" logprobs.
+    """
+
+    def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, extras: SamplingTensors | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """Returns (token ids [rows], logprobs): logprobs is None unless extras ask for them, else
+        (the sampled tokens' logprobs [rows], the top-n logprobs [rows, n], their token ids [rows, n])."""
+        if extras is None:
+            return sample(logits, temperatures), None
+        return self.sample_with_extras(logits, temperatures, extras)
+
+    def sample_with_extras(self, logits: torch.Tensor, temperatures: torch.Tensor, extras: SamplingTensors):
+        logits = logits.float()
+        if extras.banned_rows is not None:
+            logits = logits.clone()     # leave the caller's logits as they were
+            logits[extras.banned_rows, extras.banned_ids] = float("-inf")
+        greedy = temperatures == 0
+        # Greedy rows are divided by 1 (and carry neutral filters), so their logprobs are those of the logits.
+        logits = logits / torch.where(greedy, 1.0, temperatures).unsqueeze(1)
+        if extras.min_ps is not None:
+            # p >= min_p * p_max  <=>  logit >= max logit + log(min_p); min_p = 0 gives -inf and keeps all.
+            threshold = logits.amax(dim=-1, keepdim=True) + extras.min_ps.log().unsqueeze(1)
+            logits = logits.masked_fill(logits < threshold, float("-inf"))
+        if extras.top_ks is not None:
+            logits = _top_k_top_p(logits, extras.top_ks, extras.top_ps)
+        noise = torch.empty_like(logits).exponential_(1).clamp_min_(1e-10)
+        if extras.seed_rows is not None:
+            noise[extras.seed_rows] = seeded_exponential(extras.seed_keys, logits.size(-1))
+        sampled = logits.softmax(dim=-1).div_(noise).argmax(dim=-1)
+        token_ids = torch.where(greedy, logits.argmax(dim=-1), sampled)
+        if extras.num_logprobs < 0:
+            return token_ids, None
+        logprobs = logits.log_softmax(dim=-1)
+        top_logprobs, top_ids = logprobs.topk(extras.num_logprobs, dim=-1)
+        return token_ids, (logprobs.gather(-1, token_ids.unsqueeze(1)).squeeze(1), top_logprobs, top_ids)
+
+
+def logprob_dicts(token_ids: list[int], logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                  nums: list[int | None]) -> list[dict[int, float] | None]:
+    """Per row, {token_id: logprob} for the sampled token and the row's top-n (None where not asked for)."""
+    sampled, top_logprobs, top_ids = (t.tolist() for t in logprobs)
+    out = []
+    for token_id, lp, top_lp, ids, n in zip(token_ids, sampled, top_logprobs, top_ids, nums):
+        out.append(None if n is None else {token_id: lp, **dict(zip(ids[:n], top_lp[:n]))})
+    return out

@@ -1,0 +1,166 @@
+"""Paged attention with our own Triton kernels: the default backend on a CUDA GPU without flash-attn.
+
+Same functions and cache layout as paged_attention_torch (the reference they are tested against); the device
+code is in triton_attention_kernels.py, this file chooses tiles, grids and the number of decode splits.
+
+Rules the kernels rely on (checked here, with a ValueError that says which):
+- kvcache_block_size is a power of two >= 16: KV tiles (16..64 tokens, a power of two) then never straddle a
+  page, so each tile needs a single block-table lookup, and tl.dot gets tiles of at least 16 rows.
+- head_dim is a power of two >= 16 (tl.arange needs a power of two; tl.dot needs an inner dimension >= 16).
+- Caches have a contiguous layout (k_cache/v_cache as allocated by the ModelRunner).
+"""
+import functools
+
+import torch
+import triton
+
+from nanovllm.kernels import triton_attention_kernels as kernels
+from nanovllm.utils.context import Context
+
+LOG2E = 1.4426950408889634
+
+# Launch parameters, chosen for head_dim 128 / bf16 on an H100; benchmarks/attention_kernels.py times alternatives.
+# Prefill is compute-bound: 64x64 tiles keep short prompts from wasting rows and fit 3 pipeline stages.
+PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_WARPS, PREFILL_STAGES = 64, 64, 4, 3
+# Decode is bandwidth-bound: 64-token K/V tiles (16 KiB each at head_dim 128). With 3 stages Triton spends one on
+# the block-table lookup and prefetches the next K/V tile during the current one (~38 KiB of shared memory, so
+# about five programs share an SM and keep plenty of bytes in flight).
+DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 64, 4, 3
+DECODE_PROGRAMS_PER_SM = 4      # split decode until batch * kv_heads * splits covers this many programs per SM
+DECODE_MAX_SPLITS = 32
+
+
+def check_block_size(block_size: int) -> None:
+    """Raise ValueError unless the kernels can tile a page of `block_size` tokens (a power of two >= 16)."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"the Triton attention backend needs kvcache_block_size to be a power of two >= 16 "
+                         f"(KV tiles must not straddle a page and tl.dot needs 16-row tiles), got {block_size}")
+
+
+def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    head_dim = q.shape[-1]
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"the Triton attention backend needs head_dim to be a power of two >= 16, got {head_dim}")
+    check_block_size(k_cache.shape[1])
+    if q.shape[-2] % k_cache.shape[2]:
+        raise ValueError(f"{q.shape[-2]} query heads are not a multiple of {k_cache.shape[2]} KV heads")
+    if not k_cache.is_contiguous():
+        raise ValueError("the KV cache must be contiguous")
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 models (the tiny test checkpoints) must not lose bits to TF32; other dtypes ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """Write row j of key/value ([N, kv_heads, head_dim], any row/head strides) to cache slot slot_mapping[j].
+
+    Slot -1 (padding) is skipped on the GPU, without a host sync, so the call can be graph-captured.
+    """
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous")
+    key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+    kernels.store_kvcache_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
+                            scale: float, max_seqlen_q: int | None = None, *,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens (q: [N, heads, head_dim]) over its cached + new K/V.
+
+    max_seqlen_q (the longest q_len, which the ModelRunner's Context carries) sizes the grid; without it it is
+    read from cu_seqlens_q at the cost of one host sync. `out` ([N, heads, head_dim], contiguous) may be given.
+    """
+    _check_shapes(q, k_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs, block_size = cu_seqlens_q.numel() - 1, k_cache.shape[1]
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    q = _last_dim_contiguous(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    grid = (triton.cdiv(max_seqlen_q, PREFILL_BLOCK_M), num_seqs, num_heads)
+    kernels.prefill_kernel[grid](
+        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
+        scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=num_heads // k_cache.shape[2], BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=min(PREFILL_BLOCK_N, block_size), DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES)
+    return out
+
+
+@functools.lru_cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1        # the CPU interpreter runs programs one by one; more splits would only cost time
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
+    """How many programs share each sequence's KV range, from shapes only (so a CUDA graph can capture it).
+
+    One program per (sequence, KV head) leaves most SMs idle at small batch (8 x 8 = 64 programs on 132 SMs);
+    splitting until about DECODE_PROGRAMS_PER_SM programs per SM exist keeps memory busy, and costs only a small
+    merge. No more splits than KV tiles in the longest possible context, so a split is never empty by shape.
+    """
+    target = DECODE_PROGRAMS_PER_SM * _num_sms(device)
+    splits = triton.cdiv(target, batch * num_kv_heads)
+    return max(1, min(splits, triton.cdiv(max_context, block_n), DECODE_MAX_SPLITS))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, *,
+                           out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """One query token per sequence (q: [B, heads, head_dim]) over its first context_lens[b] cached tokens.
+
+    Split-KV (flash-decoding): grid (B, kv_heads, splits) writes per-split partial results, a second kernel
+    merges them by log-sum-exp. No host sync and a grid that depends on shapes only, so it is graph-capturable;
+    rows with context_len 0 (graph padding) read nothing and produce zeros. num_splits overrides the heuristic.
+    """
+    _check_shapes(q, k_cache)
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    block_n = min(DECODE_BLOCK_N, block_size)
+    if num_splits is None:
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, block_n, q.device)
+    q = _last_dim_contiguous(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    if num_splits == 1:     # the single split's normalised output is the answer: write it in place, skip the merge
+        part_out = out.unsqueeze(2)
+    else:
+        part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    kernels.decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, part_out, part_lse, context_lens, block_tables, scale * LOG2E, num_splits,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype), num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
+    if num_splits > 1:
+        kernels.decode_merge_kernel[(batch, num_heads)](
+            part_out, part_lse, out, num_splits, part_out.stride(0), part_out.stride(1), part_out.stride(2),
+            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
+            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
+    return out
+
+
+# Backend interface used by nanovllm.layers.attention.
+
+def prefill(q, k, v, k_cache, v_cache, ctx: Context, scale: float) -> torch.Tensor:
+    return paged_prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale,
+                                   max_seqlen_q=ctx.max_seqlen_q or None)
+
+
+def decode(q, k_cache, v_cache, ctx: Context, scale: float) -> torch.Tensor:
+    return paged_decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale)

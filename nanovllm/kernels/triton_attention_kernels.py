@@ -1,0 +1,183 @@
+"""Triton device code for the paged KV cache: store, causal varlen prefill, split-KV decode and its merge.
+
+The launch logic (grids, tile sizes, number of splits) lives in paged_attention_triton.py; this file holds only
+@triton.jit functions, written with the plain Triton language shared by Triton 3.6 and 3.9.
+
+Conventions shared by every kernel:
+- Caches are [num_blocks, block_size, kv_heads, head_dim] with a contiguous last dimension; a KV tile of BLOCK_N
+  tokens never straddles a page (BLOCK_N divides BLOCK_SIZE, both powers of two), so one block-table load per
+  tile finds its page.
+- Scores are kept in the log2 domain (multiplied by scale * log2(e)) so the softmax uses exp2, a single
+  hardware instruction; running max, sum and output accumulate in float32.
+- Every load that could reach past a sequence's context is masked: cache rows beyond it may hold anything
+  (stale tokens, uninitialised memory, NaN), and block-table entries beyond it may be stale (CUDA-graph replay).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                         key_stride_n, key_stride_h, value_stride_n, value_stride_h,
+                         NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One program per token: copy its [kv_heads, head_dim] K and V rows to cache slot slot_mapping[token]."""
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token)
+    if slot < 0:        # a padding row: write nothing
+        return
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    dims = tl.arange(0, HEAD_DIM)[None, :]
+    mask = heads < NUM_KV_HEADS
+    key = tl.load(key_ptr + token * key_stride_n + heads * key_stride_h + dims, mask=mask)
+    value = tl.load(value_ptr + token * value_stride_n + heads * value_stride_h + dims, mask=mask)
+    dst = slot * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
+    tl.store(k_cache_ptr + dst, key, mask=mask)
+    tl.store(v_cache_ptr + dst, value, mask=mask)
+
+
+@triton.jit
+def _attend_kv_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, start, kv_len, kv_head, q_pos, qk_scale,
+                    stride_page, stride_row, stride_head,
+                    CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Fold the KV tile of tokens [start, start + BLOCK_N) of one sequence into a running online softmax.
+
+    q: [M, HEAD_DIM] query rows; acc [M, HEAD_DIM], m_i and l_i [M]: running output, max and sum (log2 domain).
+    Keys at or beyond kv_len are masked out; with CAUSAL, so are keys after each row's position q_pos [M].
+    The caller guarantees start < kv_len, so every row sees at least one finite score once key 0 was seen.
+    """
+    page = tl.load(table_ptr + start // BLOCK_SIZE).to(tl.int64)     # int64: a layer's cache can pass 2**31 elements
+    keys = start + tl.arange(0, BLOCK_N)
+    key_valid = keys < kv_len
+    rows = start % BLOCK_SIZE + tl.arange(0, BLOCK_N)
+    offsets = page * stride_page + rows[:, None] * stride_row + kv_head * stride_head + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(k_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)
+
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    allowed = key_valid[None, :]
+    if CAUSAL:
+        allowed = allowed & (keys[None, :] <= q_pos[:, None])
+    qk = tl.where(allowed, qk, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)                 # rescales what was accumulated under the old max
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
+                   qk_scale, q_stride_n, q_stride_h, out_stride_n, out_stride_h,
+                   stride_page, stride_row, stride_head, table_stride,
+                   GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (query tiles, sequences, query heads): BLOCK_M new tokens of one sequence and head, causal over its cache.
+
+    Query row j of sequence i sits at absolute position context_len - q_len + j, so a cached prefix or earlier
+    chunks (already in the cache) are attended without any copy.
+    """
+    m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if m_block * BLOCK_M >= q_len:      # the grid is sized by the longest sequence; shorter ones have spare tiles
+        return
+    context_len = tl.load(context_lens_ptr + seq)
+    first_pos = context_len - q_len + m_block * BLOCK_M
+    q_rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = q_rows < q_len
+    dims = tl.arange(0, HEAD_DIM)
+    q_offsets = (q_start + q_rows)[:, None] * q_stride_n + head * q_stride_h + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None], other=0.0)
+    q_pos = first_pos + tl.arange(0, BLOCK_M)
+    kv_head = head // GROUP
+    table_ptr = block_tables_ptr + seq * table_stride
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Keys before first_pos + 1 are visible to every row of the tile: those tiles skip the causal mask.
+    unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    for start in range(0, unmasked_end, BLOCK_N):
+        acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, start, context_len,
+                                        kv_head, q_pos, qk_scale, stride_page, stride_row, stride_head,
+                                        False, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+    causal_end = tl.minimum(context_len, first_pos + BLOCK_M)
+    for start in range(unmasked_end, causal_end, BLOCK_N):
+        acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, start, context_len,
+                                        kv_head, q_pos, qk_scale, stride_page, stride_row, stride_head,
+                                        True, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+
+    out = acc / l_i[:, None]
+    out_offsets = (q_start + q_rows)[:, None] * out_stride_n + head * out_stride_h + dims[None, :]
+    tl.store(out_ptr + out_offsets, out, mask=row_valid[:, None])
+
+
+@triton.jit
+def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr, context_lens_ptr,
+                        block_tables_ptr, qk_scale, num_splits, q_stride_b, q_stride_h,
+                        stride_page, stride_row, stride_head, table_stride,
+                        part_stride_b, part_stride_h, part_stride_s, lse_stride_b, lse_stride_h,
+                        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (sequences, KV heads, splits): all query heads of one KV group against one split of the KV range.
+
+    Each sequence's own context is cut into num_splits equal runs of whole tiles, so every program of a sequence
+    gets the same share whatever its length. Writes the split's normalised output and its log2-sum-exp; a split
+    with no keys (short context, or context_len 0 on a padded CUDA-graph row) writes 0 and -inf.
+    """
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    num_tiles = (context_len + BLOCK_N - 1) // BLOCK_N
+    split_len = (num_tiles + num_splits - 1) // num_splits * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(context_len, start + split_len)
+
+    # The group's query heads are the rows of one tile, padded to GROUP_PAD (>= 16) rows for tl.dot:
+    # each K/V tile is read once for all of them.
+    group_rows = tl.arange(0, GROUP_PAD)
+    row_valid = group_rows < GROUP
+    heads = kv_head * GROUP + group_rows
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + dims[None, :],
+                mask=row_valid[:, None], other=0.0)
+    table_ptr = block_tables_ptr + seq * table_stride
+
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    for tile_start in range(start, end, BLOCK_N):
+        acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, tile_start,
+                                        context_len, kv_head, group_rows, qk_scale, stride_page, stride_row,
+                                        stride_head, False, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)       # no keys: acc is 0, m_i is -inf, so out = 0 and lse = -inf
+    out = acc / l_safe[:, None]
+    lse = m_i + tl.log2(l_safe)
+    part_offsets = seq * part_stride_b + heads[:, None] * part_stride_h + split * part_stride_s + dims[None, :]
+    tl.store(part_out_ptr + part_offsets, out, mask=row_valid[:, None])
+    tl.store(part_lse_ptr + seq * lse_stride_b + heads * lse_stride_h + split, lse, mask=row_valid)
+
+
+@triton.jit
+def decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits,
+                        part_stride_b, part_stride_h, part_stride_s, lse_stride_b, lse_stride_h,
+                        out_stride_b, out_stride_h,
+                        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Grid (sequences, query heads): combine the splits' outputs, each weighted by its share of the softmax sum."""
+    seq, head = tl.program_id(0), tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_valid = splits < num_splits
+    lse = tl.load(part_lse_ptr + seq * lse_stride_b + head * lse_stride_h + splits, mask=split_valid,
+                  other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max > float("-inf"), lse_max, 0.0)    # no keys at all (padded row): all weights 0
+    weights = tl.exp2(lse - lse_max)
+    dims = tl.arange(0, HEAD_DIM)
+    parts = tl.load(part_out_ptr + seq * part_stride_b + head * part_stride_h + splits[:, None] * part_stride_s
+                    + dims[None, :], mask=split_valid[:, None], other=0.0)
+    total = tl.sum(weights, 0)
+    out = tl.sum(weights[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * out_stride_b + head * out_stride_h + dims, out)

@@ -1,0 +1,521 @@
+"""Our Triton attention kernels against the PyTorch reference, on fresh random inputs with poisoned outputs.
+
+Without CUDA the kernels run under Triton's CPU interpreter at small sizes (float32, block 16 or 128, head_dim
+16/32); with CUDA the same tests run compiled on the GPU, and the `cuda` tests add Qwen3-0.6B's real shapes
+(bf16, 16 query / 8 KV heads, head_dim 128, block 256) and a CUDA-graph capture of decode.
+
+Cache slots that hold no token of any sequence are filled with NaN, and so are outputs before a kernel runs:
+a kernel that reads past a context or leaves an output row unwritten shows up as NaN.
+"""
+import contextlib
+import importlib
+import importlib.util
+import multiprocessing
+import os
+import sys
+import traceback
+import types
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+import torch
+
+from nanovllm.kernels import paged_attention_torch as ref
+from nanovllm.kernels import paged_attention_triton as backend
+from nanovllm.utils.context import Context
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# Triton fixes "interpret or compile" when `triton` is first imported (its own library functions are @triton.jit
+# too) and when each kernel is decorated, reading TRITON_INTERPRET at those moments; an interpreted kernel cannot
+# call a compiled-flavoured tl.max. So the interpreter cannot be switched on for one module of a process that may
+# already hold a compiled-flavoured triton, nor switched on here without reaching every other test module.
+# Instead, on a machine without CUDA the kernel checks run in one worker process started with TRITON_INTERPRET=1
+# (spawned, so it imports triton afresh); this process never sets the variable. With CUDA, or inside that
+# worker, the checks run in-process.
+IN_PROCESS = CUDA or ENV_BEFORE == "1"
+_worker_pool = None
+WORKER_TIMEOUT_S = 300
+
+
+def _call_check(name, args):
+    """Worker side: run check `name`, returning (True, result) or (False, the formatted traceback)."""
+    try:
+        return True, globals()[name](*args)
+    except Exception:
+        return False, traceback.format_exc()
+
+
+def run_check(name, *args):
+    """Run the check function `name` with picklable args here, or in the interpreter worker on CPU."""
+    global _worker_pool
+    if IN_PROCESS:
+        return globals()[name](*args)
+    if _worker_pool is None:
+        os.environ["TRITON_INTERPRET"] = "1"        # only for the child's environment, restored at once
+        try:
+            _worker_pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            _worker_pool.submit(os.getpid).result()     # starts the worker while the variable is set
+        finally:
+            if ENV_BEFORE is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = ENV_BEFORE
+    try:
+        ok, result = _worker_pool.submit(_call_check, name, args).result(timeout=WORKER_TIMEOUT_S)
+    except BrokenProcessPool:
+        _worker_pool = None
+        pytest.fail("the TRITON_INTERPRET=1 worker died (an out-of-bounds access in a kernel?)", pytrace=False)
+    if not ok:
+        pytest.fail(f"in the TRITON_INTERPRET=1 worker:\n{result}", pytrace=False)
+    return result
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_worker():
+    yield
+    global _worker_pool
+    if _worker_pool is not None:
+        _worker_pool.shutdown(cancel_futures=True)
+        _worker_pool = None
+
+
+@contextlib.contextmanager
+def isolated_modules(names):
+    """Let the body import fresh copies of modules `names`; afterwards sys.modules and the parent packages'
+    attributes are as they were, so the rest of the pytest process never sees those copies."""
+    saved_modules = {name: sys.modules.pop(name, None) for name in names}
+    saved_attrs = {}
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules:
+            saved_attrs[name] = (sys.modules[parent], child, getattr(sys.modules[parent], child, None))
+    try:
+        yield
+    finally:
+        for name, module in saved_modules.items():
+            sys.modules.pop(name, None)
+            if module is not None:
+                sys.modules[name] = module
+        for package, child, value in saved_attrs.values():
+            if value is None:
+                package.__dict__.pop(child, None)
+            else:
+                setattr(package, child, value)
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------------
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def paged_cache(context_lens, block_size, kv_heads, head_dim, dtype=torch.float32, spare_blocks=3):
+    """Caches holding random K/V for each sequence's first context_lens[i] tokens in shuffled blocks, NaN in every
+    other slot; block tables padded with -1, one column wider than needed."""
+    blocks = [cdiv(n, block_size) for n in context_lens]
+    num_blocks = sum(blocks) + spare_blocks
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.full((len(context_lens), max(blocks, default=0) + 1), -1, dtype=torch.int32)
+    used = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    free = torch.randperm(num_blocks).tolist()
+    for i, (n, nb) in enumerate(zip(context_lens, blocks)):
+        ids, free = free[:nb], free[nb:]
+        tables[i, :nb] = torch.tensor(ids, dtype=torch.int32)
+        used.view(-1)[torch.tensor([ids[p // block_size] * block_size + p % block_size for p in range(n)],
+                                   dtype=torch.long)] = True
+    unused = ~used.to(DEVICE)
+    k_cache[unused] = float("nan")
+    v_cache[unused] = float("nan")
+    return k_cache, v_cache, tables.to(DEVICE)
+
+
+def clean(cache):
+    """The reference decode multiplies masked slots by 0, so it must not see the NaN poison."""
+    return torch.nan_to_num(cache, nan=0.0)
+
+
+def poisoned_like(x):
+    return torch.full_like(x, float("nan"))
+
+
+def assert_matches(actual, expected, atol=1e-4, rtol=1e-4):
+    assert torch.isfinite(actual).all(), "a row was left unwritten or read poisoned memory"
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
+
+
+# ---- store ----------------------------------------------------------------------------------------------------
+
+def check_store_kvcache(kv_heads, layout):
+    """key/value as views of a packed qkv projection (as in the model) or head-major transposed views."""
+    torch.manual_seed(0)
+    heads, head_dim, block_size, num_blocks, tokens = 4, 16, 16, 4, 11
+    if layout == "packed":
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE)
+        _, key, value = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        key, value = key.view(tokens, kv_heads, head_dim), value.view(tokens, kv_heads, head_dim)
+    else:
+        key, value = torch.randn(2, kv_heads, tokens, head_dim, device=DEVICE).transpose(1, 2)
+    assert not key.is_contiguous()
+    slots = torch.randperm(num_blocks * block_size)[:tokens]
+    slots[[0, 4, 10]] = -1
+    slots = slots.to(DEVICE)
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), device=DEVICE)
+    v_cache = poisoned_like(k_cache)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    ref.store_kvcache(key, value, k_expected, v_expected, slots)
+    backend.store_kvcache(key, value, k_cache, v_cache, slots)
+    torch.testing.assert_close(k_cache, k_expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_expected, rtol=0, atol=0, equal_nan=True)
+    written = (~torch.isnan(k_cache)).all(-1).all(-1).sum()
+    assert written == tokens - 3, f"{written} slots written, expected {tokens - 3}"
+
+
+@pytest.mark.parametrize("kv_heads,layout", [(2, "packed"), (3, "packed"), (2, "head-major")])
+def test_store_kvcache_writes_strided_rows_and_skips_padding(kv_heads, layout):
+    run_check("check_store_kvcache", kv_heads, layout)
+
+
+# ---- prefill --------------------------------------------------------------------------------------------------
+
+# (cached prefix, new tokens) per sequence: one-token prompts, lengths on and off page and tile boundaries,
+# prefixes that end mid-page, a single new token after a long prefix.
+PREFILL_BATCH = [(0, 1), (0, 16), (0, 37), (16, 5), (29, 19), (48, 1), (3, 70), (128, 64), (0, 129)]
+
+
+def run_prefill(seqs, heads, kv_heads, head_dim, block_size, dtype=torch.float32, scale=0.3):
+    """Prefill a batch of (cached, new) sequences; returns (output, reference)."""
+    torch.manual_seed(0)
+    context_lens = [cached + new for cached, new in seqs]
+    k_cache, v_cache, tables = paged_cache(context_lens, block_size, kv_heads, head_dim, dtype)
+    cu_seqlens = torch.tensor([0] + [new for _, new in seqs], device=DEVICE).cumsum(0).to(torch.int32)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(int(cu_seqlens[-1]), heads, head_dim, device=DEVICE).to(dtype)
+    out = poisoned_like(q)
+    result = backend.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens, lens, tables, scale,
+                                             max_seqlen_q=max(new for _, new in seqs), out=out)
+    assert result is out
+    expected = ref.paged_prefill_attention(q.float(), k_cache.float(), v_cache.float(), cu_seqlens, lens, tables,
+                                           scale)
+    return out, expected
+
+
+def check_prefill(heads, kv_heads, head_dim, block_size):
+    assert_matches(*run_prefill(PREFILL_BATCH, heads, kv_heads, head_dim, block_size))
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 32, 16), (2, 2, 16, 16), (4, 1, 16, 128)])
+def test_prefill_matches_reference(heads, kv_heads, head_dim, block_size):
+    run_check("check_prefill", heads, kv_heads, head_dim, block_size)
+
+
+def check_chunked_prefill():
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, block_size, prompt_len = 4, 2, 16, 16, 70
+    k_cache, v_cache, tables = paged_cache([prompt_len], block_size, kv_heads, head_dim)
+    table = tables[0, :cdiv(prompt_len, block_size)]
+    positions = torch.arange(prompt_len, device=DEVICE)
+    slots = table.long()[positions // block_size] * block_size + positions % block_size
+    q = torch.randn(prompt_len, heads, head_dim, device=DEVICE)
+    k, v = torch.randn(2, prompt_len, kv_heads, head_dim, device=DEVICE)
+    outs, done = [], 0
+    for chunk in (20, 33, 1, 16):
+        end = done + chunk
+        backend.store_kvcache(k[done:end], v[done:end], k_cache, v_cache, slots[done:end])
+        cu = torch.tensor([0, chunk], dtype=torch.int32, device=DEVICE)
+        lens = torch.tensor([end], dtype=torch.int32, device=DEVICE)
+        outs.append(backend.paged_prefill_attention(q[done:end], k_cache, v_cache, cu, lens, tables, 0.25,
+                                                    out=poisoned_like(q[done:end])))
+        done = end
+    causal = positions[:, None] >= positions[None, :]
+    expected = ref._attend(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal, 0.25)
+    assert_matches(torch.cat(outs), expected.transpose(0, 1))
+
+
+def test_chunked_prefill_equals_one_shot():
+    """A prompt prefilled chunk by chunk through the cache (store, then attend) equals attending to it at once."""
+    run_check("check_chunked_prefill")
+
+
+# ---- decode ---------------------------------------------------------------------------------------------------
+
+def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, dtype=torch.float32, scale=0.3):
+    """Decode with stale garbage in block-table entries past each context (as CUDA-graph replay leaves them) and
+    an out-of-range table for the context_len 0 rows; returns (output, reference, rows with a context)."""
+    torch.manual_seed(0)
+    k_cache, v_cache, tables = paged_cache(context_lens, block_size, kv_heads, head_dim, dtype)
+    stale = tables.clone()
+    stale[stale < 0] = torch.randint(0, k_cache.shape[0], (int((stale < 0).sum()),), dtype=torch.int32,
+                                     device=DEVICE)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    stale[lens == 0] = 10**6            # would fault (GPU) or raise (interpreter) if a padded row were read
+    q = torch.randn(len(context_lens), heads, head_dim, device=DEVICE).to(dtype)
+    out = backend.paged_decode_attention(q, k_cache, v_cache, lens, stale, scale, out=poisoned_like(q),
+                                         num_splits=num_splits)
+    expected = ref.paged_decode_attention(q.float(), clean(k_cache).float(), clean(v_cache).float(), lens, tables,
+                                          scale)
+    return out, expected, lens > 0
+
+
+def check_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits):
+    out, expected, real = run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits)
+    assert_matches(out[real], expected[real])
+    assert torch.isfinite(out[~real]).all(), "padded rows should come out as zeros"
+
+
+# Contexts at and around tile (16) and page boundaries, one token, and graph padding (context_len 0).
+DECODE_CONTEXTS_16 = [1, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 100, 0]
+# Block 128 holds two 64-token tiles per page, the layout real sizes use (64-token tiles in 256-token pages).
+DECODE_CONTEXTS_128 = [1, 63, 64, 65, 127, 128, 129, 200, 0, 300]
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 2, 3, 8])
+def test_decode_matches_reference_at_split_boundaries(num_splits):
+    run_check("check_decode", DECODE_CONTEXTS_16, 4, 2, 32, 16, num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_with_two_tiles_per_page(num_splits):
+    run_check("check_decode", DECODE_CONTEXTS_128, 4, 1, 16, 128, num_splits)
+
+
+def test_decode_split_heuristic_depends_on_shapes_only():
+    splits = backend.decode_num_splits
+    cpu = torch.device("cpu")
+    assert splits(1, 1, 16, 16, cpu) == 1                            # never more splits than tiles
+    assert splits(256, 8, 4096, 64, cpu) == 1
+    assert 1 <= splits(1, 1, 100_000, 64, cpu) <= backend.DECODE_MAX_SPLITS
+
+
+# ---- backend interface ----------------------------------------------------------------------------------------
+
+def test_block_size_rule():
+    for ok in (16, 32, 64, 256, 1024):
+        backend.check_block_size(ok)
+    for bad in (0, 1, 8, 48, 100, 257):
+        with pytest.raises(ValueError, match="power of two"):
+            backend.check_block_size(bad)
+
+
+def check_entry_points():
+    torch.manual_seed(0)
+    context_lens = [5, 23]
+    k_cache, v_cache, tables = paged_cache(context_lens, 16, 2, 16)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, 5, 8], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(8, 4, 16, device=DEVICE)
+    ctx = Context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=5, context_lens=lens, block_tables=tables)
+    expected = ref.prefill(q, None, None, k_cache, v_cache, ctx, 0.5)
+    assert_matches(backend.prefill(q, None, None, k_cache, v_cache, ctx, 0.5), expected)
+    ctx = Context(context_lens=lens, block_tables=tables)
+    expected = ref.decode(q[:2], clean(k_cache), clean(v_cache), ctx, 0.5)
+    assert_matches(backend.decode(q[:2], k_cache, v_cache, ctx, 0.5), expected)
+    with pytest.raises(ValueError, match="head_dim"):
+        backend.decode(q[:2, :, :12], k_cache[..., :12], v_cache[..., :12], ctx, 0.5)
+
+
+def test_backend_entry_points_use_the_context():
+    run_check("check_entry_points")
+
+
+def kernel_kind():
+    return type(backend.kernels.prefill_kernel).__name__
+
+
+def test_kernels_are_interpreted_only_in_the_worker():
+    """On CPU the checks ran interpreted in the worker; this process's environment and kernels are untouched."""
+    assert run_check("kernel_kind") == ("JITFunction" if CUDA else "InterpretedFunction")
+    assert os.environ.get("TRITON_INTERPRET") == ENV_BEFORE
+    if ENV_BEFORE != "1":
+        assert kernel_kind() == "JITFunction"
+
+
+def test_flash_backend_wiring():
+    """flash-attn is not installed here: a stand-in implementing its documented semantics with the reference checks
+    that the flash backend passes the right tensors (packed K/V or paged cache, int32 cu_seqlens_k, block tables)."""
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+               block_table=None):
+        assert causal and cu_seqlens_k.dtype == torch.int32
+        assert max_seqlen_q == int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        assert max_seqlen_k == int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+        if block_table is None:
+            assert torch.equal(cu_seqlens_k, cu_seqlens_q)
+            return ref.varlen_causal_attention(q, k, v, cu_seqlens_q, softmax_scale)
+        lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+        return ref.paged_prefill_attention(q, k, v, cu_seqlens_q, lens, block_table, softmax_scale)
+
+    def with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal):
+        assert q.dim() == 4 and q.shape[1] == 1 and cache_seqlens.dtype == torch.int32
+        return ref.paged_decode_attention(q[:, 0], k_cache, v_cache, cache_seqlens, block_table,
+                                          softmax_scale).unsqueeze(1)
+
+    stub = types.ModuleType("flash_attn")
+    stub.flash_attn_varlen_func, stub.flash_attn_with_kvcache = varlen, with_kvcache
+    with isolated_modules(("flash_attn", "nanovllm.kernels.paged_attention_flash")):
+        sys.modules["flash_attn"] = stub
+        flash = importlib.import_module("nanovllm.kernels.paged_attention_flash")
+        for bad in (16, 128, 300):
+            with pytest.raises(ValueError, match="multiple of 256"):
+                flash.check_block_size(bad)
+        flash.check_block_size(512)
+
+        seqs = [(0, 4), (9, 3), (0, 1)]
+        context_lens = [cached + new for cached, new in seqs]
+        k_cache, v_cache, tables = paged_cache(context_lens, 16, 2, 16, spare_blocks=0)
+        k_cache, v_cache = clean(k_cache), clean(v_cache)
+        lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+        cu = torch.tensor([0, 4, 7, 8], dtype=torch.int32, device=DEVICE)
+        q = torch.randn(8, 4, 16, device=DEVICE)
+        ctx = Context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=4, max_seqlen_k=12, context_lens=lens,
+                      block_tables=tables, has_cached_prefix=True)
+        expected = ref.prefill(q, None, None, k_cache, v_cache, ctx, 0.5)
+        torch.testing.assert_close(flash.prefill(q, None, None, k_cache, v_cache, ctx, 0.5), expected)
+
+        new_k, new_v = torch.randn(2, 8, 2, 16, device=DEVICE)
+        ctx = Context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=4, context_lens=cu[1:] - cu[:-1])
+        expected = ref.varlen_causal_attention(q, new_k, new_v, cu, 0.5)
+        torch.testing.assert_close(flash.prefill(q, new_k, new_v, None, None, ctx, 0.5), expected)
+
+        ctx = Context(context_lens=lens, block_tables=tables)
+        torch.testing.assert_close(flash.decode(q[:3], k_cache, v_cache, ctx, 0.5),
+                                   ref.decode(q[:3], k_cache, v_cache, ctx, 0.5))
+
+
+# ---- ahead-of-time compilation for an H100 -------------------------------------------------------------------
+
+H100_SHARED_MEMORY = 227 * 1024
+_PTXAS = os.path.join(os.path.dirname(importlib.util.find_spec("triton").origin), "backends", "nvidia", "bin", "ptxas")
+
+
+def compile_for_h100(fn, constexprs, pointer_dtypes, num_warps, num_stages):
+    """Compile a kernel for sm_90 without a GPU, specialised as a real launch would be: pointers and strides
+    divisible by 16, other ints i32, pointers bf16 unless pointer_dtypes says otherwise."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + pointer_dtypes.get(name, "bf16")
+        else:
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
+        if name.endswith("_ptr") or "stride" in name:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def qwen3_kernel_configs():
+    """(kernel, constexprs, pointer dtypes, warps, stages, streams K/V) as the backend launches them for Qwen3-0.6B."""
+    k = backend.kernels
+    tables = dict(context_lens_ptr="i32", block_tables_ptr="i32")
+    return {
+        "store": (k.store_kvcache_kernel, dict(NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128),
+                  dict(slot_mapping_ptr="i64"), 4, 3, True),
+        "prefill": (k.prefill_kernel, dict(GROUP=2, BLOCK_SIZE=256, HEAD_DIM=128, BLOCK_M=backend.PREFILL_BLOCK_M,
+                                           BLOCK_N=backend.PREFILL_BLOCK_N, DOT_PRECISION="tf32"),
+                    dict(cu_seqlens_q_ptr="i32", **tables), backend.PREFILL_WARPS, backend.PREFILL_STAGES, True),
+        "decode": (k.decode_split_kernel, dict(GROUP=2, GROUP_PAD=16, BLOCK_SIZE=256, HEAD_DIM=128,
+                                               BLOCK_N=backend.DECODE_BLOCK_N, DOT_PRECISION="tf32"),
+                   dict(part_out_ptr="fp32", part_lse_ptr="fp32", **tables), backend.DECODE_WARPS,
+                   backend.DECODE_STAGES, True),
+        "merge": (k.decode_merge_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128),
+                  dict(part_out_ptr="fp32", part_lse_ptr="fp32"), 4, 1, False),
+    }
+
+
+@pytest.mark.skipif(CUDA, reason="with CUDA the other tests compile and run these kernels for real")
+@pytest.mark.skipif(ENV_BEFORE == "1", reason="this process runs Triton's interpreter, which cannot compile")
+@pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("kernel", ["store", "prefill", "decode", "merge"])
+def test_kernels_compile_for_h100_with_16_byte_loads(kernel):
+    """Catches what the interpreter cannot: lowering errors, shared memory over an H100's, and scalar K/V loads
+    (the cache must be streamed with 16-byte vector loads to approach full bandwidth)."""
+    fn, constexprs, pointer_dtypes, warps, stages, streams_kv = qwen3_kernel_configs()[kernel]
+    compiled = compile_for_h100(fn, constexprs, pointer_dtypes, warps, stages)
+    assert compiled.metadata.shared <= H100_SHARED_MEMORY
+    ptx = compiled.asm["ptx"]
+    if streams_kv:
+        assert "ld.global.b16" not in ptx and ("cp.async.cg.shared.global" in ptx or "ld.global.v4" in ptx)
+
+
+# ---- real sizes on the GPU ------------------------------------------------------------------------------------
+
+QWEN3_0_6B = dict(heads=16, kv_heads=8, head_dim=128, block_size=256)
+BF16_TOL = dict(atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_real_size_prefill():
+    seqs = [(0, 1), (0, 300), (512, 200), (1000, 1), (0, 1024), (2560, 512), (255, 257)]
+    out, expected = run_prefill(seqs, **QWEN3_0_6B, dtype=torch.bfloat16, scale=128 ** -0.5)
+    assert_matches(out, expected, **BF16_TOL)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_real_size_decode(num_splits):
+    torch.manual_seed(1)
+    contexts = [1, 63, 64, 65, 255, 256, 257, 511, 512, 513, 4096, 0, 0]
+    contexts += torch.randint(1, 3000, (40,)).tolist()
+    out, expected, real = run_decode(contexts, **QWEN3_0_6B, num_splits=num_splits, dtype=torch.bfloat16,
+                                     scale=128 ** -0.5)
+    assert_matches(out[real], expected[real], **BF16_TOL)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_decode_cuda_graph_replay():
+    """Store + decode captured once at a padded batch (slot -1, context_len 0 rows), replayed on new inputs."""
+    heads, kv_heads, head_dim, block_size = 16, 8, 128, 256
+    real_contexts, graph_batch, width = [2, 300, 256, 700, 2000], 8, 16
+    k_cache, v_cache, tables = paged_cache(real_contexts, block_size, kv_heads, head_dim, torch.bfloat16)
+    k_cache, v_cache = clean(k_cache), clean(v_cache)
+    static = dict(q=torch.zeros(graph_batch, heads, head_dim, dtype=torch.bfloat16, device=DEVICE),
+                  k=torch.zeros(graph_batch, kv_heads, head_dim, dtype=torch.bfloat16, device=DEVICE),
+                  slots=torch.full((graph_batch,), -1, dtype=torch.int64, device=DEVICE),
+                  lens=torch.zeros(graph_batch, dtype=torch.int32, device=DEVICE),
+                  tables=torch.zeros(graph_batch, width, dtype=torch.int32, device=DEVICE))
+    static["v"] = torch.zeros_like(static["k"])
+
+    def step():
+        backend.store_kvcache(static["k"], static["v"], k_cache, v_cache, static["slots"])
+        return backend.paged_decode_attention(static["q"], k_cache, v_cache, static["lens"], static["tables"],
+                                              128 ** -0.5)
+
+    step()                      # compiles the kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for trial in range(2):
+        n = len(real_contexts) - trial          # fewer, shorter rows on the second replay: the rest is padding
+        lens = torch.tensor(real_contexts[:n], device=DEVICE) - trial
+        positions = (lens - 1).long()
+        table = tables[:n].clamp_min(0).long()
+        slots = table.gather(1, (positions // block_size)[:, None])[:, 0] * block_size + positions % block_size
+        static["q"].normal_()
+        static["k"].normal_()
+        static["v"].normal_()
+        static["slots"].fill_(-1)
+        static["slots"][:n] = slots
+        static["lens"].zero_()
+        static["lens"][:n] = lens.to(torch.int32)
+        static["tables"][:n, :tables.shape[1]] = tables[:n]
+        graph.replay()
+        expected = ref.paged_decode_attention(static["q"][:n].float(), k_cache.float(), v_cache.float(),
+                                              static["lens"][:n], tables[:n], 128 ** -0.5)
+        assert_matches(out[:n], expected, **BF16_TOL)
+        assert torch.isfinite(out[n:]).all()
+        stored = k_cache.view(-1, kv_heads, head_dim)[slots]
+        assert torch.equal(stored, static["k"][:n])
