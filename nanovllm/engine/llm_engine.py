@@ -53,10 +53,10 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.model)
         # Ranks 1..N-1 start loading in their own processes while rank 0 loads here.
         self.workers = WorkerPool(config) if config.tensor_parallel_size > 1 else None
-        if self.workers is not None:
-            atexit.register(self.exit)
-        with self.workers.guard() if self.workers is not None else nullcontext():
+        with self.workers.guard() if self.workers is not None else nullcontext():   # a failure stops the workers
             self.model_runner = ModelRunner(config, self.workers)   # may lower config.max_model_len to fit the cache
+        if self.workers is not None:    # ahead of multiprocessing's own handler, which would wait for the workers
+            atexit.register(self.exit)
         eos = config.hf_config.eos_token_ids
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = (self.tokenizer.eos_token_id,)

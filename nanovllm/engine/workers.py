@@ -148,8 +148,9 @@ class WorkerPool:
         self.failure = self.failure or report or (f"rank 0 raised {type(error).__name__} in the middle of a call "
                                                   f"({error}), leaving the ranks out of step; create a new LLM")
         self.close()
-        # A ValueError is bad input that every rank rejects alike: keep rank 0's own.
-        if report is not None and not isinstance(error, ValueError):
+        # A ValueError that the workers raised too is bad input every rank rejects alike (say, no room for the
+        # KV cache): keep rank 0's own. Any other error is a symptom of the worker's death.
+        if report is not None and not (isinstance(error, ValueError) and self.errors):
             raise RuntimeError(report) from error
 
     # ---- failures -------------------------------------------------------------------------------------
@@ -187,7 +188,10 @@ class WorkerPool:
             return
         self.failure = self.failure or self._death_report()
         if self.nccl and dist.is_initialized():
-            dist.distributed_c10d._abort_process_group()     # experimental, NCCL-only; there is no public API
+            try:    # experimental and NCCL-only, but there is no public API for it
+                dist.distributed_c10d._abort_process_group()
+            except Exception:   # a close() on the main thread got there first
+                pass
 
     # ---- shutdown -------------------------------------------------------------------------------------
 
