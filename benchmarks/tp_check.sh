@@ -6,23 +6,21 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0     # no NVLink multicast on shared machines
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpus.txt"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())" | tee "$OUT/versions.txt"
 [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ] || { echo "needs two GPUs"; exit 1; }
 
 # -rA prints each test's captured output too: the bf16 logits error and the kill timings.
 python -m pytest tests/test_tensor_parallel.py -v -rA -k cuda 2>&1 | tee "$OUT/pytest_tp_cuda.log" | tail -40
 python -m pytest -q tests/test_tensor_parallel.py 2>&1 | tee "$OUT/pytest_tp_all.log" | tail -3
 
-if python bench.py --help 2>/dev/null | grep -q -- --tensor-parallel-size; then
-  for tp in 1 2; do
-    echo "== python bench.py --dummy --tensor-parallel-size $tp"
-    python bench.py --dummy --tensor-parallel-size $tp 2>&1 | tee "$OUT/bench_tp$tp.log" | grep -v Warning
-  done
-  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-  echo "== for docs/BENCHMARKS.md ($gpu x2, NCCL_NVLS_ENABLE=0):"
-  for tp in 1 2; do
-    echo "| tp=$tp | \`python bench.py --dummy --tensor-parallel-size $tp\` | $gpu | $(grep -m1 -o 'Throughput: [0-9.]*tok/s' "$OUT/bench_tp$tp.log") |"
-  done
-else
-  echo "bench.py has no --tensor-parallel-size; skipped the throughput runs"
-fi
+for tp in 1 2; do
+  echo "== python bench.py --dummy --repeat 2 --tensor-parallel-size $tp"
+  python bench.py --dummy --repeat 2 --tensor-parallel-size $tp 2>&1 | tee "$OUT/bench_tp$tp.log" | grep -v Warning
+done
+echo "== rows for docs/BENCHMARKS.md ($(head -1 "$OUT/gpus.txt" | cut -d, -f2 | xargs) x2, NCCL_NVLS_ENABLE=0):"
+echo "| command | run | time | throughput |"
+echo "|---|---|---|---|"
+for tp in 1 2; do
+  grep '^Total:' "$OUT/bench_tp$tp.log" | sed -E 's/.*Time: ([0-9.]+)s, Throughput: ([0-9.]+)tok\/s.*/\1 s | \2 tok\/s |/' |
+    awk -v tp=$tp '{print "| `python bench.py --dummy --repeat 2 --tensor-parallel-size " tp "` | run " NR " | " $0}'
+done
