@@ -167,3 +167,12 @@ def test_garbage_in_unused_cache_slots_does_not_leak_into_attention(qwen3_dir):
     llm.model_runner.kv_cache.fill_(float("nan"))
     out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
     assert out["token_ids"] == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)
+
+
+def test_kernel_warmup_leaves_the_engine_exact(qwen3_dir):
+    """The start-up warm-up (run on CUDA) writes into the empty cache; it must leave no trace in results."""
+    prompt = random_prompt(random.Random(9), 40)
+    llm = make_llm(qwen3_dir)
+    llm.model_runner.warmup_kernels()
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(qwen3_dir, prompt, 12)
+    assert_all_blocks_free(llm)

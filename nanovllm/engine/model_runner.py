@@ -51,6 +51,7 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.backend = backend
         self.sampler = Sampler()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda":
             try:
                 self.warmup_model()
@@ -214,7 +215,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, is_prefill: bool) -> torch.Tensor:
         batch = input_ids.size(0)
-        if is_prefill or self.enforce_eager or batch > self.graph_batch_sizes[-1]:
+        if is_prefill or not self.graphs or batch > self.graph_batch_sizes[-1]:
             return self.model.compute_logits(self.model(input_ids, positions))
         graph_bs = next(bs for bs in self.graph_batch_sizes if bs >= batch)
         ctx, g = get_context(), self.graph_vars
@@ -301,7 +302,7 @@ class ModelRunner:
             block_tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=self.device),
             outputs=torch.zeros(max_bs, hf.hidden_size, device=self.device, dtype=hf.dtype),
         )
-        self.graphs, pool = {}, None
+        pool = None
         for bs in reversed(self.graph_batch_sizes):
             graph = torch.cuda.CUDAGraph()
             set_context(is_prefill=False, slot_mapping=g["slot_mapping"][:bs], context_lens=g["context_lens"][:bs],
