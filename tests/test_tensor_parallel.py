@@ -218,6 +218,8 @@ if __name__ == "__main__":
         llm.generate(batch, long, use_tqdm=False)
     elif mode == "idle":        # for the test to kill: the workers sit waiting for a call, not in a collective
         time.sleep(60)
+    elif mode == "finish":      # and leave without llm.exit(): atexit must stop the workers
+        llm.generate(batch, SamplingParams(max_tokens=8), use_tqdm=False)
     else:
         llm.generate(batch[:1], SamplingParams(max_tokens=4), use_tqdm=False)
         if mode == "kill-between":
@@ -237,24 +239,33 @@ if __name__ == "__main__":
 
 
 def start_child(tmp_path, model: str, device: str, mode: str, **env) -> tuple[subprocess.Popen, dict]:
+    """Run CHILD; returns the process and its first report. Its stderr goes to tmp_path / "stderr"."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    child = subprocess.Popen([sys.executable, str(script), model, device, mode], stdout=subprocess.PIPE, text=True,
-                             cwd=ROOT, env=os.environ | {"PYTHONPATH": ROOT} | env, start_new_session=True)
+    with open(tmp_path / "stderr", "w") as stderr:
+        child = subprocess.Popen([sys.executable, str(script), model, device, mode], stdout=subprocess.PIPE,
+                                 stderr=stderr, text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": ROOT} | env,
+                                 start_new_session=True)
     return child, json.loads(child.stdout.readline())
 
 
-def test_ctrl_c_and_a_killed_parent_leave_no_orphans(qwen3_dir, tmp_path_factory):
-    """Two engines at once on one machine (no port or name collides); Ctrl-C on one while it generates, SIGKILL on
-    the other while it is idle."""
-    interrupted, info_i = start_child(tmp_path_factory.mktemp("a"), qwen3_dir, "cpu", "generate")
-    killed, info_k = start_child(tmp_path_factory.mktemp("b"), qwen3_dir, "cpu", "idle")
-    assert info_i["shm"] != info_k["shm"]
+def test_interpreter_exit_ctrl_c_and_a_killed_parent_leave_no_orphans(qwen3_dir, tmp_path_factory):
+    """Three engines at once on one machine (no port or name collides): one script ends without llm.exit(),
+    one gets Ctrl-C while it generates, one is killed while idle."""
+    dirs = [tmp_path_factory.mktemp(name) for name in ("finished", "interrupted", "killed")]
+    finished, info_f = start_child(dirs[0], qwen3_dir, "cpu", "finish")
+    interrupted, info_i = start_child(dirs[1], qwen3_dir, "cpu", "generate")
+    killed, info_k = start_child(dirs[2], qwen3_dir, "cpu", "idle")
+    assert len({info_f["shm"], info_i["shm"], info_k["shm"]}) == 3
     time.sleep(1)
     os.killpg(interrupted.pid, signal.SIGINT)    # what a terminal sends its foreground group on Ctrl-C
     os.kill(killed.pid, signal.SIGKILL)          # no cleanup runs in the parent: the workers must notice alone
     assert interrupted.wait(timeout=20) != 0
     assert killed.wait(timeout=5) == -signal.SIGKILL
+    assert finished.wait(timeout=20) == 0
+    assert_cleaned_up(info_f["pids"], info_f["shm"])
+    for path in dirs[:2]:   # we freed everything ourselves: multiprocessing's resource tracker found no leak
+        assert "leaked" not in (path / "stderr").read_text(), (path / "stderr").read_text()
     assert_cleaned_up(info_i["pids"], info_i["shm"])
     deadline = time.monotonic() + 5
     while any(alive(pid) for pid in info_k["pids"]) and time.monotonic() < deadline:
@@ -321,10 +332,12 @@ def test_cuda_killed_worker_makes_the_caller_raise(qwen3_dir, tmp_path, mode):
         out, _ = child.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
-        pytest.fail(f"{mode}: the caller hung after a worker was killed")
-    reports = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert len(reports) == 3, f"{mode}: the child exited ({child.returncode}) before reporting; stderr is above"
-    _, result, exited = reports
+        pytest.fail(f"{mode}: the caller hung after a worker was killed; its stderr:\n"
+                    + (tmp_path / "stderr").read_text()[-4000:])
+    reports = [json.loads(line) for line in out.splitlines() if line.startswith("{")]   # after start_child's
+    assert len(reports) == 2, (f"{mode}: the child exited ({child.returncode}) before reporting; its stderr:\n"
+                               + (tmp_path / "stderr").read_text()[-4000:])
+    result, exited = reports
     print(mode, result)
     assert result["error"] is not None and "rank 1 died" in result["error"] and "SIGKILL" in result["error"]
     assert result["seconds"] < 10
