@@ -3,7 +3,8 @@
 #   bash benchmarks/tp_check.sh            # logs go to $OUT (default /tmp/out)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0     # no NVLink multicast on shared machines
+# No NVLink multicast on shared machines (it can take the host's GPUs out of service).
+export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpus.txt"
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())" | tee "$OUT/versions.txt"
@@ -11,7 +12,7 @@ python -c "import torch, triton, transformers; print('torch', torch.__version__,
 
 # -rA prints each test's captured output too: the bf16 logits error and the kill timings.
 python -m pytest tests/test_tensor_parallel.py -v -rA -k cuda 2>&1 | tee "$OUT/pytest_tp_cuda.log" | tail -40
-python -m pytest -q tests/test_tensor_parallel.py 2>&1 | tee "$OUT/pytest_tp_all.log" | tail -3
+[ "${1:-}" = all ] && python -m pytest -q tests/test_tensor_parallel.py 2>&1 | tee "$OUT/pytest_tp_all.log" | tail -3
 
 for tp in 1 2; do
   echo "== python bench.py --dummy --repeat 2 --tensor-parallel-size $tp"
