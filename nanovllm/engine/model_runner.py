@@ -112,12 +112,13 @@ class ModelRunner:
         The cache holds nothing yet, so any blocks will do; the sampled tokens are thrown away."""
         capacity = self.config.num_kvcache_blocks * self.block_size
         seq = Sequence(list(range(min(capacity - 1, 2 * self.block_size + 1))))
-        seq.block_table = list(range(seq.num_blocks))
+        # Blocks counted with the runner's block size: a worker process never set Sequence.block_size.
+        seq.block_table = list(range(-(-len(seq) // self.block_size)))
         seq.num_scheduled_tokens = len(seq)
         self.run([seq], True)
         seq.num_computed_tokens = len(seq)
         seq.append_token(0)
-        seq.block_table = list(range(seq.num_blocks))
+        seq.block_table = list(range(-(-len(seq) // self.block_size)))
         seq.num_scheduled_tokens = 1
         self.run([seq], False)
 
