@@ -102,6 +102,17 @@ def test_tp2_greedy_matches_tp1_and_transformers(model_dir):
         assert ids == hf_greedy(model_dir, prompt, GREEDY.max_tokens)
 
 
+def test_kernel_warmup_runs_on_every_rank(qwen3_dir):
+    """On CUDA each rank runs the start-up kernel warm-up; a worker once counted blocks with the wrong size."""
+    llm = LLM(qwen3_dir, tensor_parallel_size=2, **SMALL)
+    try:
+        llm.model_runner.call("warmup_kernels")
+        prompt = list(range(5, 45))
+        assert llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)
+    finally:
+        llm.exit()
+
+
 def test_engines_one_after_another_clean_up_after_themselves(qwen3_dir):
     outputs, names = [], []
     for _ in range(2):
