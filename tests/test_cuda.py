@@ -97,3 +97,20 @@ def test_triton_and_torch_logits_close_on_dummy_qwen3_0_6b():
     for ref, out in zip(logits["torch"], logits["triton"]):
         rel = (out - ref).norm() / ref.norm()
         assert rel < 2e-2, f"relative logits error {rel:.3e}"
+
+
+def test_no_gpu_memory_growth_over_repeated_generates(qwen3_dir):
+    """After start-up everything is preallocated: repeated mixed generates must not grow allocated memory."""
+    backend = BACKENDS[-1]
+    llm = LLM(qwen3_dir, attention_backend=backend, kvcache_block_size=block_size(backend), max_model_len=512,
+              gpu_memory_utilization=0.3, max_num_batched_tokens=2048)
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    rng = random.Random(5)
+    for _ in range(10):
+        batch = prompts(rng.randrange(1000), tuple(rng.randrange(1, 200) for _ in range(rng.randrange(1, 20))))
+        params = [SamplingParams(temperature=rng.choice([0, 0.7]), max_tokens=rng.randrange(1, 40),
+                                 top_p=rng.choice([1.0, 0.9]), logprobs=rng.choice([None, 2])) for _ in batch]
+        llm.generate(batch, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - start < 8 * 2**20
