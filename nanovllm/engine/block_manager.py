@@ -118,6 +118,8 @@ class BlockManager:
     def publish_computed_blocks(self, seq: Sequence):
         """After a step: make the blocks that became full and computed findable by later prompts."""
         num_full = seq.num_computed_tokens // self.block_size
+        if num_full == 0 or self.blocks[seq.block_table[num_full - 1]].hash != -1:
+            return      # the usual decode step: no block filled up (blocks are published in order)
         first_unhashed = next((i for i in range(num_full - 1, -1, -1)
                                if self.blocks[seq.block_table[i]].hash != -1), -1) + 1
         prefix_hash = self.blocks[seq.block_table[first_unhashed - 1]].hash if first_unhashed else -1
