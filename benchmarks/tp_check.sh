@@ -23,7 +23,7 @@ fi
 
 for tp in 1 2; do
   echo "== python bench.py --dummy --repeat 2 --tensor-parallel-size $tp"
-  python bench.py --dummy --repeat 2 --tensor-parallel-size $tp 2>&1 | tee "$OUT/bench_tp$tp.log" | grep -v Warning
+  timeout 240 python bench.py --dummy --repeat 2 --tensor-parallel-size $tp 2>&1 | tee "$OUT/bench_tp$tp.log" | grep -v Warning
 done
 echo "== rows for docs/BENCHMARKS.md ($(head -1 "$OUT/gpus.txt" | cut -d, -f2 | xargs) x2, NCCL_NVLS_ENABLE=0):"
 echo "| command | run | time | throughput |"
