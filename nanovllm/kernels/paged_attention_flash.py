@@ -22,8 +22,6 @@ def check_block_size(block_size: int) -> None:
 
 def _cu_seqlens_k(ctx: Context) -> torch.Tensor:
     """Offsets of each sequence's keys, [0, len0, len0 + len1, ...] as int32, from the context lengths."""
-    if ctx.cu_seqlens_k is not None:
-        return ctx.cu_seqlens_k
     return F.pad(torch.cumsum(ctx.context_lens, 0, dtype=torch.int32), (1, 0))
 
 

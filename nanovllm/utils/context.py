@@ -20,7 +20,6 @@ class Context:
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     has_cached_prefix: bool = False
-    cu_seqlens_k: torch.Tensor | None = None
 
 
 _CONTEXT = Context()
