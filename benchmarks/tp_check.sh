@@ -1,34 +1,57 @@
 #!/usr/bin/env bash
-# Tensor parallelism on two GPUs: the CUDA TP tests, then bench.py --dummy at tp=1 and tp=2.
-#   bash benchmarks/tp_check.sh [tests] [bench] [all]    # no argument: tests and bench; logs go to $OUT
-# Each test has a time limit (pytest-timeout, on the GPU image): a hang fails with every thread's stack
-# instead of eating the call's 10 minutes.
+# Tensor parallelism on two GPUs, in one device call: NCCL itself, the CUDA TP tests one by one, then
+# bench.py --dummy at tp=1 and tp=2. Every stage has a time limit; a stage that runs over it gets every
+# Python process's stacks printed into its log (SIGUSR1, see stack_dumps/sitecustomize.py) and is killed.
+#   bash benchmarks/tp_check.sh [nccl] [tests] [bench]     # no argument: all three; logs go to $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # No NVLink multicast on shared machines (it can take the host's GPUs out of service).
-export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=benchmarks/stack_dumps:. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+  NVSHMEM_DISABLE_NVLS=1 NCCL_DEBUG=WARN
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpus.txt"
-python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())" | tee "$OUT/versions.txt"
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())" | tee -a "$OUT/gpus.txt"
 [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ] || { echo "needs two GPUs"; exit 1; }
+stages=" ${*:-nccl tests bench} "
 
-stages=" ${*:-tests bench} "
-if [[ $stages == *" tests "* || $stages == *" all "* ]]; then
-  # -rA prints each test's captured output too: the bf16 logits error and the kill timings.
-  python -m pytest tests/test_tensor_parallel.py -v -rA -k cuda -p no:logging --timeout 150 2>&1 |
-    tee "$OUT/pytest_tp_cuda.log" | grep -v "Warning\|warnings.warn" | tail -60
+# bounded SECONDS LOG CMD...: run CMD with output appended to $OUT/LOG; past SECONDS, dump stacks and kill it.
+bounded() {
+  local limit=$1 log=$OUT/$2; shift 2
+  echo "== $* (limit ${limit}s)" | tee -a "$log"
+  local t0=$SECONDS
+  setsid "$@" >>"$log" 2>&1 &
+  local pid=$!
+  ( sleep "$limit"
+    echo "== over ${limit}s: stacks of every python process" >>"$log"
+    pkill -USR1 -s $pid; sleep 5; kill -9 -- -$pid ) &
+  local watcher=$!
+  wait $pid; local rc=$?
+  kill $watcher 2>/dev/null; wait $watcher 2>/dev/null
+  echo "== exit $rc after $((SECONDS - t0))s" | tee -a "$log"
+}
+
+if [[ $stages == *" nccl "* ]]; then
+  NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P,SHM bounded 60 nccl.log python benchmarks/nccl_graph_check.py
+  grep -E "rank [01]:|via|Error|error" "$OUT/nccl.log" | sort -u | head -20
 fi
-[[ $stages == *" all "* ]] && python -m pytest -q tests/test_tensor_parallel.py 2>&1 | tee "$OUT/pytest_tp_all.log" | tail -3
-[[ $stages == *" bench "* || $stages == *" all "* ]] || exit 0
-
-for tp in 1 2; do
-  echo "== python bench.py --dummy --repeat 2 --tensor-parallel-size $tp"
-  timeout 240 python bench.py --dummy --repeat 2 --tensor-parallel-size $tp 2>&1 | tee "$OUT/bench_tp$tp.log" | grep -v Warning
-done
-echo "== rows for docs/BENCHMARKS.md ($(head -1 "$OUT/gpus.txt" | cut -d, -f2 | xargs) x2, NCCL_NVLS_ENABLE=0):"
-echo "| command | run | time | throughput |"
-echo "|---|---|---|---|"
-for tp in 1 2; do
-  grep '^Total:' "$OUT/bench_tp$tp.log" | sed -E 's/.*Time: ([0-9.]+)s, Throughput: ([0-9.]+)tok\/s.*/\1 s | \2 tok\/s |/' |
-    awk -v tp=$tp '{print "| `python bench.py --dummy --repeat 2 --tensor-parallel-size " tp "` | run " NR " | " $0}'
-done
+run_tests() {   # the -k expression, its limit
+  bounded $2 tests.log python -m pytest tests/test_tensor_parallel.py -v -rA -p no:logging -p no:cacheprovider -k "$1"
+}
+summarize_tests() {
+  grep -E "PASSED|FAILED|ERROR|relative error|^(kill|Error)|^E |^== (exit|over)" "$OUT/tests.log" | head -60
+}
+if [[ $stages == *" tests "* ]]; then
+  run_tests "cuda and greedy" 180
+  run_tests "cuda and logits" 90
+  summarize_tests
+fi
+if [[ $stages == *" bench "* ]]; then
+  for tp in 1 2; do
+    bounded 100 bench.log python bench.py --dummy --repeat 2 --tensor-parallel-size $tp
+  done
+  grep -E "^(==|Startup|Total|  run|Batch-1)|Error" "$OUT/bench.log"
+fi
+if [[ $stages == *" tests "* ]]; then     # last: the issue does not ask for these on GPUs
+  run_tests "cuda and killed" 80
+  summarize_tests | tail -8
+fi
