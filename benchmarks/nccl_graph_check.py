@@ -1,7 +1,10 @@
 """Does an NCCL all-reduce work on this machine eagerly, inside a captured CUDA graph, and mixed with an
-eager gather, as the tensor-parallel engine uses them? Two processes, one GPU each; prints per-step times.
-    python benchmarks/nccl_graph_check.py          (NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT shows the transport)"""
-import os
+eager gather, as the tensor-parallel engine uses them? And does the process group go away afterwards?
+Two processes, one GPU each; prints per-step times.
+    python benchmarks/nccl_graph_check.py [--keep-graph]    (NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT: the transport)
+--keep-graph destroys the group while the graph still exists; on an H200 pair (NCCL 2.28) the processes then never
+exited: NCCL waits for the graphs that captured its collectives to be destroyed first."""
+import sys
 import time
 
 import torch
@@ -14,7 +17,7 @@ def step(rank: int, what: str, start: float):
     print(f"rank {rank}: {what} ok at {time.perf_counter() - start:.2f}s", flush=True)
 
 
-def main(rank: int, world: int, port: int):
+def main(rank: int, world: int, port: int, keep_graph: bool):
     start = time.perf_counter()
     torch.cuda.set_device(rank)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)
@@ -45,7 +48,11 @@ def main(rank: int, world: int, port: int):
         graph.replay()
     torch.cuda.synchronize()
     print(f"rank {rank}: replay of a 16 KiB all-reduce graph: {(time.perf_counter() - t) * 1e3:.1f} us", flush=True)
+    if not keep_graph:
+        del graph
+        torch.cuda.synchronize()
     dist.destroy_process_group()
+    print(f"rank {rank}: destroy_process_group ok at {time.perf_counter() - start:.2f}s", flush=True)
 
 
 if __name__ == "__main__":
@@ -53,4 +60,4 @@ if __name__ == "__main__":
     probe = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
     port = probe.port
     del probe
-    mp.spawn(main, args=(world, port), nprocs=world)
+    mp.spawn(main, args=(world, port, "--keep-graph" in sys.argv), nprocs=world)

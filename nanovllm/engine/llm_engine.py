@@ -146,11 +146,10 @@ class LLMEngine:
         return self.scheduler.is_finished()
 
     def exit(self):
-        """Stop the tensor-parallel worker processes and free their shared memory. Idempotent; it also runs at
-        interpreter exit. The engine cannot run afterwards. With tensor_parallel_size=1 there is nothing to stop."""
+        """Free the CUDA graphs, stop the tensor-parallel worker processes and free their shared memory.
+        Idempotent; with tensor parallelism it also runs at interpreter exit. The engine cannot run afterwards."""
         atexit.unregister(self.exit)
-        if self.workers is not None:
-            self.workers.close()
+        self.model_runner.exit()
 
     # ---- batch API ------------------------------------------------------------------------------------
 

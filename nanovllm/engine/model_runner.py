@@ -66,6 +66,15 @@ class ModelRunner:
         if not self.enforce_eager:
             self.capture_cudagraph()
 
+    def exit(self):
+        """Free this rank's CUDA graphs, then (on rank 0) stop the workers, which do the same. The graphs go first:
+        NCCL will not destroy a communicator while a graph that captured its collectives exists (it waits forever)."""
+        self.graphs.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if self.workers is not None:
+            self.workers.close()
+
     def call(self, name: str, *args):
         """Run method `name` on every rank and return rank 0's result (the ranks meet in the model's collectives)."""
         if self.workers is None:

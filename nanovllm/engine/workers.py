@@ -48,6 +48,15 @@ def _join_group(config: Config, rank: int, store: dist.Store):
                             device_id=device_id)
 
 
+def _leave_group(how):
+    """Destroy (or abort) this process's group, if it still has one."""
+    if dist.is_initialized():
+        try:
+            how()
+        except Exception:   # a broken group may refuse, or another thread got there first; it is dropped either way
+            pass
+
+
 class WorkerPool:
     """Spawns ranks 1..N-1, sends them each call, notices when one dies, and shuts them down."""
 
@@ -187,11 +196,8 @@ class WorkerPool:
         if self.closed:
             return
         self.failure = self.failure or self._death_report()
-        if self.nccl and dist.is_initialized():
-            try:    # experimental and NCCL-only, but there is no public API for it
-                dist.distributed_c10d._abort_process_group()
-            except Exception:   # a close() on the main thread got there first
-                pass
+        if self.nccl:   # experimental and NCCL-only, but there is no public API for it
+            _leave_group(dist.distributed_c10d._abort_process_group)
 
     # ---- shutdown -------------------------------------------------------------------------------------
 
@@ -202,8 +208,9 @@ class WorkerPool:
             return
         self.closed = True
         healthy = self.failure is None and all(p.is_alive() for p in self.processes)
-        if healthy:
+        if healthy:     # every rank destroys its side of the group at once (rank 0 has freed its CUDA graphs)
             self.send("exit", ())
+            _leave_group(dist.destroy_process_group)
         for process in self.processes:
             process.join(EXIT_TIMEOUT_S if healthy else 0)
         for process in self.processes:
@@ -213,11 +220,8 @@ class WorkerPool:
             if process.is_alive():
                 process.kill()
                 process.join()
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:   # a broken group may refuse; it is dropped either way
-                pass
+        # With a peer gone, NCCL's destroy could wait for it (or for rank 0's live CUDA graphs) forever; abort cannot.
+        _leave_group(dist.distributed_c10d._abort_process_group if self.nccl else dist.destroy_process_group)
         for conn in self.conns:
             conn.close()
         self.store = None
@@ -265,6 +269,7 @@ def _serve(runner, shm: SharedMemory, wakeup):
             raise RuntimeError(f"call {expected} was overwritten by call {number} before this worker read it")
         name, args = pickle.loads(shm.buf[HEADER.size:HEADER.size + size])
         if name == "exit":
+            runner.exit()   # frees its CUDA graphs, so that the process group can be destroyed
             return
         getattr(runner, name)(*args)
         expected += 1
