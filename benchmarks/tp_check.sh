@@ -2,7 +2,8 @@
 # Tensor parallelism on two GPUs, in one device call: NCCL itself, the CUDA TP tests one by one, then
 # bench.py --dummy at tp=1 and tp=2. Every stage has a time limit; a stage that runs over it gets every
 # Python process's stacks printed into its log (SIGUSR1, see stack_dumps/sitecustomize.py) and is killed.
-#   [TP_SIZES="1 2"] bash benchmarks/tp_check.sh [nccl] [tests] [bench]    # no argument: all three; logs in $OUT
+#   [TP_SIZES="1 2"] bash benchmarks/tp_check.sh [nccl] [tests] [bench] [killed] [single]    # logs go to $OUT
+# No argument: all but single (the one-GPU CUDA tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # No NVLink multicast on shared machines (it can take the host's GPUs out of service).
@@ -12,7 +13,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpus.txt"
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())" | tee -a "$OUT/gpus.txt"
 [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ] || { echo "needs two GPUs"; exit 1; }
-stages=" ${*:-nccl tests bench} "
+stages=" ${*:-nccl tests bench killed} "
 
 # bounded SECONDS LOG CMD...: run CMD with output appended to $OUT/LOG; past SECONDS, dump stacks and kill it.
 bounded() {
@@ -53,7 +54,11 @@ if [[ $stages == *" bench "* ]]; then
   done
   grep -E "^(==|Startup|Total|  run|Batch-1)|Error" "$OUT/bench.log"
 fi
-if [[ $stages == *" tests "* ]]; then     # last: the issue does not ask for these on GPUs
-  run_tests "cuda and killed" 80
-  summarize_tests | tail -8
+if [[ $stages == *" killed "* ]]; then
+  run_tests "cuda and killed" 150
+  awk '/cuda and killed/{f=1} f' "$OUT/tests.log" | grep -v "Warning\|warnings.warn" | tail -80
+fi
+if [[ $stages == *" single "* ]]; then    # the one-GPU CUDA tests, on GPU 0
+  bounded 240 single.log python -m pytest -q -rs -p no:logging tests/test_triton_kernels.py tests/test_cuda.py -m ""
+  tail -5 "$OUT/single.log"
 fi

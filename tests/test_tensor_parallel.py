@@ -214,10 +214,12 @@ def test_a_script_without_a_main_guard_gets_an_error_not_a_hang(qwen3_dir, tmp_p
 
 # Run as a script by the tests below: a tensor-parallel engine in a process of its own, to interrupt or kill.
 CHILD = """
-import json, os, signal, sys, threading, time
+import faulthandler, json, os, signal, sys, threading, time
 from nanovllm import LLM, SamplingParams
 
 if __name__ == "__main__":
+    if os.environ.get("DUMP_STACKS_AFTER_S"):   # into stderr, for a test that sees this child hang
+        faulthandler.dump_traceback_later(float(os.environ["DUMP_STACKS_AFTER_S"]))
     model, device, mode = sys.argv[1:4]
     long = SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
     batch = [[i + 3] * 8 for i in range(8)]
@@ -343,13 +345,14 @@ def test_cuda_tp2_logits_close_to_tp1_on_dummy_qwen3_0_6b_bf16():
 def test_cuda_killed_worker_makes_the_caller_raise(qwen3_dir, tmp_path, mode):
     """NCCL does not notice a dead peer; the watchdog must abort the group. In a child process, so a hang fails
     this test (timeout) instead of hanging the suite."""
-    child, info = start_child(tmp_path, qwen3_dir, "cuda", mode, BACKEND="triton")   # decode runs as CUDA graphs
+    # Decode runs as CUDA graphs (triton backend).
+    child, info = start_child(tmp_path, qwen3_dir, "cuda", mode, BACKEND="triton", DUMP_STACKS_AFTER_S="45")
     try:
-        out, _ = child.communicate(timeout=120)
+        out, _ = child.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
-        pytest.fail(f"{mode}: the caller hung after a worker was killed; its stderr:\n"
-                    + (tmp_path / "stderr").read_text()[-4000:])
+        pytest.fail(f"{mode}: the caller hung after a worker was killed; its stdout:\n{child.communicate()[0]}\n"
+                    f"its stderr:\n" + (tmp_path / "stderr").read_text()[-6000:])
     reports = [json.loads(line) for line in out.splitlines() if line.startswith("{")]   # after start_child's
     assert len(reports) == 2, (f"{mode}: the child exited ({child.returncode}) before reporting; its stderr:\n"
                                + (tmp_path / "stderr").read_text()[-4000:])
