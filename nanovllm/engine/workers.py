@@ -19,6 +19,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 import traceback
 from contextlib import contextmanager
 from multiprocessing.connection import wait
@@ -48,6 +49,15 @@ def _join_group(config: Config, rank: int, store: dist.Store):
                             device_id=device_id)
 
 
+def _exit_code(process, patience_s: float = 1.0) -> int | None:
+    """The exit code of a worker whose sentinel fired. The kernel reaps a dying process a moment later (with a
+    GPU, once the driver has torn its context down, which can take long), so poll for a while, never block."""
+    deadline = time.monotonic() + patience_s
+    while process.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return process.exitcode
+
+
 def _leave_group(how):
     """Destroy (or abort) this process's group, if it still has one."""
     if dist.is_initialized():
@@ -69,6 +79,7 @@ class WorkerPool:
         self.closed = False
         self.calls = 0
         self.lock = threading.Lock()
+        self.aborted = False                # the NCCL group was aborted (a worker died)
         self.errors: dict[int, str] = {}    # rank -> the traceback it sent before exiting
         self.processes, self.conns, self.wakeups = [], [], []
         self.nccl = config.device == "cuda"
@@ -147,6 +158,7 @@ class WorkerPool:
             self._fail(error)
             raise
         if self.failure is not None:
+            self.failure = self._death_report() or self.failure     # the watchdog may still be writing its report
             self.close()
             raise RuntimeError(self.failure)
 
@@ -169,12 +181,9 @@ class WorkerPool:
         with self.lock:
             lines = []
             for rank, (process, conn) in enumerate(zip(self.processes, self.conns), 1):
-                # A dying process's sentinel fires a moment before waitpid(WNOHANG) sees it exit, so `exitcode`
-                # (and join(0)) can miss it; join with a timeout waits for the status once the sentinel fired.
-                process.join(1e-3)
-                code = process.exitcode
-                if code is None:
+                if not wait([process.sentinel], 0):
                     continue
+                code = _exit_code(process)
                 try:
                     while conn.poll():
                         message = conn.recv()
@@ -184,6 +193,8 @@ class WorkerPool:
                     pass
                 if rank in self.errors:
                     lines.append(f"tensor-parallel worker rank {rank} raised:\n{self.errors[rank]}")
+                elif code is None:
+                    lines.append(f"tensor-parallel worker rank {rank} died (its exit status is not known yet)")
                 else:
                     how = f" ({signal.Signals(-code).name})" if code < 0 else ""
                     lines.append(f"tensor-parallel worker rank {rank} died with exit code {code}{how}")
@@ -191,13 +202,22 @@ class WorkerPool:
 
     def _watch(self):
         """Wake when any worker exits. Unless we are closing, the engine is dead: with NCCL, rank 0 may be
-        blocked in a collective that will never complete, so abort the group to let it return."""
+        blocked in a collective that will never complete, so abort the group to let it return. The failure is
+        recorded first, so that a call which returns (with garbage) once the group is aborted raises."""
         wait([p.sentinel for p in self.processes])
         if self.closed:
             return
-        self.failure = self.failure or self._death_report()
-        if self.nccl:   # experimental and NCCL-only, but there is no public API for it
-            _leave_group(dist.distributed_c10d._abort_process_group)
+        self.failure = self.failure or "a tensor-parallel worker died"
+        self._abort_nccl()
+        self.failure = self._death_report() or self.failure
+
+    def _abort_nccl(self):
+        """Abort the NCCL group, once: a second abort from another thread would wait on the first."""
+        with self.lock:
+            if not self.nccl or self.aborted:
+                return
+            self.aborted = True
+        _leave_group(dist.distributed_c10d._abort_process_group)    # experimental, but there is no public API
 
     # ---- shutdown -------------------------------------------------------------------------------------
 
@@ -220,8 +240,11 @@ class WorkerPool:
             if process.is_alive():
                 process.kill()
                 process.join()
-        # With a peer gone, NCCL's destroy could wait for it (or for rank 0's live CUDA graphs) forever; abort cannot.
-        _leave_group(dist.distributed_c10d._abort_process_group if self.nccl else dist.destroy_process_group)
+        # With a peer gone, NCCL's destroy could wait for it (or for rank 0's live CUDA graphs) forever: abort.
+        if self.nccl:
+            self._abort_nccl()
+        else:
+            _leave_group(dist.destroy_process_group)
         for conn in self.conns:
             conn.close()
         self.store = None
