@@ -35,7 +35,10 @@ if [[ $stages == *" nccl "* ]]; then
   # First the hang we saw: destroying the group while a graph that captured its all-reduce still exists.
   bounded 30 nccl.log python benchmarks/nccl_graph_check.py --keep-graph
   NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P,SHM bounded 45 nccl.log python benchmarks/nccl_graph_check.py
-  grep -E "^== |rank [01]:|via|Error|error" "$OUT/nccl.log" | grep -v "Channel [01][1-9]" | head -40
+  # A dead peer: does aborting the group release a stuck replay, and does the abort return (graph alive/freed)?
+  bounded 40 nccl.log python benchmarks/nccl_graph_check.py --kill-peer
+  bounded 40 nccl.log python benchmarks/nccl_graph_check.py --kill-peer-free-graph
+  grep -E "^== |rank [01]:|exit codes|via|Error|error" "$OUT/nccl.log" | grep -v "Channel [0-9][1-9]" | head -60
 fi
 run_tests() {   # the -k expression, its limit
   bounded $2 tests.log python -m pytest tests/test_tensor_parallel.py -v -rA -p no:logging -p no:cacheprovider -k "$1"

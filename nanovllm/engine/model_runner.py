@@ -69,11 +69,11 @@ class ModelRunner:
     def exit(self):
         """Free this rank's CUDA graphs, then (on rank 0) stop the workers, which do the same. The graphs go first:
         NCCL will not destroy a communicator while a graph that captured its collectives exists (it waits forever).
-        After a worker died the GPU's state is unknown: touch nothing, the group is aborted rather than destroyed."""
-        if self.workers is None or self.workers.failure is None:
-            self.graphs.clear()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
+        After a worker died a replay may still be stuck on it: CUDA frees such a graph once it finishes, but
+        waiting for the GPU could take forever, so only a healthy engine synchronizes."""
+        self.graphs.clear()
+        if self.device.type == "cuda" and (self.workers is None or self.workers.failure is None):
+            torch.cuda.synchronize()
         if self.workers is not None:
             self.workers.close()
 
