@@ -240,11 +240,8 @@ class WorkerPool:
             if process.is_alive():
                 process.kill()
                 process.join()
-        # With a peer gone, NCCL's destroy could wait for it (or for rank 0's live CUDA graphs) forever: abort.
-        if self.nccl:
-            self._abort_nccl()
-        else:
-            _leave_group(dist.destroy_process_group)
+        if not healthy:     # with a peer gone, NCCL's destroy could wait for it (or for live CUDA graphs) forever
+            self._abort_nccl() if self.nccl else _leave_group(dist.destroy_process_group)
         for conn in self.conns:
             conn.close()
         self.store = None
