@@ -7,8 +7,8 @@
 --keep-graph   the group is destroyed while the graph exists. On an H200 pair (NCCL 2.28) the processes never
                exited: NCCL waits for the graphs that captured its collectives to be destroyed first.
 --kill-peer    rank 1 dies; rank 0 replays the graph (stuck on its dead peer) while a second thread aborts the
-               group, as our watchdog does. Does the replay return, and does the abort?
---kill-peer-free-graph   the same, but rank 0 frees the graph as soon as its replay returns.
+               group, keeping the graph. Does the replay return, and does the abort (before rank 0 leaves)?
+--kill-peer-drop-graph   the same, but a third thread drops the graph as the abort starts, as the engine does.
 """
 import os
 import sys
@@ -55,20 +55,24 @@ def main(rank: int, world: int, port: int, mode: str):
     if mode.startswith("--kill-peer"):
         if rank == 1:
             os._exit(1)
+        graphs = {4096: graph}      # held as the ModelRunner holds them
+        del graph
+
         def abort():
             time.sleep(2)
+            if mode == "--kill-peer-drop-graph":    # what WorkerPool._abort_nccl does
+                threading.Thread(target=graphs.clear, daemon=True).start()
             say(0, "aborting the group", start, sync=False)
             dist.distributed_c10d._abort_process_group()
             say(0, "abort returned", start, sync=False)
         threading.Thread(target=abort, daemon=True).start()
-        graph.replay()
+        graphs[4096].replay()
         torch.cuda.synchronize()
-        say(0, "the replay on a dead peer returned", start, sync=False)
-        if mode == "--kill-peer-free-graph":
-            del graph
-            say(0, "graph freed", start, sync=False)
-        time.sleep(5)
-        say(0, "leaving", start, sync=False)
+        say(0, f"the replay on a dead peer returned ({len(graphs)} graph left)", start, sync=False)
+        time.sleep(8)
+        say(0, "leaving (the graph goes now, if it is still there)", start, sync=False)
+        graphs.clear()
+        time.sleep(3)
         return
 
     torch.cuda.synchronize()

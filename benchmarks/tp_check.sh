@@ -2,7 +2,7 @@
 # Tensor parallelism on two GPUs, in one device call: NCCL itself, the CUDA TP tests one by one, then
 # bench.py --dummy at tp=1 and tp=2. Every stage has a time limit; a stage that runs over it gets every
 # Python process's stacks printed into its log (SIGUSR1, see stack_dumps/sitecustomize.py) and is killed.
-#   [TP_SIZES="1 2"] bash benchmarks/tp_check.sh [nccl] [tests] [bench] [killed] [single]    # logs go to $OUT
+#   [TP_SIZES="1 2"] bash benchmarks/tp_check.sh [nccl] [tests] [bench] [dead] [single]    # logs go to $OUT
 # No argument: all but single (the one-GPU CUDA tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpus.txt"
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())" | tee -a "$OUT/gpus.txt"
 [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ] || { echo "needs two GPUs"; exit 1; }
-stages=" ${*:-nccl tests bench killed} "
+stages=" ${*:-nccl tests bench dead} "
 
 # bounded SECONDS LOG CMD...: run CMD with output appended to $OUT/LOG; past SECONDS, dump stacks and kill it.
 bounded() {
@@ -36,8 +36,8 @@ if [[ $stages == *" nccl "* ]]; then
   bounded 30 nccl.log python benchmarks/nccl_graph_check.py --keep-graph
   NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P,SHM bounded 45 nccl.log python benchmarks/nccl_graph_check.py
   # A dead peer: does aborting the group release a stuck replay, and does the abort return (graph alive/freed)?
-  bounded 40 nccl.log python benchmarks/nccl_graph_check.py --kill-peer
-  bounded 40 nccl.log python benchmarks/nccl_graph_check.py --kill-peer-free-graph
+  bounded 35 nccl.log python benchmarks/nccl_graph_check.py --kill-peer
+  bounded 35 nccl.log python benchmarks/nccl_graph_check.py --kill-peer-drop-graph
   grep -E "^== |rank [01]:|exit codes|via|Error|error" "$OUT/nccl.log" | grep -v "Channel [0-9][1-9]" | head -60
 fi
 run_tests() {   # the -k expression, its limit
@@ -57,9 +57,9 @@ if [[ $stages == *" bench "* ]]; then
   done
   grep -E "^(==|Startup|Total|  run|Batch-1)|Error" "$OUT/bench.log"
 fi
-if [[ $stages == *" killed "* ]]; then
-  run_tests "cuda and killed" 150
-  awk '/cuda and killed/{f=1} f' "$OUT/tests.log" | grep -v "Warning\|warnings.warn" | tail -80
+if [[ $stages == *" dead "* ]]; then
+  run_tests "cuda and (dead_worker or ctrl_c)" 260
+  awk "/cuda and .dead_worker/{f=1} f" "$OUT/tests.log" | grep -v "Warning\|warnings.warn" | tail -80
 fi
 if [[ $stages == *" single "* ]]; then    # the one-GPU CUDA tests, on GPU 0
   bounded 240 single.log python -m pytest -q -rs -p no:logging tests/test_triton_kernels.py tests/test_cuda.py -m ""

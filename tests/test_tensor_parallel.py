@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -237,8 +238,11 @@ if __name__ == "__main__":
         llm.generate(batch[:1], SamplingParams(max_tokens=4), use_tqdm=False)
         if mode == "kill-between":
             os.kill(pids[0], signal.SIGKILL)
-        else:
+        elif mode == "kill-mid-call":
             threading.Timer(1.0, os.kill, (pids[0], signal.SIGKILL)).start()
+        else:   # "worker-raises": the worker cannot unpickle the next call; rank 0 runs it and waits in a collective
+            from nanovllm.engine.sequence import Sequence
+            Sequence.__reduce__ = lambda self: (int, ("planted failure",))
         start = time.monotonic()
         try:
             llm.generate(batch, long, use_tqdm=False)
@@ -340,26 +344,45 @@ def test_cuda_tp2_logits_close_to_tp1_on_dummy_qwen3_0_6b_bf16():
     assert rel < 0.1, f"relative logits error {rel:.3e}"
 
 
-@needs_two_gpus
-@pytest.mark.parametrize("mode", ["kill-between", "kill-mid-call"])
-def test_cuda_killed_worker_makes_the_caller_raise(qwen3_dir, tmp_path, mode):
-    """NCCL does not notice a dead peer; the watchdog must abort the group. In a child process, so a hang fails
-    this test (timeout) instead of hanging the suite."""
-    # Decode runs as CUDA graphs (triton backend).
-    child, info = start_child(tmp_path, qwen3_dir, "cuda", mode, BACKEND="triton", DUMP_STACKS_AFTER_S="45")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_two_gpus)])
+@pytest.mark.parametrize("mode, story", [("kill-between", "rank 1 died"), ("kill-mid-call", "rank 1 died"),
+                                         ("worker-raises", "(?s)rank 1 raised:.*planted failure")],
+                         ids=["kill-between", "kill-mid-call", "worker-raises"])
+def test_dead_worker_makes_the_caller_raise_and_exit(qwen3_dir, tmp_path, device, mode, story):
+    """A worker dies while the engine generates. NCCL does not notice a dead peer: the watchdog must abort the
+    group (and rank 0 drop its CUDA graphs, or the abort never returns). In a child process, so that a hang
+    fails this test (timeout) instead of hanging the suite; on CUDA, decode runs as CUDA graphs (triton)."""
+    backend = "triton" if device == "cuda" else "auto"
+    child, info = start_child(tmp_path, qwen3_dir, device, mode, BACKEND=backend, DUMP_STACKS_AFTER_S="45")
     try:
         out, _ = child.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
-        pytest.fail(f"{mode}: the caller hung after a worker was killed; its stdout:\n{child.communicate()[0]}\n"
+        pytest.fail(f"{mode}: the caller hung after its worker died; its stdout:\n{child.communicate()[0]}\n"
                     f"its stderr:\n" + (tmp_path / "stderr").read_text()[-6000:])
     reports = [json.loads(line) for line in out.splitlines() if line.startswith("{")]   # after start_child's
     assert len(reports) == 2, (f"{mode}: the child exited ({child.returncode}) before reporting; its stderr:\n"
                                + (tmp_path / "stderr").read_text()[-4000:])
     result, exited = reports
     print(mode, result)
-    # The exit status may not be known yet: the driver can take a while to tear the dead rank's context down.
-    assert result["error"] is not None and "rank 1 died" in result["error"]
+    # A killed worker's exit status may not be known yet: the driver can take a while to tear its context down.
+    assert result["error"] is not None and re.search(story, result["error"]), result["error"]
     assert result["seconds"] < 10
     assert exited == {"exited": True} and child.returncode == 0
+    assert_cleaned_up(info["pids"], info["shm"])
+
+
+@needs_two_gpus
+def test_cuda_ctrl_c_while_generating_stops_the_workers(qwen3_dir, tmp_path):
+    """Ctrl-C on rank 0 in the middle of CUDA-graph decode: rank 0 aborts the group (its graphs dropped), so the
+    script ends and leaves no worker behind."""
+    child, info = start_child(tmp_path, qwen3_dir, "cuda", "generate", BACKEND="triton", DUMP_STACKS_AFTER_S="45")
+    time.sleep(0.5)     # it generates for seconds from its first report on
+    os.killpg(child.pid, signal.SIGINT)     # what a terminal sends its foreground group on Ctrl-C
+    try:
+        code = child.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        pytest.fail("the script hung after Ctrl-C; its stderr:\n" + (tmp_path / "stderr").read_text()[-6000:])
+    assert code != 0 and "KeyboardInterrupt" in (tmp_path / "stderr").read_text()
     assert_cleaned_up(info["pids"], info["shm"])

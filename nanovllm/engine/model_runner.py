@@ -52,6 +52,8 @@ class ModelRunner:
             layer.backend = backend
         self.sampler = Sampler()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if workers is not None:
+            workers.cuda_graphs = self.graphs   # a dead worker's abort must drop them (see WorkerPool._abort_nccl)
         if self.device.type == "cuda":
             try:
                 self.warmup_model()

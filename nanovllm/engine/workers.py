@@ -80,6 +80,7 @@ class WorkerPool:
         self.calls = 0
         self.lock = threading.Lock()
         self.aborted = False                # the NCCL group was aborted (a worker died)
+        self.cuda_graphs: dict = {}         # rank 0's CUDA graphs (the ModelRunner's), dropped by an abort
         self.errors: dict[int, str] = {}    # rank -> the traceback it sent before exiting
         self.processes, self.conns, self.wakeups = [], [], []
         self.nccl = config.device == "cuda"
@@ -212,11 +213,17 @@ class WorkerPool:
         self.failure = self._death_report() or self.failure
 
     def _abort_nccl(self):
-        """Abort the NCCL group, once: a second abort from another thread would wait on the first."""
+        """Abort the NCCL group, once: a second abort from another thread would wait on the first.
+        NCCL's abort first tells every kernel stuck on the dead peer to quit, then waits until each CUDA graph
+        that captured its collectives is destroyed, holding the group's lock (so rank 0's next collective waits
+        too). So rank 0's graphs are dropped as well: on a thread of their own, in case CUDA makes that wait for
+        the stuck kernels. A replay in flight keeps its graph alive until it returns; CUDA frees the executable
+        graph when its kernels have quit."""
         with self.lock:
             if not self.nccl or self.aborted:
                 return
             self.aborted = True
+        threading.Thread(target=self.cuda_graphs.clear, name="nanovllm-tp-drop-graphs", daemon=True).start()
         _leave_group(dist.distributed_c10d._abort_process_group)    # experimental, but there is no public API
 
     # ---- shutdown -------------------------------------------------------------------------------------
