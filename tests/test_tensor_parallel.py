@@ -219,6 +219,9 @@ import faulthandler, json, os, signal, sys, threading, time
 from nanovllm import LLM, SamplingParams
 
 if __name__ == "__main__":
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, even when the tests run in a background job (which
+    # starts every process with SIGINT ignored, and then Python keeps it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if os.environ.get("DUMP_STACKS_AFTER_S"):   # into stderr, for a test that sees this child hang
         faulthandler.dump_traceback_later(float(os.environ["DUMP_STACKS_AFTER_S"]))
     model, device, mode = sys.argv[1:4]
@@ -228,8 +231,9 @@ if __name__ == "__main__":
               num_kvcache_blocks=1024, attention_backend=os.environ.get("BACKEND", "auto"))
     pids = [p.pid for p in llm.workers.processes]
     print(json.dumps({"pids": pids, "shm": llm.workers.shm.name}), flush=True)
-    if mode == "generate":      # for the test to interrupt
-        llm.generate(batch, long, use_tqdm=False)
+    if mode == "generate":      # for the test to interrupt (one batch can take under a second on a GPU)
+        while True:
+            llm.generate(batch, long, use_tqdm=False)
     elif mode == "idle":        # for the test to kill: the workers sit waiting for a call, not in a collective
         time.sleep(60)
     elif mode == "finish":      # and leave without llm.exit(): atexit must stop the workers
@@ -377,7 +381,7 @@ def test_cuda_ctrl_c_while_generating_stops_the_workers(qwen3_dir, tmp_path):
     """Ctrl-C on rank 0 in the middle of CUDA-graph decode: rank 0 aborts the group (its graphs dropped), so the
     script ends and leaves no worker behind."""
     child, info = start_child(tmp_path, qwen3_dir, "cuda", "generate", BACKEND="triton", DUMP_STACKS_AFTER_S="45")
-    time.sleep(0.5)     # it generates for seconds from its first report on
+    time.sleep(2)       # it generates from its first report on, until interrupted
     os.killpg(child.pid, signal.SIGINT)     # what a terminal sends its foreground group on Ctrl-C
     try:
         code = child.wait(timeout=30)
