@@ -34,7 +34,7 @@ def main():
     llm = LLM(path, enforce_eager=args.enforce_eager, max_model_len=4096, attention_backend=args.attention_backend,
               tensor_parallel_size=args.tensor_parallel_size, load_format="dummy" if args.dummy else "auto")
     print(f"Startup: {time.perf_counter() - start:.2f}s "
-          f"(backend {llm.model_runner.attention_backend}, {llm.config.num_kvcache_blocks} KV blocks)")
+          f"(backend {llm.executor.runner.attention_backend}, {llm.executor.runner.num_kvcache_blocks} KV blocks)")
 
     seed(0)
     num_seqs, max_input_len, max_output_len = args.num_seqs, 1024, 1024

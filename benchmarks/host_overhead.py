@@ -16,10 +16,8 @@ from nanovllm.sampling_params import SamplingParams
 
 
 def main(batch: int = 256, steps: int = 300):
-    Sequence.block_size = 256
-    config = SimpleNamespace(max_num_seqs=512, max_num_batched_tokens=16384, max_model_len=4096,
-                             num_kvcache_blocks=4000, kvcache_block_size=256)
-    scheduler = Scheduler(config, eos_token_ids=(0,))
+    config = SimpleNamespace(max_num_seqs=512, max_num_batched_tokens=16384, kvcache_block_size=256)
+    scheduler = Scheduler(config, num_kvcache_blocks=4000, max_model_len=4096, eos_token_ids=(0,))
     seed(0)
     for _ in range(batch):
         scheduler.add(Sequence([randint(1, 9999) for _ in range(randint(100, 1024))],

@@ -22,6 +22,9 @@ def bench_workload():
     return prompts, params
 
 
+from nanovllm.layers.sampler import prepare_sampling  # noqa: E402
+
+
 def timed(fn):
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -32,11 +35,14 @@ def timed(fn):
 
 def step_phases(llm, label):
     """One step split into its phases, with a sync after each (so phases do not overlap)."""
-    s, runner = llm.scheduler, llm.model_runner
+    s, runner = llm.scheduler, llm.executor.runner
     (seqs, is_prefill), t_sched = timed(s.schedule)
     prepare = runner.prepare_prefill if is_prefill else runner.prepare_decode
-    (inputs, _), t_prep = timed(lambda: (prepare(seqs), runner.prepare_sample(seqs)))
-    temperatures, extras = runner.prepare_sample(seqs)
+    def prepare_sample():
+        return prepare_sampling([seq.sampling_params for seq in seqs], [seq.num_completion_tokens for seq in seqs],
+                                runner.eos_token_ids, runner.config.hf_config.vocab_size, runner.device)
+    (inputs, _), t_prep = timed(lambda: (prepare(seqs), prepare_sample()))
+    temperatures, extras = prepare_sample()
     logits, t_fwd = timed(lambda: runner.run_model(*inputs, is_prefill))
     (tokens, _), t_sample = timed(lambda: runner.sampler(logits, temperatures, extras))
     token_ids, t_tolist = timed(tokens.tolist)

@@ -1,5 +1,144 @@
+from collections.abc import Iterator
+from dataclasses import dataclass
+from time import perf_counter
+
+from tqdm.auto import tqdm
+
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class StreamOutput:
+    """What one request got since its last StreamOutput in `LLM.stream`: `index` is its position in the prompts;
+    `new_text` and `new_token_ids` are only what is new (new_text may be empty while an incomplete character or a
+    possible stop string is held back); `finish_reason` is set once `finished`."""
+    index: int
+    new_text: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
 
 
 class LLM(LLMEngine):
-    """The user-facing engine: `LLM(model_dir, **config).generate(prompts, sampling_params)`."""
+    """The user-facing engine: `LLM(model_dir, **config).generate(prompts, sampling_params)`, plus `chat` and
+    `stream`. Each call drives the engine until its own requests are done (requests of other calls, such as a
+    stream not being iterated, advance alongside and keep their outputs), and aborts them if anything raises."""
+
+    def generate(self, prompts: list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] = SamplingParams(),
+                 use_tqdm: bool = True) -> list[dict]:
+        """Complete every prompt; returns one dict per prompt, in input order, with "text", "token_ids"
+        (the completion's), "prompt_token_ids", "finish_reason" ("stop": eos, a stop token or a stop string;
+        "length": max_tokens or max_model_len), "num_cached_tokens" (prompt tokens served by the prefix cache)
+        and, when asked for, "logprobs" (one {token_id: logprob} dict per generated token, see
+        SamplingParams.logprobs).
+
+        All requests are validated before any runs. If anything raises mid-way (Ctrl-C included), the
+        requests of this call are aborted and their blocks freed, so the engine stays usable.
+        """
+        seqs = self._make_sequences(prompts, sampling_params, stream=False)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        try:
+            self._run_until_done(seqs, use_tqdm)
+        finally:
+            self._abort_unfinished(seqs)
+        return [_output(seq) for seq in seqs]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] = SamplingParams(),
+             use_tqdm: bool = True, chat_template_kwargs: dict | None = None) -> list[dict]:
+        """Answer one conversation (a list of {"role", "content"} dicts) or a list of them, through the
+        tokenizer's chat template with the generation prompt; returns what `generate` returns.
+        `chat_template_kwargs` go to the template (for Qwen3, {"enable_thinking": False})."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"chat needs a tokenizer with a chat template, and {self.config.model!r} has none")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) or a list of them")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        prompts = []
+        for conversation in conversations:
+            if not (isinstance(conversation, list) and conversation
+                    and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in conversation)):
+                raise ValueError("each conversation must be a non-empty list of {'role', 'content'} dicts")
+            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
+                                                      **(chat_template_kwargs or {}))
+            # The template writes the special tokens itself: add none when encoding.
+            prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stream(self, prompts: list[str] | list[list[int]],
+               sampling_params: SamplingParams | list[SamplingParams] = SamplingParams()) -> Iterator[StreamOutput]:
+        """Like `generate`, but yields, as the engine steps, one StreamOutput per request that got tokens, with
+        only what is new since its last one. The pieces concatenate to `generate`'s text and token ids.
+
+        Requests are validated here, before the first step; they are queued when iteration starts. Closing the
+        stream (leaving a `for` loop over it with break or an exception, or `close()`) aborts its unfinished
+        requests and frees their blocks. A stream kept while other calls run keeps its requests: they advance
+        with those calls, and the stream yields what they got when it resumes.
+        """
+        return self._stream(self._make_sequences(prompts, sampling_params, stream=True))
+
+    def _stream(self, seqs: list[Sequence]) -> Iterator[StreamOutput]:
+        for seq in seqs:
+            self.scheduler.add(seq)
+        num_sent = [0] * len(seqs)      # completion tokens already yielded, per request
+        pending = list(range(len(seqs)))
+        try:
+            while pending:
+                if not any(seqs[i].is_finished or seqs[i].num_completion_tokens > num_sent[i] for i in pending):
+                    self._step()
+                    continue
+                still_pending = []
+                for i in pending:
+                    seq = seqs[i]
+                    finished, num_tokens = seq.is_finished, seq.num_completion_tokens
+                    if finished or num_tokens > num_sent[i]:
+                        text = seq.detokenizer.new_text(finished) if seq.detokenizer is not None else ""
+                        new_ids = seq.completion_token_ids[num_sent[i]:num_tokens]
+                        num_sent[i] = num_tokens
+                        yield StreamOutput(i, text, new_ids, finished, seq.finish_reason if finished else None)
+                    if not finished:
+                        still_pending.append(i)
+                pending = still_pending
+        finally:
+            self._abort_unfinished(seqs)
+
+    def _run_until_done(self, seqs: list[Sequence], use_tqdm: bool):
+        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        mine, num_left = set(seqs), sum(not seq.is_finished for seq in seqs)
+        prefill_tps = decode_tps = 0.0
+        try:
+            while num_left:
+                start = perf_counter()
+                advanced, num_tokens = self._step()
+                elapsed = perf_counter() - start
+                if num_tokens > 0:
+                    prefill_tps = num_tokens / elapsed
+                else:
+                    decode_tps = -num_tokens / elapsed
+                done = sum(seq.is_finished and seq in mine for seq in advanced)
+                num_left -= done
+                if use_tqdm:
+                    bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s", refresh=False)
+                    bar.update(done)
+        finally:
+            bar.close()
+
+    def _abort_unfinished(self, seqs: list[Sequence]):
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.abort(seq)
+
+
+def _output(seq: Sequence) -> dict:
+    out = {"text": seq.detokenizer.text if seq.detokenizer is not None else "",
+           "token_ids": seq.completion_token_ids,
+           "prompt_token_ids": seq.prompt_token_ids,
+           "finish_reason": seq.finish_reason,
+           "num_cached_tokens": max(seq.num_cached_tokens, 0)}
+    if seq.logprobs is not None:
+        out["logprobs"] = seq.logprobs
+    return out

@@ -82,7 +82,7 @@ def test_triton_and_torch_logits_close_on_dummy_qwen3_0_6b():
         for prompt in batch:
             llm.add_request(prompt, GREEDY)
         seqs, is_prefill = llm.scheduler.schedule()
-        runner = llm.model_runner
+        runner = llm.executor.runner
         input_ids, positions = runner.prepare_prefill(seqs)
         prefill_logits = runner.run_model(input_ids, positions, True).float()
         reset_context()

@@ -164,7 +164,7 @@ def test_garbage_in_unused_cache_slots_does_not_leak_into_attention(qwen3_dir):
     """The cache is allocated uninitialised: slots past a context may hold NaN, and must not matter."""
     prompt = random_prompt(random.Random(8), 20)
     llm = make_llm(qwen3_dir)
-    llm.model_runner.kv_cache.fill_(float("nan"))
+    llm.executor.runner.kv_cache.fill_(float("nan"))
     out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
     assert out["token_ids"] == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)
 
@@ -173,6 +173,6 @@ def test_kernel_warmup_leaves_the_engine_exact(qwen3_dir):
     """The start-up warm-up (run on CUDA) writes into the empty cache; it must leave no trace in results."""
     prompt = random_prompt(random.Random(9), 40)
     llm = make_llm(qwen3_dir)
-    llm.model_runner.warmup_kernels()
+    llm.executor.runner.warmup_kernels()
     assert llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(qwen3_dir, prompt, 12)
     assert_all_blocks_free(llm)

@@ -113,7 +113,7 @@ def test_sequence_stops_at_max_model_len(llm):
 def test_small_cache_lowers_max_model_len_with_a_warning(qwen3_dir):
     with pytest.warns(UserWarning, match="lowering max_model_len to 48"):
         llm = LLM(qwen3_dir, device="cpu", kvcache_block_size=16, num_kvcache_blocks=3, max_model_len=100)
-    assert llm.config.max_model_len == 48
+    assert llm.max_model_len == 48
     with pytest.raises(ValueError, match="max_model_len=48"):     # a prompt that could never fit the cache
         llm.generate([list(range(3, 53))], GREEDY, use_tqdm=False)
     assert all_free(llm)
@@ -156,8 +156,8 @@ def test_checkpoint_dtype_is_used(tmp_path):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(raw, f)
     llm = LLM(path, device="cpu", kvcache_block_size=16)
-    assert llm.model_runner.model.lm_head.weight.dtype == torch.bfloat16
-    assert llm.model_runner.kv_cache.dtype == torch.bfloat16
+    assert llm.executor.runner.model.lm_head.weight.dtype == torch.bfloat16
+    assert llm.executor.runner.kv_cache.dtype == torch.bfloat16
     assert len(llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0]["token_ids"]) == 5
 
 

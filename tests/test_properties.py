@@ -50,16 +50,14 @@ def check_accounting(scheduler: Scheduler):
     assert all(block.ref_count == refs[block.block_id] for block in bm.blocks)
     free = list(bm.free_block_ids)
     assert len(free) == len(set(free)), "a block is free twice"
-    assert len(free) + len(bm.used_block_ids) == len(bm.blocks)
-    assert set(free).isdisjoint(bm.used_block_ids)
+    assert all(bm.blocks[b].ref_count == 0 for b in free)
+    assert len(free) + sum(block.ref_count > 0 for block in bm.blocks) == len(bm.blocks), "a block is lost"
 
 
 def run_stream(w: dict, num_blocks: int) -> list[list[int]]:
-    Sequence.block_size = w["block"]
     config = SimpleNamespace(max_num_seqs=w["max_num_seqs"], max_num_batched_tokens=w["max_num_batched_tokens"],
-                             max_model_len=w["max_model_len"], num_kvcache_blocks=num_blocks,
                              kvcache_block_size=w["block"])
-    scheduler = Scheduler(config, eos_token_ids=())
+    scheduler = Scheduler(config, num_blocks, w["max_model_len"], eos_token_ids=())
     pending = sorted(enumerate(w["requests"]), key=lambda r: r[1][0])
     seqs, step = {}, 0
     while pending or not scheduler.is_finished():

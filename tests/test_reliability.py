@@ -11,7 +11,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 def all_free(llm):
     bm = llm.scheduler.block_manager
-    return (len(bm.free_block_ids) == len(bm.blocks) and not bm.used_block_ids
+    return (len(bm.free_block_ids) == len(bm.blocks)
             and all(b.ref_count == 0 for b in bm.blocks) and llm.is_finished())
 
 
@@ -26,7 +26,7 @@ def llm(qwen3_dir):
 def test_exception_mid_generate_aborts_and_engine_stays_usable(llm, monkeypatch, exc, fail_at):
     rng = random.Random(fail_at)
     prompts = [[rng.randrange(3, 384) for _ in range(rng.randrange(1, 50))] for _ in range(5)]
-    real_run, calls = llm.model_runner.run, [0]
+    real_run, calls = llm.executor.runner.run, [0]
 
     def flaky_run(seqs, is_prefill):
         calls[0] += 1
@@ -34,7 +34,7 @@ def test_exception_mid_generate_aborts_and_engine_stays_usable(llm, monkeypatch,
             raise exc("injected")
         return real_run(seqs, is_prefill)
 
-    monkeypatch.setattr(llm.model_runner, "run", flaky_run)
+    monkeypatch.setattr(llm.executor.runner, "run", flaky_run)
     with pytest.raises(exc, match="injected"):
         llm.generate(prompts, GREEDY, use_tqdm=False)
     assert all_free(llm)

@@ -11,15 +11,10 @@ BLOCK = 4
 EOS = 0
 
 
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    monkeypatch.setattr(Sequence, "block_size", BLOCK)
-
-
 def make_scheduler(num_blocks=16, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64):
     config = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             max_model_len=max_model_len, num_kvcache_blocks=num_blocks, kvcache_block_size=BLOCK)
-    return Scheduler(config, (EOS,))
+                             kvcache_block_size=BLOCK)
+    return Scheduler(config, num_blocks, max_model_len, (EOS,))
 
 
 def step(scheduler, token=7):
@@ -47,7 +42,7 @@ def test_lifecycle_waiting_running_finished():
 @pytest.mark.parametrize("ignore_eos", [False, True])
 def test_eos_stops_unless_ignored(ignore_eos):
     s = make_scheduler()
-    seq = Sequence([1, 2], SamplingParams(max_tokens=5, ignore_eos=ignore_eos), eos_token_ids=(EOS,))
+    seq = Sequence([1, 2], SamplingParams(max_tokens=5, ignore_eos=ignore_eos))
     s.add(seq)
     step(s, token=EOS)
     assert seq.is_finished != ignore_eos

@@ -52,10 +52,10 @@ def prefill_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
     seqs = [Sequence(p) for p in prompts]
     block_manager = llm.scheduler.block_manager
     for seq in seqs:
-        block_manager.allocate(seq)
+        block_manager.allocate(seq, block_manager.can_allocate(seq))
         seq.num_scheduled_tokens = len(seq) - seq.num_computed_tokens
     try:
-        return llm.model_runner.call("prefill_logits", seqs).float().cpu()
+        return llm.executor.call("prefill_logits", seqs).float().cpu()
     finally:
         for seq in seqs:
             block_manager.deallocate(seq)
@@ -107,7 +107,7 @@ def test_kernel_warmup_runs_on_every_rank(qwen3_dir):
     """On CUDA each rank runs the start-up kernel warm-up; a worker once counted blocks with the wrong size."""
     llm = LLM(qwen3_dir, tensor_parallel_size=2, **SMALL)
     try:
-        llm.model_runner.call("warmup_kernels")
+        llm.executor.call("warmup_kernels")
         prompt = list(range(5, 45))
         assert llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)
     finally:
@@ -118,7 +118,7 @@ def test_engines_one_after_another_clean_up_after_themselves(qwen3_dir):
     outputs, names = [], []
     for _ in range(2):
         llm = LLM(qwen3_dir, tensor_parallel_size=2, **SMALL)
-        pids, names = [p.pid for p in llm.workers.processes], names + [llm.workers.shm.name]
+        pids, names = [p.pid for p in llm.executor.pool.processes], names + [llm.executor.pool.shm.name]
         with pytest.raises(RuntimeError, match="exit"):    # one tensor-parallel engine per process at a time
             LLM(qwen3_dir, tensor_parallel_size=2, **SMALL)
         outputs.append(llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False))
@@ -135,7 +135,7 @@ def test_engines_one_after_another_clean_up_after_themselves(qwen3_dir):
 @pytest.mark.parametrize("when", ["between calls", "mid-call"])
 def test_killed_worker_makes_the_caller_raise_within_seconds(qwen3_dir, when):
     llm = LLM(qwen3_dir, tensor_parallel_size=2, kvcache_block_size=16, num_kvcache_blocks=512, max_model_len=1024)
-    victim, shm_name = llm.workers.processes[0].pid, llm.workers.shm.name
+    victim, shm_name = llm.executor.pool.processes[0].pid, llm.executor.pool.shm.name
     try:
         llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
         if when == "between calls":
@@ -166,11 +166,11 @@ def test_worker_exception_surfaces_in_the_caller(qwen3_dir):
     llm = LLM(qwen3_dir, tensor_parallel_size=2, **SMALL)
     try:
         seq = ExplodesInWorker([5, 6, 7])
-        llm.scheduler.block_manager.allocate(seq)
+        llm.scheduler.block_manager.allocate(seq, [])
         seq.num_scheduled_tokens = 3
         with pytest.raises(RuntimeError, match=r"(?s)rank 1 raised:.*ValueError.*planted failure"):
-            llm.model_runner.call("run", [seq], True)
-        assert not llm.workers.processes[0].is_alive()
+            llm.executor.call("run", [seq], True)
+        assert not llm.executor.pool.processes[0].is_alive()
     finally:
         llm.exit()
     assert not active_children()
@@ -229,8 +229,8 @@ if __name__ == "__main__":
     batch = [[i + 3] * 8 for i in range(8)]
     llm = LLM(model, tensor_parallel_size=2, device=device, kvcache_block_size=16, max_model_len=2048,
               num_kvcache_blocks=1024, attention_backend=os.environ.get("BACKEND", "auto"))
-    pids = [p.pid for p in llm.workers.processes]
-    print(json.dumps({"pids": pids, "shm": llm.workers.shm.name}), flush=True)
+    pids = [p.pid for p in llm.executor.pool.processes]
+    print(json.dumps({"pids": pids, "shm": llm.executor.pool.shm.name}), flush=True)
     if mode == "generate":      # for the test to interrupt (one batch can take under a second on a GPU)
         while True:
             llm.generate(batch, long, use_tqdm=False)

@@ -47,11 +47,17 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block_id: dict[int, int] = {}
         self.free_block_ids: deque[int] = deque(range(num_blocks))
-        self.used_block_ids: set[int] = set()
 
     @property
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
+
+    def num_blocks(self, seq: Sequence) -> int:
+        """Blocks `seq` needs for all its tokens."""
+        return -(-len(seq) // self.block_size)
+
+    def _block_tokens(self, seq: Sequence, i: int) -> list[int]:
+        return seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
 
     def _take_free_block(self) -> int:
         block_id = self.free_block_ids.popleft()
@@ -60,40 +66,36 @@ class BlockManager:
         if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
             del self.hash_to_block_id[block.hash]
         block.reset()
-        self.used_block_ids.add(block_id)
         return block_id
 
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Block ids of the longest cached prefix of `seq`, leaving at least one token to compute."""
+    def can_allocate(self, seq: Sequence) -> list[int] | None:
+        """The block ids of the longest cached prefix of `seq` (leaving at least one token to compute), to hand
+        to `allocate`, or None when the free blocks cannot hold the rest."""
         hits, h = [], -1
         for i in range((len(seq) - 1) // self.block_size):
-            token_ids = seq.block(i)
+            token_ids = self._block_tokens(seq, i)
             h = chain_hash(token_ids, h)
             block_id = self.hash_to_block_id.get(h, -1)
             if block_id == -1 or self.blocks[block_id].token_ids != token_ids:
                 break
             hits.append(block_id)
-        return hits
-
-    def can_allocate(self, seq: Sequence) -> bool:
-        hits = self._cached_prefix(seq)
         hits_in_use = sum(1 for b in hits if self.blocks[b].ref_count > 0)
-        return self.num_free_blocks >= seq.num_blocks - hits_in_use
+        return hits if self.num_free_blocks >= self.num_blocks(seq) - hits_in_use else None
 
-    def allocate(self, seq: Sequence):
-        """Give `seq` a block table for all its tokens, reusing cached prefix blocks."""
+    def allocate(self, seq: Sequence, hits: list[int]):
+        """Give `seq` a block table for all its tokens, starting with the cached prefix `hits` (from can_allocate)."""
         assert not seq.block_table
-        hits = self._cached_prefix(seq)
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:        # revive a freed block that still holds this prefix
                 self.free_block_ids.remove(block_id)
-                self.used_block_ids.add(block_id)
             block.ref_count += 1
             seq.block_table.append(block_id)
-        for _ in range(seq.num_blocks - len(hits)):
+        for _ in range(self.num_blocks(seq) - len(hits)):
             seq.block_table.append(self._take_free_block())
-        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if seq.num_cached_tokens < 0:       # a preempted sequence's later hits may cover its completion: not counted
+            seq.num_cached_tokens = seq.num_computed_tokens
 
     def deallocate(self, seq: Sequence):
         # Reverse order: a sequence's tail blocks are the least likely to be shared, so they are reused first.
@@ -101,30 +103,29 @@ class BlockManager:
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.used_block_ids.remove(block_id)
                 self.free_block_ids.append(block_id)
         seq.block_table.clear()
         seq.num_computed_tokens = 0
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether the next decode step of `seq` can get the block it may need."""
-        return len(seq.block_table) >= seq.num_blocks or self.num_free_blocks >= 1
+        return len(seq.block_table) >= self.num_blocks(seq) or self.num_free_blocks >= 1
 
     def may_append(self, seq: Sequence):
         """Before a decode step: add a block when the token to compute starts a new one."""
-        if len(seq.block_table) < seq.num_blocks:
+        if len(seq.block_table) < self.num_blocks(seq):
             seq.block_table.append(self._take_free_block())
 
     def publish_computed_blocks(self, seq: Sequence):
-        """After a step: make the blocks that became full and computed findable by later prompts."""
-        num_full = seq.num_computed_tokens // self.block_size
-        if num_full == 0 or self.blocks[seq.block_table[num_full - 1]].hash != -1:
-            return      # the usual decode step: no block filled up (blocks are published in order)
-        first_unhashed = next((i for i in range(num_full - 1, -1, -1)
-                               if self.blocks[seq.block_table[i]].hash != -1), -1) + 1
-        prefix_hash = self.blocks[seq.block_table[first_unhashed - 1]].hash if first_unhashed else -1
-        for i in range(first_unhashed, num_full):
-            token_ids = seq.block(i)
+        """After a step that computed `seq.num_scheduled_tokens` tokens: make the blocks that became full
+        findable by later prompts. Blocks fill in order, so the one before the first new one is published."""
+        first = (seq.num_computed_tokens - seq.num_scheduled_tokens) // self.block_size
+        end = seq.num_computed_tokens // self.block_size
+        if first == end:
+            return      # the usual decode step: no block filled up
+        prefix_hash = self.blocks[seq.block_table[first - 1]].hash if first else -1
+        for i in range(first, end):
+            token_ids = self._block_tokens(seq, i)
             prefix_hash = chain_hash(token_ids, prefix_hash)
             block = self.blocks[seq.block_table[i]]
             block.set_hash(prefix_hash, token_ids)

@@ -5,37 +5,35 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.config import Config
+from nanovllm.engine.cuda_graph import CUDAGraphs
 from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.workers import WorkerPool
 from nanovllm.layers.attention import Attention, load_attention_backend, resolve_attention_backend
-from nanovllm.layers.sampler import Sampler, SamplingTensors, logprob_dicts, seed_key
+from nanovllm.layers.sampler import Sampler, SamplingTensors, logprob_dicts, prepare_sampling
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import get_context, reset_context, set_context
 from nanovllm.utils.loader import dummy_weights, load_model, safetensors_weights
 from nanovllm.utils.parallel import tp_rank, tp_size
+from nanovllm.utils.tensors import to_device
 
 
 class ModelRunner:
     """Turns a scheduled batch into tensors, runs the model over the paged KV cache and samples.
 
-    It owns the model, the KV cache and the CUDA graphs; it knows nothing of queues or requests.
+    It owns the model, the KV cache and the CUDA graphs; it knows nothing of queues, requests or processes.
     With tensor parallelism every rank runs one, each holding its shard of the weights and its own KV heads;
-    rank 0 drives the others through `call` (see engine/workers.py) and is the only one that samples.
+    only rank 0 samples. After start-up, `num_kvcache_blocks` and `max_model_len` say what the cache holds.
     """
 
-    def __init__(self, config: Config, workers: WorkerPool | None = None):
+    def __init__(self, config: Config, eos_token_ids: frozenset[int] = frozenset()):
         self.config = config
         hf = config.hf_config
         self.rank = tp_rank()
-        self.workers = workers      # on rank 0 of a tensor-parallel engine: the processes running ranks 1..N-1
+        self.eos_token_ids = eos_token_ids      # masked while a request is under min_tokens
         self.block_size = config.kvcache_block_size
         self.device = torch.device(config.device)     # on CUDA the current device, which is cuda:rank
-        self.enforce_eager = config.enforce_eager or config.device != "cuda"
         self.attention_backend = resolve_attention_backend(config.attention_backend, config.device)
         backend = load_attention_backend(self.attention_backend)
         backend.check_block_size(self.block_size)
-        if self.attention_backend == "torch":
-            self.enforce_eager = True       # the portable path syncs with the host, so it is not captured
 
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(hf.dtype)
@@ -51,9 +49,6 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.backend = backend
         self.sampler = Sampler()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if workers is not None:
-            workers.cuda_graphs = self.graphs   # a dead worker's abort must drop them (see WorkerPool._abort_nccl)
         if self.device.type == "cuda":
             try:
                 self.warmup_model()
@@ -62,30 +57,28 @@ class ModelRunner:
                     f"CUDA ran out of memory in the warm-up forward over max_num_batched_tokens="
                     f"{config.max_num_batched_tokens} tokens; lower max_num_batched_tokens (or max_num_seqs), "
                     f"or free GPU memory / lower gpu_memory_utilization if another process shares the GPU") from e
-        self.allocate_kv_cache()
+        self.num_kvcache_blocks = self.allocate_kv_cache()
+        self.max_model_len = min(config.max_model_len, self.num_kvcache_blocks * self.block_size)
+        if self.max_model_len < config.max_model_len:
+            warnings.warn(f"the KV cache holds {self.max_model_len} tokens ({self.num_kvcache_blocks} blocks of "
+                          f"{self.block_size}), fewer than max_model_len={config.max_model_len}; "
+                          f"lowering max_model_len to {self.max_model_len}")
         if self.device.type == "cuda":
             self.warmup_kernels()
-        if not self.enforce_eager:
-            self.capture_cudagraph()
+        # The portable torch backend syncs with the host, so it is never captured.
+        self.graphs = None
+        if config.device == "cuda" and not config.enforce_eager and self.attention_backend != "torch":
+            self.graphs = CUDAGraphs(self.model, config.max_num_seqs, -(-self.max_model_len // self.block_size),
+                                     hf.hidden_size, hf.dtype, self.device)
+            self.graphs.capture()
 
-    def exit(self):
-        """Free this rank's CUDA graphs, then (on rank 0) stop the workers, which do the same. The graphs go first:
-        NCCL will not destroy a communicator while a graph that captured its collectives exists (it waits forever).
-        After a worker died a replay may still be stuck on it: CUDA frees such a graph once it finishes, but
-        waiting for the GPU could take forever, so only a healthy engine synchronizes."""
-        self.graphs.clear()
-        if self.device.type == "cuda" and (self.workers is None or self.workers.failure is None):
+    def exit(self, synchronize: bool = True):
+        """Free the CUDA graphs (NCCL will not destroy a communicator while a graph that captured its
+        collectives exists), then wait for the GPU unless told not to (a replay stuck on a dead peer)."""
+        if self.graphs is not None:
+            self.graphs.clear()
+        if synchronize and self.device.type == "cuda":
             torch.cuda.synchronize()
-        if self.workers is not None:
-            self.workers.close()
-
-    def call(self, name: str, *args):
-        """Run method `name` on every rank and return rank 0's result (the ranks meet in the model's collectives)."""
-        if self.workers is None:
-            return getattr(self, name)(*args)
-        with self.workers.guard():
-            self.workers.send(name, args)
-            return getattr(self, name)(*args)
 
     # ---- start-up -------------------------------------------------------------------------------------
 
@@ -94,12 +87,12 @@ class ModelRunner:
         """Run the largest prefill and sampling batch once, so the cache is sized after peak activation memory."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        cfg = self.config
+        cfg, vocab = self.config, self.config.hf_config.vocab_size
         num_tokens = cfg.max_num_batched_tokens
         seq_lens = [min(cfg.max_model_len, num_tokens - i) for i in range(0, num_tokens, cfg.max_model_len)]
         cu = torch.tensor(np.cumsum([0] + seq_lens), dtype=torch.int32, device=self.device)
         set_context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=max(seq_lens))
-        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        input_ids = torch.arange(num_tokens, device=self.device) % vocab    # varied, and valid for any vocabulary
         positions = torch.cat([torch.arange(n, device=self.device) for n in seq_lens])
         hidden = self.model(input_ids, positions)
         reset_context()
@@ -123,9 +116,8 @@ class ModelRunner:
         JIT compilation happens at start-up instead of stalling the first requests (seconds on a GPU).
 
         The cache holds nothing yet, so any blocks will do; the sampled tokens are thrown away."""
-        capacity = self.config.num_kvcache_blocks * self.block_size
-        seq = Sequence(list(range(min(capacity - 1, 2 * self.block_size + 1))))
-        # Blocks counted with the runner's block size: a worker process never set Sequence.block_size.
+        vocab = self.config.hf_config.vocab_size
+        seq = Sequence([i % vocab for i in range(min(self.max_model_len - 1, 2 * self.block_size + 1))])
         seq.block_table = list(range(-(-len(seq) // self.block_size)))
         seq.num_scheduled_tokens = len(seq)
         self.run([seq], True)
@@ -135,7 +127,8 @@ class ModelRunner:
         seq.num_scheduled_tokens = 1
         self.run([seq], False)
 
-    def allocate_kv_cache(self):
+    def allocate_kv_cache(self) -> int:
+        """Allocate the cache from what memory is left (or the configured block count); returns the block count."""
         cfg, hf = self.config, self.config.hf_config
         kv_heads = self.attention_layers[0].num_kv_heads
         block_bytes = 2 * hf.num_hidden_layers * self.block_size * kv_heads * hf.head_dim * hf.dtype.itemsize
@@ -159,16 +152,11 @@ class ModelRunner:
                 raise ValueError(
                     f"cpu_kvcache_space_gib={cfg.cpu_kvcache_space_gib} holds no KV block "
                     f"({block_bytes / 2**20:.1f} MiB each); raise cpu_kvcache_space_gib or lower kvcache_block_size")
-        cfg.num_kvcache_blocks = num_blocks
-        capacity = num_blocks * self.block_size
-        if capacity < cfg.max_model_len:
-            warnings.warn(f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {self.block_size}), "
-                          f"fewer than max_model_len={cfg.max_model_len}; lowering max_model_len to {capacity}")
-            cfg.max_model_len = capacity
         self.kv_cache = torch.empty(2, hf.num_hidden_layers, num_blocks, self.block_size, kv_heads, hf.head_dim,
                                     dtype=hf.dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        return num_blocks
 
     def _min_over_ranks(self, n: int) -> int:
         """Ranks may have different free memory, but rank 0's scheduler hands out block ids for all of them."""
@@ -181,11 +169,7 @@ class ModelRunner:
     # ---- per step -------------------------------------------------------------------------------------
 
     def _to_device(self, data, dtype) -> torch.Tensor:
-        """Host list or array -> device tensor; through pinned memory on CUDA so the copy is asynchronous."""
-        tensor = torch.from_numpy(data).to(dtype) if isinstance(data, np.ndarray) else torch.tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+        return to_device(data, dtype, self.device)
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(seq.block_table) for seq in seqs)
@@ -228,56 +212,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, is_prefill: bool) -> torch.Tensor:
-        batch = input_ids.size(0)
-        if is_prefill or not self.graphs or batch > self.graph_batch_sizes[-1]:
+        if is_prefill or self.graphs is None or not self.graphs.can_run(input_ids.size(0)):
             return self.model.compute_logits(self.model(input_ids, positions))
-        graph_bs = next(bs for bs in self.graph_batch_sizes if bs >= batch)
-        ctx, g = get_context(), self.graph_vars
-        g["input_ids"][:batch] = input_ids
-        g["positions"][:batch] = positions
-        g["slot_mapping"].fill_(-1)
-        g["slot_mapping"][:batch] = ctx.slot_mapping
-        g["context_lens"].zero_()
-        g["context_lens"][:batch] = ctx.context_lens
-        g["block_tables"][:batch, :ctx.block_tables.size(1)] = ctx.block_tables
-        self.graphs[graph_bs].replay()
-        return self.model.compute_logits(g["outputs"][:batch])
-
-    def prepare_sample(self, seqs: list[Sequence]) -> tuple[torch.Tensor, SamplingTensors | None]:
-        """Per-row sampling inputs: the temperatures, and SamplingTensors only when some row needs more."""
-        temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
-        if all(seq.plain_sampling for seq in seqs):
-            return temperatures, None
-        params = [seq.sampling_params for seq in seqs]
-        vocab = self.config.hf_config.vocab_size
-        # Filters and seeds only matter where a row samples; greedy rows get the neutral values.
-        top_ks = [p.top_k if p.top_k > 0 and p.temperature > 0 else vocab for p in params]
-        top_ps = [p.top_p if p.temperature > 0 else 1.0 for p in params]
-        min_ps = [p.min_p if p.temperature > 0 else 0.0 for p in params]
-        seeded = [i for i, p in enumerate(params) if p.seed is not None and p.temperature > 0]
-        banned = [(i, t) for i, seq in enumerate(seqs) if seq.num_completion_tokens < seq.min_tokens
-                  for t in seq.stop_token_ids]
-        extras = SamplingTensors(num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1))
-        if any(k < vocab for k in top_ks) or any(p < 1 for p in top_ps):
-            extras.top_ks = self._to_device(top_ks, torch.int64)
-            extras.top_ps = self._to_device(top_ps, torch.float32)
-        if any(min_ps):
-            extras.min_ps = self._to_device(min_ps, torch.float32)
-        if seeded:
-            extras.seed_rows = self._to_device(seeded, torch.int64)
-            keys = [seed_key(params[i].seed, seqs[i].num_completion_tokens) for i in seeded]
-            extras.seed_keys = self._to_device(keys, torch.int64)
-        if banned:
-            extras.banned_rows = self._to_device([i for i, _ in banned], torch.int64)
-            extras.banned_ids = self._to_device([t for _, t in banned], torch.int64)
-        return temperatures, extras
+        return self.model.compute_logits(self.graphs.replay(input_ids, positions, get_context()))
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[dict[int, float] | None] | None]:
         """Run one scheduled step. Returns one sampled token id per sequence, and per sequence its
         {token_id: logprob} dict (None where not asked for), or None when no sequence asked for logprobs.
         Only rank 0 samples (the lm head gathers the logits there): the other ranks return None."""
         input_ids, positions = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
-        temperatures, extras = self.prepare_sample(seqs) if self.rank == 0 else (None, None)
+        params = [seq.sampling_params for seq in seqs] if self.rank == 0 else None
+        if params is not None:
+            temperatures, extras = prepare_sampling(params, [seq.num_completion_tokens for seq in seqs],
+                                                    self.eos_token_ids, self.config.hf_config.vocab_size, self.device)
         try:
             logits = self.run_model(input_ids, positions, is_prefill)
             if logits is None:
@@ -286,7 +233,7 @@ class ModelRunner:
             token_ids = token_ids.tolist()
             if logprobs is None:
                 return token_ids, None
-            return token_ids, logprob_dicts(token_ids, logprobs, [seq.sampling_params.logprobs for seq in seqs])
+            return token_ids, logprob_dicts(token_ids, logprobs, [p.logprobs for p in params])
         finally:
             reset_context()
 
@@ -297,34 +244,4 @@ class ModelRunner:
         try:
             return self.run_model(input_ids, positions, True)
         finally:
-            reset_context()
-
-    # ---- CUDA graphs ----------------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def capture_cudagraph(self):
-        """Capture one decode graph per batch size on a ladder; a step replays the smallest that fits, padded."""
-        cfg, hf = self.config, self.config.hf_config
-        max_bs = min(cfg.max_num_seqs, 512)
-        max_blocks = (cfg.max_model_len + self.block_size - 1) // self.block_size
-        self.graph_batch_sizes = [bs for bs in (1, 2, 4, 8) if bs < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
-        g = self.graph_vars = dict(
-            input_ids=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
-            positions=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
-            slot_mapping=torch.full((max_bs,), -1, dtype=torch.int64, device=self.device),
-            context_lens=torch.zeros(max_bs, dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=self.device),
-            outputs=torch.zeros(max_bs, hf.hidden_size, device=self.device, dtype=hf.dtype),
-        )
-        pool = None
-        for bs in reversed(self.graph_batch_sizes):
-            graph = torch.cuda.CUDAGraph()
-            set_context(is_prefill=False, slot_mapping=g["slot_mapping"][:bs], context_lens=g["context_lens"][:bs],
-                        block_tables=g["block_tables"][:bs])
-            g["outputs"][:bs] = self.model(g["input_ids"][:bs], g["positions"][:bs])    # warm-up, compiles
-            with torch.cuda.graph(graph, pool):
-                g["outputs"][:bs] = self.model(g["input_ids"][:bs], g["positions"][:bs])
-            pool = graph.pool()
-            self.graphs[bs] = graph
-            torch.cuda.synchronize()
             reset_context()

@@ -7,7 +7,8 @@ from nanovllm.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    """Decides which sequences run in each step, and books the tokens that come back.
+    """Decides which sequences run in each step, books the tokens that come back, and decides when a request
+    is finished (the one stop check: `_finish_reason`).
 
     Prefill comes first: waiting sequences (new or preempted) are admitted in FCFS order while blocks,
     the token budget `max_num_batched_tokens` and `max_num_seqs` allow; a prompt longer than the budget left
@@ -16,12 +17,14 @@ class Scheduler:
     is recomputed later, which is cheap when its prefix is still cached).
     """
 
-    def __init__(self, config: Config, eos_token_ids: tuple[int, ...]):
+    def __init__(self, config: Config, num_kvcache_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
+        """`num_kvcache_blocks` and `max_model_len` are what the model runner's cache holds (it may lower the
+        configured max_model_len to fit)."""
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.max_model_len = config.max_model_len
+        self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.block_manager = BlockManager(config.num_kvcache_blocks, config.kvcache_block_size)
+        self.block_manager = BlockManager(num_kvcache_blocks, config.kvcache_block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -45,9 +48,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) + len(scheduled) < self.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
-                if not self.block_manager.can_allocate(seq):
+                cached_blocks = self.block_manager.can_allocate(seq)
+                if cached_blocks is None:
                     break
-                self.block_manager.allocate(seq)
+                self.block_manager.allocate(seq, cached_blocks)
             seq.num_scheduled_tokens = min(seq.num_uncomputed_tokens, budget)
             budget -= seq.num_scheduled_tokens
             scheduled.append(seq)
@@ -84,7 +88,6 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str):
         """End a request wherever it is, for `reason` ("stop", "length" or "abort"), and free its blocks.
 
-        The engine calls this too, for reasons decided outside the scheduler (a stop string in the text).
         """
         if seq in self.running:
             self.running.remove(seq)
@@ -112,14 +115,27 @@ class Scheduler:
             if token_logprobs is not None:
                 seq.logprobs.append(token_logprobs)
             advanced.append(seq)
-            reason = self._finish_reason(seq, token_id)
+            reason = self._finish_reason(seq)
             if reason is not None:
                 self.finish(seq, reason)
         return advanced
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
-        if token_id in seq.stop_token_ids:
-            return "stop"
-        if seq.num_completion_tokens >= seq.max_tokens or len(seq) >= self.max_model_len:
-            return "length"
-        return None
+    def _finish_reason(self, seq: Sequence) -> str | None:
+        """Whether the token just appended ends `seq`: a stop token, a stop string in the text, or the length.
+        Text is detokenized here each step only when it is streamed or searched for stop strings, else once
+        at the end."""
+        sp, token_id = seq.sampling_params, seq.last_token
+        reason = None
+        if token_id in sp.stop_token_ids or (token_id in self.eos_token_ids and not sp.ignore_eos):
+            reason = "stop"     # the sampler masks these until min_tokens
+        elif seq.num_completion_tokens >= sp.max_tokens or len(seq) >= self.max_model_len:
+            reason = "length"
+        detokenizer = seq.detokenizer
+        if detokenizer is not None and (detokenizer.every_step or reason is not None):
+            token_ids = seq.completion_token_ids
+            if reason == "stop" and not sp.include_stop_str_in_output:
+                token_ids = token_ids[:-1]      # it ended on a stop token: leave that token's text out, as vLLM
+            if detokenizer.update(token_ids, final=reason is not None,
+                                  check_stop=seq.num_completion_tokens >= sp.min_tokens) is not None:
+                reason = "stop"     # also over "length": the stop string came first
+        return reason

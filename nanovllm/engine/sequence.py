@@ -4,6 +4,8 @@ from itertools import count
 
 from nanovllm.sampling_params import SamplingParams
 
+_seq_ids = count()      # process-wide, so that requests of two engines never share an id
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -17,31 +19,22 @@ class Sequence:
     Pickling (how rank 0 sends a scheduled batch to tensor-parallel workers) keeps only what the ModelRunner
     reads for this step, so a decode step costs a few ints per sequence, not the whole token history.
     """
-    block_size = 256
-    counter = count()
     token_offset = 0    # token_ids[i] is token token_offset + i: 0 here, this step's first token in a worker's copy
 
-    def __init__(self, token_ids: list[int], sampling_params: SamplingParams = SamplingParams(),
-                 eos_token_ids: tuple[int, ...] = ()):
-        self.seq_id = next(Sequence.counter)
+    def __init__(self, token_ids: list[int], sampling_params: SamplingParams = SamplingParams()):
+        self.seq_id = next(_seq_ids)
         self.status = SequenceStatus.WAITING
         self.token_ids = copy(token_ids)
         self.last_token = token_ids[-1]
         self.num_tokens = len(token_ids)
         self.num_prompt_tokens = len(token_ids)
-        self.num_cached_tokens = 0      # tokens whose KV came from the prefix cache at allocation
+        self.num_cached_tokens = -1     # prompt tokens served by the prefix cache, set at the first allocation
         self.num_computed_tokens = 0    # tokens whose KV is in the cache (cached or computed)
         self.num_scheduled_tokens = 0   # tokens the current step runs through the model (set by the scheduler)
         self.block_table: list[int] = []
-        sp = self.sampling_params = sampling_params
-        self.temperature = sp.temperature
-        self.max_tokens = sp.max_tokens
-        self.min_tokens = sp.min_tokens
-        # Tokens that end the request with "stop"; until min_tokens the sampler masks them instead.
-        self.stop_token_ids = frozenset(sp.stop_token_ids).union(() if sp.ignore_eos else eos_token_ids)
-        self.plain_sampling = not sp.needs_sampler_extras     # cached: checked for every row of every step
-        self.finish_reason: str | None = None                 # "stop" or "length" (or "abort") once finished
-        self.logprobs: list[dict[int, float]] | None = [] if sp.logprobs is not None else None
+        self.sampling_params = sampling_params
+        self.finish_reason: str | None = None       # "stop" or "length" (or "abort") once finished
+        self.logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
         self.detokenizer = None     # set by the engine when the request has a tokenizer
 
     def __len__(self):
@@ -64,10 +57,6 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
-    def num_blocks(self):
-        return (self.num_tokens + self.block_size - 1) // self.block_size
-
-    @property
     def num_uncomputed_tokens(self):
         """Tokens still to run through the model: the whole rest of the prompt in prefill, 1 in decode."""
         return self.num_tokens - self.num_computed_tokens
@@ -86,9 +75,6 @@ class Sequence:
         self.num_tokens, self.num_computed_tokens, self.num_scheduled_tokens, self.block_table, self.token_ids = state
         self.token_offset = self.num_computed_tokens
         self.last_token = self.token_ids[-1]    # in decode, the one scheduled token is the sequence's last
-
-    def block(self, i: int) -> list[int]:
-        return self.token_ids[i * self.block_size: (i + 1) * self.block_size]
 
     def append_token(self, token_id: int):
         self.token_ids.append(token_id)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.config import Config
+from nanovllm.engine.model_runner import ModelRunner
 
 HEADER = struct.Struct("<QQ")   # call number, payload length
 EXIT_TIMEOUT_S = 10.0           # how long workers may take to leave after "exit" before they are terminated
@@ -70,7 +71,9 @@ def _leave_group(how):
 class WorkerPool:
     """Spawns ranks 1..N-1, sends them each call, notices when one dies, and shuts them down."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, on_abort=lambda: None):
+        """`on_abort` runs (on a thread of its own) when a dead worker's NCCL group is aborted: it must drop rank
+        0's CUDA graphs, which the abort waits for (see `_abort_nccl`)."""
         if dist.is_initialized():
             raise RuntimeError("this process already has a torch.distributed process group (another "
                                "tensor-parallel LLM?); call exit() on that LLM first")
@@ -80,7 +83,7 @@ class WorkerPool:
         self.calls = 0
         self.lock = threading.Lock()
         self.aborted = False                # the NCCL group was aborted (a worker died)
-        self.cuda_graphs: dict = {}         # rank 0's CUDA graphs (the ModelRunner's), dropped by an abort
+        self.on_abort = on_abort
         self.errors: dict[int, str] = {}    # rank -> the traceback it sent before exiting
         self.processes, self.conns, self.wakeups = [], [], []
         self.nccl = config.device == "cuda"
@@ -223,7 +226,7 @@ class WorkerPool:
             if not self.nccl or self.aborted:
                 return
             self.aborted = True
-        threading.Thread(target=self.cuda_graphs.clear, name="nanovllm-tp-drop-graphs", daemon=True).start()
+        threading.Thread(target=self.on_abort, name="nanovllm-tp-drop-graphs", daemon=True).start()
         _leave_group(dist.distributed_c10d._abort_process_group)    # experimental, but there is no public API
 
     # ---- shutdown -------------------------------------------------------------------------------------
@@ -274,7 +277,6 @@ def _worker_main(config: Config, rank: int, port: int, shm_name: str, wakeup, co
         conn.send("ready")
         store = dist.TCPStore("127.0.0.1", port, config.tensor_parallel_size, is_master=False)
         _join_group(config, rank, store)
-        from nanovllm.engine.model_runner import ModelRunner     # here: model_runner imports this module
         _serve(ModelRunner(config), shm, wakeup)
     except BaseException:
         try:

@@ -4,7 +4,9 @@ import torch
 import xxhash
 from torch import nn
 
+from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.compile import compile_on_cuda
+from nanovllm.utils.tensors import to_device
 
 _MASK32 = 0xFFFFFFFF
 
@@ -24,6 +26,36 @@ class SamplingTensors:
     banned_rows: torch.Tensor | None = None     # int64 [pairs]: (row, token) pairs whose logit is set to -inf,
     banned_ids: torch.Tensor | None = None      # int64 [pairs]   the stop tokens of rows still under min_tokens
     num_logprobs: int = -1                      # the largest top-n asked for; -1: no row wants logprobs
+
+
+def prepare_sampling(params: list[SamplingParams], output_lens: list[int], eos_token_ids: frozenset[int],
+                     vocab_size: int, device: torch.device) -> tuple[torch.Tensor, SamplingTensors | None]:
+    """A batch's sampling inputs, one row per request: the temperatures, and SamplingTensors only when some row
+    needs more. `output_lens[i]` is how many tokens row i has generated (for seeds and min_tokens)."""
+    temperatures = to_device([p.temperature for p in params], torch.float32, device)
+    if not any(p.needs_sampler_extras for p in params):
+        return temperatures, None
+    # Filters and seeds only matter where a row samples; greedy rows get the neutral values.
+    top_ks = [min(p.top_k, vocab_size) if p.top_k > 0 and p.temperature > 0 else vocab_size for p in params]
+    top_ps = [p.top_p if p.temperature > 0 else 1.0 for p in params]
+    min_ps = [p.min_p if p.temperature > 0 else 0.0 for p in params]
+    seeded = [i for i, p in enumerate(params) if p.seed is not None and p.temperature > 0]
+    # Until min_tokens, a row's stop tokens (and eos, unless ignored) cannot be drawn.
+    banned = [(i, t) for i, (p, n) in enumerate(zip(params, output_lens)) if n < p.min_tokens
+              for t in set(p.stop_token_ids).union(() if p.ignore_eos else eos_token_ids)]
+    extras = SamplingTensors(num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1))
+    if any(k < vocab_size for k in top_ks) or any(p < 1 for p in top_ps):
+        extras.top_ks = to_device(top_ks, torch.int64, device)
+        extras.top_ps = to_device(top_ps, torch.float32, device)
+    if any(min_ps):
+        extras.min_ps = to_device(min_ps, torch.float32, device)
+    if seeded:
+        extras.seed_rows = to_device(seeded, torch.int64, device)
+        extras.seed_keys = to_device([seed_key(params[i].seed, output_lens[i]) for i in seeded], torch.int64, device)
+    if banned:
+        extras.banned_rows = to_device([i for i, _ in banned], torch.int64, device)
+        extras.banned_ids = to_device([t for _, t in banned], torch.int64, device)
+    return temperatures, extras
 
 
 def seed_key(seed: int, position: int) -> tuple[int, int]:

@@ -10,6 +10,17 @@ from torch import nn
 from nanovllm.config import ModelConfig
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(model_dir: str):
+    """The checkpoint's transformers tokenizer, or None when the directory ships none (token-id prompts only)."""
+    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 def _default_weight_loader(param: nn.Parameter, loaded: torch.Tensor):
     if param.shape != loaded.shape:
         raise ValueError(f"expected a tensor of shape {tuple(param.shape)}, got {tuple(loaded.shape)}")

@@ -1,0 +1,37 @@
+from contextlib import nullcontext
+
+from nanovllm.config import Config
+from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.workers import WorkerPool
+
+
+class Executor:
+    """Rank 0's side of the model: the local ModelRunner and, with tensor parallelism, the worker processes that
+    run ranks 1..N-1. Every call runs on every rank; rank 0's result is returned."""
+
+    def __init__(self, config: Config, eos_token_ids: frozenset[int]):
+        self.runner: ModelRunner | None = None
+        # Ranks 1..N-1 start loading in their own processes while rank 0 loads here.
+        self.pool = WorkerPool(config, on_abort=self._drop_cuda_graphs) if config.tensor_parallel_size > 1 else None
+        with self.pool.guard() if self.pool is not None else nullcontext():    # a failure stops the workers
+            self.runner = ModelRunner(config, eos_token_ids)
+
+    def call(self, name: str, *args):
+        """Run ModelRunner method `name` on every rank (the ranks meet in the model's collectives)."""
+        if self.pool is None:
+            return getattr(self.runner, name)(*args)
+        with self.pool.guard():
+            self.pool.send(name, args)
+            return getattr(self.runner, name)(*args)
+
+    def _drop_cuda_graphs(self):
+        if self.runner is not None and self.runner.graphs is not None:
+            self.runner.graphs.clear()
+
+    def exit(self):
+        """Free rank 0's CUDA graphs before the workers (and the NCCL group) go. After a worker died a replay may
+        still be stuck on it: CUDA frees such a graph once it finishes, so only a healthy engine waits for the GPU."""
+        if self.runner is not None:
+            self.runner.exit(synchronize=self.pool is None or self.pool.failure is None)
+        if self.pool is not None:
+            self.pool.close()
