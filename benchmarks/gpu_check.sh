@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call (device time is scarce). Stages: env | tests | kernels | bench | all
+# The whole GPU check in one call (device time is scarce). Stages: env | tests | kernels | bench | old | all
 #   bash benchmarks/gpu_check.sh tests kernels bench
+# "old" runs bench.py of another tree copied to .old/ (git-ignored, carried), in the same call, for before/after.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -9,7 +10,8 @@ has() { [[ $stages == *" $1 "* || $stages == *" all "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 if has tests; then
-  python -m pytest -q -rs -p no:logging tests/test_triton_kernels.py tests/test_cuda.py -m "" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -12
+  python -m pytest -q -rs -p no:logging tests/test_triton_kernels.py tests/test_cuda.py tests/test_engine_edges.py \
+    $(ls tests/test_fused_layers.py tests/test_fp8_kv_cache.py 2>/dev/null) -m "" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -12
   python -m pytest -q -rs -p no:logging tests -m cuda 2>&1 | tee "$OUT/pytest_cuda_marked.log" | tail -6
 fi
 if has kernels; then
@@ -18,6 +20,9 @@ if has kernels; then
 fi
 if has bench; then
   python bench.py --dummy --attention-backend triton --repeat 2 2>&1 | tee "$OUT/bench_triton.log"
+fi
+if has old && [ -d .old ]; then
+  (cd .old && PYTHONPATH=. python bench.py --dummy --attention-backend triton --repeat 2) 2>&1 | tee "$OUT/bench_old.log"
 fi
 if has eager; then
   python bench.py --dummy --attention-backend triton --enforce-eager --skip-batch1 2>&1 | tee "$OUT/bench_triton_eager.log"
