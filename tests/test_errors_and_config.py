@@ -274,3 +274,24 @@ def test_kv_cache_dtype_and_path_like_model(qwen3_dir):
     assert Config(qwen3_dir, device="cpu").kv_cache_dtype == "auto"
     config = Config(Path(qwen3_dir), device="cpu", kv_cache_dtype="fp8")
     assert config.kv_cache_dtype == "fp8" and config.model == qwen3_dir
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("temperature", "0", ">= 0"), ("temperature", float("nan"), ">= 0"), ("top_p", float("nan"), "(0, 1]"),
+    ("min_p", float("nan"), "[0, 1]"), ("top_k", "5", "-1, 0"), ("max_tokens", "5", ">= 1"),
+    ("stop_token_ids", 5, "a list of token ids"), ("stop_token_ids", 0, "a list of token ids"),
+    ("stop_token_ids", [True], "a list of token ids"), ("stop", 5, "a string or a list"),
+    ("seed", 1.5, "None or an integer"), ("logprobs", True, "None or an integer"),
+    ("skip_special_tokens", "no", "True or False"), ("ignore_eos", 1, "True or False"),
+    ("include_stop_str_in_output", "x", "True or False"),
+])
+def test_sampling_params_types_name_the_field(field, value, allowed):
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**{field: value})
+    message = str(info.value)
+    assert message.startswith(f"{field} must be") and allowed in message and message.endswith(f"got {value!r}")
+
+
+def test_sampling_params_accept_tuples():
+    sp = SamplingParams(stop=("a", "b"), stop_token_ids=(1, 2))
+    assert sp.stop == ["a", "b"] and sp.stop_token_ids == [1, 2]
