@@ -242,6 +242,26 @@ def test_real_qwen_config_keys_still_load(qwen3_dir, tmp_path):
     assert ModelConfig.from_model_dir(path).hidden_size == 64
 
 
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7, os.urandom(1000), "truncated"])
+def test_broken_safetensors_names_the_file(qwen3_dir, tmp_path, content):
+    if content == "truncated":
+        with open(os.path.join(qwen3_dir, "model.safetensors"), "rb") as f:
+            content = f.read()[:-100]
+    path, file = broken_copy(qwen3_dir, tmp_path, "model.safetensors", content)
+    with pytest.raises(ValueError, match="is not a readable safetensors file.*re-download") as info:
+        LLM(path, device="cpu", kvcache_block_size=16)
+    assert file in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"\x87\xff garbage \x00", b'{"version": "1.0", "truncation": null, "add', b"[]"])
+def test_broken_tokenizer_names_the_directory(qwen3_dir, tmp_path, content):
+    path, _ = broken_copy(qwen3_dir, tmp_path, "tokenizer.json", content)
+    with pytest.raises(ValueError, match="tokenizer.json") as info:
+        LLM(path, device="cpu", kvcache_block_size=16)
+    message = str(info.value)
+    assert repr(path) in message and "re-download the tokenizer files, or remove them" in message
+
+
 @pytest.mark.parametrize("option, value, allowed", [
     ("gpu_memory_utilization", "0.5", "a number in (0, 1]"),
     ("gpu_memory_utilization", True, "a number in (0, 1]"),

@@ -1,5 +1,4 @@
 import atexit
-import os
 from collections.abc import Iterator, Sequence as SequenceABC
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -14,16 +13,7 @@ from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.workers import WorkerPool
 from nanovllm.sampling_params import SamplingParams
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def load_tokenizer(model_dir: str):
-    """The checkpoint's transformers tokenizer, or None when the directory ships none (token-id prompts only)."""
-    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_dir)
+from nanovllm.utils.loader import load_tokenizer
 
 
 @dataclass(slots=True)
