@@ -1,4 +1,5 @@
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -8,6 +9,38 @@ SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "triton", "torch")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_field(name: str, value, types, ok, allowed: str):
+    """Refuse `value` unless it is of `types` and passes `ok` (None: any value), naming the field and what it
+    must be. The type is checked before `ok` compares, and a bool is no number here (True would pass as 1)."""
+    if not isinstance(value, types) or (isinstance(value, bool) and types is not bool) or (ok and not ok(value)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _positive(v) -> bool:
+    return v >= 1
+
+
+def _read_json(path: str) -> dict:
+    """The JSON object in `path`; a broken file (often a partial download) is named rather than a bare JSON error."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except ValueError as e:     # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(raw).__name__}; re-download it")
+    return raw
+
+
+def _positive_int(raw: dict, key: str, path: str, default: int | None = None) -> int:
+    """config.json's `key`; a missing or null key takes `default`, and a key without one must be there."""
+    if key not in raw and default is None:
+        raise ValueError(f"{path} lacks the required key {key!r}; use the config.json of this checkpoint")
+    value = default if raw.get(key) is None else raw[key]
+    check_field(f"{key!r} in {path}", value, int, _positive, "a positive integer")
+    return value
 
 
 @dataclass(slots=True)
@@ -42,36 +75,39 @@ class ModelConfig:
             raise ValueError(f"model directory {model_dir!r} does not exist")
         if not os.path.isfile(path):
             raise ValueError(f"model directory {model_dir!r} has no config.json")
-        with open(path) as f:
-            raw = json.load(f)
+        raw = _read_json(path)
         archs = raw.get("architectures") or []
         arch = archs[0] if archs else raw.get("model_type", "?")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {arch!r} in {path} is not supported; "
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        rope = raw.get("rope_parameters") or {}
-        scaling = raw.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-        if rope_type != "default":
-            raise ValueError(f"RoPE scaling {rope_type!r} in {path} is not supported (only plain RoPE)")
-        rope_theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+        if raw.get("use_sliding_window"):     # Qwen2.5/Qwen3 carry a sliding_window size but switch it off
+            raise ValueError(f"use_sliding_window=true in {path} is not supported (nano-vllm runs full attention "
+                             f"only); use a checkpoint without sliding-window attention")
+        # Both keys are checked: a checkpoint may carry transformers 5's rope_parameters next to an old rope_scaling.
+        for key in ("rope_parameters", "rope_scaling"):
+            section = raw.get(key) or {}
+            kind = section.get("rope_type", section.get("type", "default")) if isinstance(section, dict) else section
+            if kind != "default":
+                raise ValueError(f"RoPE scaling {kind!r} ({key} in {path}) is not supported (only plain RoPE)")
+        rope_theta = (raw.get("rope_parameters") or {}).get("rope_theta", raw.get("rope_theta", 10000.0))
         dtype_name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
         if dtype_name not in _DTYPES:
             raise ValueError(f"dtype {dtype_name!r} in {path} is not supported; use one of {list(_DTYPES)}")
-        heads = raw["num_attention_heads"]
+        hidden, heads = _positive_int(raw, "hidden_size", path), _positive_int(raw, "num_attention_heads", path)
         qwen3 = arch == "Qwen3ForCausalLM"
         return cls(
             architecture=arch,
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_hidden_layers=raw["num_hidden_layers"],
+            vocab_size=_positive_int(raw, "vocab_size", path),
+            hidden_size=hidden,
+            intermediate_size=_positive_int(raw, "intermediate_size", path),
+            num_hidden_layers=_positive_int(raw, "num_hidden_layers", path),
             num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            num_key_value_heads=_positive_int(raw, "num_key_value_heads", path, heads),
+            head_dim=_positive_int(raw, "head_dim", path, hidden // heads),
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
-            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            max_position_embeddings=_positive_int(raw, "max_position_embeddings", path, 4096),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             attention_bias=raw.get("attention_bias", not qwen3),
             qk_norm=qwen3,
@@ -85,11 +121,29 @@ def _eos_ids(model_dir: str, raw: dict) -> tuple[int, ...]:
     eos = raw.get("eos_token_id")
     gen_path = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(gen_path):
-        with open(gen_path) as f:
-            eos = json.load(f).get("eos_token_id", eos)
+        eos = _read_json(gen_path).get("eos_token_id", eos)
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, list) else (eos,)
+
+
+# Config's options: name, accepted types, test of the value (None: any), what to pass.
+_OPTIONS = (
+    ("model", (str, os.PathLike), None, "the checkpoint's directory (a str or os.PathLike)"),
+    ("max_num_batched_tokens", int, _positive, "a positive integer"),
+    ("max_num_seqs", int, _positive, "a positive integer"),
+    ("max_model_len", int, _positive, "a positive integer"),
+    ("kvcache_block_size", int, _positive, "a positive integer"),
+    ("gpu_memory_utilization", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("tensor_parallel_size", int, lambda v: 1 <= v <= 8, "an integer between 1 and 8"),
+    ("enforce_eager", bool, None, "True or False"),
+    ("num_kvcache_blocks", int, lambda v: v == -1 or v >= 1, "-1 (size from memory) or a positive integer"),
+    ("device", str, lambda v: v in ("auto", "cuda", "cpu"), "'auto', 'cuda' or 'cpu'"),
+    ("attention_backend", str, lambda v: v in ATTENTION_BACKENDS, f"one of {ATTENTION_BACKENDS}"),
+    ("load_format", str, lambda v: v in ("auto", "dummy"), "'auto' or 'dummy'"),
+    ("cpu_kvcache_space_gib", (int, float), lambda v: 0 < v < math.inf, "a positive, finite number of GiB"),
+    ("kv_cache_dtype", str, lambda v: v in ("auto", "fp8"), "'auto' (the model's dtype) or 'fp8' (float8_e4m3fn)"),
+)
 
 
 @dataclass(slots=True)
@@ -108,34 +162,17 @@ class Config:
     attention_backend: str = "auto"
     load_format: str = "auto"
     cpu_kvcache_space_gib: float = 1.0
+    kv_cache_dtype: str = "auto"      # vLLM's name: "auto" is the model's dtype, "fp8" float8_e4m3fn
     hf_config: ModelConfig = field(init=False)
 
     def __post_init__(self):
-        self.model = os.path.expanduser(str(self.model))
-        positive = ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "kvcache_block_size")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        tp = self.tensor_parallel_size
-        if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 8:
-            raise ValueError(f"tensor_parallel_size must be an integer between 1 and 8, got {tp!r}")
-        if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
-            raise ValueError(f"num_kvcache_blocks must be -1 (size from memory) or positive, got {self.num_kvcache_blocks}")
+        for name, types, ok, allowed in _OPTIONS:
+            check_field(name, getattr(self, name), types, ok, allowed)
+        self.model = os.path.expanduser(os.fspath(self.model))
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device not in ("cuda", "cpu"):
-            raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
-        if self.cpu_kvcache_space_gib <= 0:
-            raise ValueError(f"cpu_kvcache_space_gib must be positive, got {self.cpu_kvcache_space_gib}")
         self.hf_config = ModelConfig.from_model_dir(self.model)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         self._check_tensor_parallel()

@@ -1,14 +1,7 @@
+import math
 from dataclasses import dataclass
 
-
-def _check_int(name: str, value, low: int, allowed: str):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _check_range(name: str, value, ok: bool, allowed: str):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+from nanovllm.config import check_field
 
 
 @dataclass(slots=True)
@@ -47,26 +40,29 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self):
-        t, p, mp = self.temperature, self.top_p, self.min_p
-        _check_range("temperature", t, t >= 0 and t != float("inf"), ">= 0 (0 means greedy)")
-        _check_range("top_p", p, 0 < p <= 1, "in (0, 1] (1 turns it off)")
-        _check_range("min_p", mp, 0 <= mp <= 1, "in [0, 1] (0 turns it off)")
-        _check_int("top_k", self.top_k, -1, "-1, 0 (off) or an integer >= 1")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
-        _check_int("max_tokens", self.max_tokens, 1, "an integer >= 1")
-        allowed = f"an integer in [0, max_tokens={self.max_tokens}]"
-        _check_int("min_tokens", self.min_tokens, 0, allowed)
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be {allowed}, got {self.min_tokens}")
+        num = (int, float)
+        check_field("temperature", self.temperature, num, lambda v: 0 <= v < math.inf, ">= 0 (0 means greedy)")
+        check_field("top_p", self.top_p, num, lambda v: 0 < v <= 1, "in (0, 1] (1 turns it off)")
+        check_field("min_p", self.min_p, num, lambda v: 0 <= v <= 1, "in [0, 1] (0 turns it off)")
+        check_field("top_k", self.top_k, int, lambda v: v >= -1, "-1, 0 (off) or an integer >= 1")
+        if self.seed is not None:
+            check_field("seed", self.seed, int, None, "None or an integer")
+        check_field("max_tokens", self.max_tokens, int, lambda v: v >= 1, "an integer >= 1")
+        check_field("min_tokens", self.min_tokens, int, lambda v: 0 <= v <= self.max_tokens,
+                    f"an integer in [0, max_tokens={self.max_tokens}]")
         if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, 0, "None or an integer >= 0")
-        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        for token_id in self.stop_token_ids:
-            _check_int("stop_token_ids", token_id, 0, "a list of token ids (integers >= 0)")
+            check_field("logprobs", self.logprobs, int, lambda v: v >= 0, "None or an integer >= 0")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            check_field(name, getattr(self, name), bool, None, "True or False")
+        # None is none and a bare string is one stop string; anything else must already be a list (0 is no list).
+        stop = [self.stop] if isinstance(self.stop, str) else [] if self.stop is None else self.stop
+        check_field("stop", stop, (list, tuple), lambda v: all(isinstance(s, str) and s for s in v),
+                    "a string or a list of non-empty strings")
+        ids = [] if self.stop_token_ids is None else self.stop_token_ids
+        check_field("stop_token_ids", ids, (list, tuple),
+                    lambda v: all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v),
+                    "a list of token ids (integers >= 0)")
+        self.stop, self.stop_token_ids = list(stop), list(ids)
 
     @property
     def needs_sampler_extras(self) -> bool:

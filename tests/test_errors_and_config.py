@@ -181,3 +181,137 @@ def test_mismatched_weights_name_the_tensor(tmp_path):
         json.dump(raw, f)
     with pytest.raises(ValueError, match=r"mlp\.(gate|up|down)_proj\.weight.*does not fit.*shape"):
         LLM(path, device="cpu")
+
+
+# ---- bad files and bad option types (issue #12, items 5 and 7) ----------------------------------------
+
+def broken_copy(src, tmp_path, file, content: bytes):
+    """A copy of the checkpoint `src` with `file` overwritten by `content`; returns (directory, file's path)."""
+    path = str(tmp_path / "broken")
+    shutil.copytree(src, path)
+    with open(os.path.join(path, file), "wb") as f:
+        f.write(content)
+    return path, os.path.join(path, file)
+
+
+def config_copy(src, tmp_path, change: dict, drop=()):
+    """A copy of `src` whose config.json has `change` applied and the keys in `drop` removed."""
+    with open(os.path.join(src, "config.json")) as f:
+        raw = json.load(f)
+    raw = {k: v for k, v in (raw | change).items() if k not in drop}
+    return broken_copy(src, tmp_path, "config.json", json.dumps(raw).encode())
+
+
+@pytest.mark.parametrize("change, drop, message", [
+    ({}, ("hidden_size",), "lacks the required key 'hidden_size'"),
+    ({}, ("vocab_size",), "lacks the required key 'vocab_size'"),
+    ({"vocab_size": None}, (), "'vocab_size' in .* must be a positive integer, got None"),
+    ({"num_hidden_layers": 0}, (), "'num_hidden_layers' in .* must be a positive integer, got 0"),
+    ({"intermediate_size": "128"}, (), "'intermediate_size' in .* must be a positive integer, got '128'"),
+    ({"num_key_value_heads": 2.5}, (), "'num_key_value_heads' in .* got 2.5"),
+    ({"head_dim": True}, (), "'head_dim' in .* got True"),
+    ({"max_position_embeddings": -1}, (), "'max_position_embeddings' in .* got -1"),
+    ({"use_sliding_window": True, "sliding_window": 64}, (), "use_sliding_window=true in .*full attention"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, (), "'yarn' \\(rope_scaling in "),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, (), "'linear' \\(rope_scaling in "),
+])
+def test_bad_config_json_names_the_file_and_key(qwen3_dir, tmp_path, change, drop, message):
+    path, file = config_copy(qwen3_dir, tmp_path, change, drop)
+    with pytest.raises(ValueError, match=message) as info:
+        LLM(path, device="cpu")
+    assert file in str(info.value)
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("config.json", b'{"architectures": ["Qwen3ForCausalLM"], "vocab', "is not valid JSON"),
+    ("config.json", b"\x87\xff\x00garbage", "is not valid JSON"),
+    ("config.json", b"[1, 2]", "must hold a JSON object, got a list"),
+    ("generation_config.json", b'{"eos_token_id": [1,', "is not valid JSON"),
+])
+def test_unreadable_json_names_the_file(qwen3_dir, tmp_path, file, content, message):
+    path, broken = broken_copy(qwen3_dir, tmp_path, file, content)
+    with pytest.raises(ValueError, match=message) as info:
+        LLM(path, device="cpu")
+    assert str(info.value).startswith(broken) and "re-download" in str(info.value)
+
+
+def test_real_qwen_config_keys_still_load(qwen3_dir, tmp_path):
+    """Qwen2.5/Qwen3 publish a sliding_window size with use_sliding_window false, and may carry a default rope_scaling."""
+    path, _ = config_copy(qwen3_dir, tmp_path, {"sliding_window": 32768, "use_sliding_window": False,
+                                                "rope_scaling": {"rope_type": "default"}, "max_window_layers": 28})
+    assert ModelConfig.from_model_dir(path).hidden_size == 64
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7, os.urandom(1000), "truncated"])
+def test_broken_safetensors_names_the_file(qwen3_dir, tmp_path, content):
+    if content == "truncated":
+        with open(os.path.join(qwen3_dir, "model.safetensors"), "rb") as f:
+            content = f.read()[:-100]
+    path, file = broken_copy(qwen3_dir, tmp_path, "model.safetensors", content)
+    with pytest.raises(ValueError, match="is not a readable safetensors file.*re-download") as info:
+        LLM(path, device="cpu", kvcache_block_size=16)
+    assert file in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"\x87\xff garbage \x00", b'{"version": "1.0", "truncation": null, "add', b"[]"])
+def test_broken_tokenizer_names_the_directory(qwen3_dir, tmp_path, content):
+    path, _ = broken_copy(qwen3_dir, tmp_path, "tokenizer.json", content)
+    with pytest.raises(ValueError, match="tokenizer.json") as info:
+        LLM(path, device="cpu", kvcache_block_size=16)
+    message = str(info.value)
+    assert repr(path) in message and "re-download the tokenizer files, or remove them" in message
+
+
+@pytest.mark.parametrize("option, value, allowed", [
+    ("gpu_memory_utilization", "0.5", "a number in (0, 1]"),
+    ("gpu_memory_utilization", True, "a number in (0, 1]"),
+    ("cpu_kvcache_space_gib", float("nan"), "finite"),
+    ("cpu_kvcache_space_gib", float("inf"), "finite"),
+    ("num_kvcache_blocks", 2.5, "-1 (size from memory) or a positive integer"),
+    ("num_kvcache_blocks", True, "-1 (size from memory) or a positive integer"),
+    ("max_num_seqs", True, "a positive integer"),
+    ("enforce_eager", "yes", "True or False"),
+    ("enforce_eager", 1, "True or False"),
+    ("device", None, "'auto', 'cuda' or 'cpu'"),
+    ("attention_backend", 3, "'flash_attn'"),
+    ("load_format", ..., "'auto' or 'dummy'"),
+    ("kv_cache_dtype", "fp16", "'auto' (the model's dtype) or 'fp8'"),
+    ("kv_cache_dtype", None, "'auto' (the model's dtype) or 'fp8'"),
+    ("model", 123, "the checkpoint's directory"),
+])
+def test_bad_option_types_name_the_option_and_allowed_values(qwen3_dir, option, value, allowed):
+    kwargs = {"device": "cpu", option: value}
+    model = kwargs.pop("model", qwen3_dir)
+    with pytest.raises((TypeError, ValueError)) as info:
+        LLM(model, **kwargs)
+    message = str(info.value)
+    assert message.startswith(f"{option} must be") and allowed in message and message.endswith(f"got {value!r}")
+
+
+def test_kv_cache_dtype_and_path_like_model(qwen3_dir):
+    from pathlib import Path
+    from nanovllm.config import Config
+    assert Config(qwen3_dir, device="cpu").kv_cache_dtype == "auto"
+    config = Config(Path(qwen3_dir), device="cpu", kv_cache_dtype="fp8")
+    assert config.kv_cache_dtype == "fp8" and config.model == qwen3_dir
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("temperature", "0", ">= 0"), ("temperature", float("nan"), ">= 0"), ("top_p", float("nan"), "(0, 1]"),
+    ("min_p", float("nan"), "[0, 1]"), ("top_k", "5", "-1, 0"), ("max_tokens", "5", ">= 1"),
+    ("stop_token_ids", 5, "a list of token ids"), ("stop_token_ids", 0, "a list of token ids"),
+    ("stop_token_ids", [True], "a list of token ids"), ("stop", 5, "a string or a list"),
+    ("seed", 1.5, "None or an integer"), ("logprobs", True, "None or an integer"),
+    ("skip_special_tokens", "no", "True or False"), ("ignore_eos", 1, "True or False"),
+    ("include_stop_str_in_output", "x", "True or False"),
+])
+def test_sampling_params_types_name_the_field(field, value, allowed):
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**{field: value})
+    message = str(info.value)
+    assert message.startswith(f"{field} must be") and allowed in message and message.endswith(f"got {value!r}")
+
+
+def test_sampling_params_accept_tuples():
+    sp = SamplingParams(stop=("a", "b"), stop_token_ids=(1, 2))
+    assert sp.stop == ["a", "b"] and sp.stop_token_ids == [1, 2]

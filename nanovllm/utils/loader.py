@@ -4,21 +4,10 @@ import zlib
 from collections.abc import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from nanovllm.config import ModelConfig
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def load_tokenizer(model_dir: str):
-    """The checkpoint's transformers tokenizer, or None when the directory ships none (token-id prompts only)."""
-    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def _default_weight_loader(param: nn.Parameter, loaded: torch.Tensor):
@@ -33,9 +22,30 @@ def safetensors_weights(path: str) -> Iterator[tuple[str, str, torch.Tensor]]:
     if not files:
         raise ValueError(f"no *.safetensors files in {path!r} (pass load_format='dummy' for random weights)")
     for file in files:
-        with safe_open(file, "pt", "cpu") as f:
+        try:    # opening reads the header and checks that the file holds all the data it lists
+            f = safe_open(file, "pt", "cpu")
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file} is not a readable safetensors file ({e}); re-download it") from None
+        with f:
             for name in f.keys():
                 yield file, name, f.get_tensor(name)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(model_dir: str):
+    """The checkpoint's transformers tokenizer, or None when the directory ships none (token-id prompts only)."""
+    present = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, name))]
+    if not present:
+        return None
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:      # a broken file surfaces as a JSON, Unicode, Key or tokenizers error, among others
+        raise ValueError(f"the tokenizer in {model_dir!r} ({', '.join(present)}) does not load "
+                         f"({type(e).__name__}: {e}); re-download the tokenizer files, or remove them "
+                         f"to run on token ids only") from e
 
 
 def dummy_weights(config: ModelConfig, device: torch.device) -> Iterator[tuple[str, str, torch.Tensor]]:
