@@ -49,6 +49,7 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.backend = backend
         self.sampler = Sampler()
+        self.graphs: CUDAGraphs | None = None
         if self.device.type == "cuda":
             try:
                 self.warmup_model()
@@ -66,7 +67,6 @@ class ModelRunner:
         if self.device.type == "cuda":
             self.warmup_kernels()
         # The portable torch backend syncs with the host, so it is never captured.
-        self.graphs = None
         if config.device == "cuda" and not config.enforce_eager and self.attention_backend != "torch":
             self.graphs = CUDAGraphs(self.model, config.max_num_seqs, -(-self.max_model_len // self.block_size),
                                      hf.hidden_size, hf.dtype, self.device)
