@@ -178,10 +178,11 @@ class Config:
         self._check_tensor_parallel()
 
     def _check_tensor_parallel(self):
-        """Refuse a split the model or the machine cannot take, before any worker process is spawned."""
+        """Refuse a split the model or the machine cannot take, before any worker process is spawned.
+        The vocabulary needs no check: each rank's share is padded (VocabParallelEmbedding)."""
         tp, hf = self.tensor_parallel_size, self.hf_config
         for what, n in (("attention heads", hf.num_attention_heads), ("KV heads", hf.num_key_value_heads),
-                        ("vocab size", hf.vocab_size), ("intermediate size", hf.intermediate_size)):
+                        ("intermediate size", hf.intermediate_size)):
             if n % tp:
                 raise ValueError(f"tensor_parallel_size={tp} must divide the model's {what} ({n})")
         if self.device == "cuda" and tp > torch.cuda.device_count():

@@ -19,6 +19,8 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.configs import QWEN3_0_6B
 from nanovllm.engine.sequence import Sequence
+from nanovllm.layers import embed_head
+from nanovllm.utils.tiny_checkpoint import build_tiny_checkpoint
 from tests.conftest import hf_greedy
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")      # no NVLink multicast on shared machines; workers inherit it
@@ -103,6 +105,50 @@ def test_tp2_greedy_matches_tp1_and_transformers(model_dir):
         assert ids == hf_greedy(model_dir, prompt, GREEDY.max_tokens)
 
 
+def test_tp2_pads_a_vocabulary_it_cannot_split(tmp_path):
+    """413 ids over 2 ranks: 207 rows each, rank 1's last row padding. Its logit must never be sampled or
+    reported, so logprobs over the whole vocabulary (a 414th column would be among them) match tp=1's."""
+    model_dir = build_tiny_checkpoint(str(tmp_path), arch="qwen3", seed=2, vocab_size=413)
+    prompts = PROMPTS[:2] + [[412, 411, 300, 207, 206, 0, 405] * 3]     # ids at both ends of both ranks' rows
+    sampled = SamplingParams(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True, logprobs=413)
+    tp1 = LLM(model_dir, **SMALL)
+    expected = [o["token_ids"] for o in tp1.generate(prompts, GREEDY, use_tqdm=False)]
+    logits1 = prefill_logits(tp1, prompts)
+    expected_sampled = tp1.generate(prompts[:2], sampled, use_tqdm=False)
+    tp2 = LLM(model_dir, tensor_parallel_size=2, **SMALL)
+    try:
+        assert [o["token_ids"] for o in tp2.generate(prompts, GREEDY, use_tqdm=False)] == expected
+        logits2 = prefill_logits(tp2, prompts)
+        outs = tp2.generate(prompts[:2], sampled, use_tqdm=False)
+    finally:
+        tp2.exit()
+    assert logits2.shape == logits1.shape == (3, 413)
+    torch.testing.assert_close(logits2, logits1, rtol=1e-5, atol=1e-5)
+    for out, want in zip(outs, expected_sampled):
+        assert out["token_ids"] == want["token_ids"] and max(out["token_ids"]) < 413
+        for got, ref in zip(out["logprobs"], want["logprobs"]):
+            assert sorted(got) == sorted(ref) == list(range(413))
+            torch.testing.assert_close(torch.tensor([got[i] for i in range(413)]),
+                                       torch.tensor([ref[i] for i in range(413)]), rtol=1e-4, atol=1e-4)
+    for prompt, ids in zip(prompts, expected):
+        assert ids == hf_greedy(model_dir, prompt, GREEDY.max_tokens)
+
+
+def test_vocab_shards_are_padded_with_zeros_and_a_wrong_table_is_refused(monkeypatch):
+    """Each rank's loader, without processes: rank 1 of 2 gets the last 206 rows and a zero row."""
+    table = torch.randn(413, 8)
+    monkeypatch.setattr(embed_head, "tp_size", lambda: 2)
+    for rank, rows in ((0, table[:207]), (1, torch.cat([table[207:], torch.zeros(1, 8)]))):
+        monkeypatch.setattr(embed_head, "tp_rank", lambda r=rank: r)
+        shard = embed_head.VocabParallelEmbedding(413, 8)
+        shard.weight.data.fill_(float("nan"))     # whatever the allocator left there
+        shard.weight.weight_loader(shard.weight, table)
+        assert torch.equal(shard.weight.data, rows)
+        for wrong in (table[:412], torch.randn(414, 8), table[:, :7]):   # rank 0 once took a longer table's head
+            with pytest.raises(ValueError, match=r"expected a tensor of shape \(413, 8\), got"):
+                shard.weight.weight_loader(shard.weight, wrong)
+
+
 def test_kernel_warmup_runs_on_every_rank(qwen3_dir):
     """On CUDA each rank runs the start-up kernel warm-up; a worker once counted blocks with the wrong size."""
     llm = LLM(qwen3_dir, tensor_parallel_size=2, **SMALL)
@@ -184,13 +230,7 @@ def test_invalid_sizes_raise_before_spawning(qwen3_dir, size, match):
     assert not active_children()
 
 
-def test_vocab_and_gpu_count_are_checked(qwen3_dir, tmp_path, monkeypatch):
-    with open(os.path.join(qwen3_dir, "config.json")) as f:
-        config = json.load(f)
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(config | {"vocab_size": 385}, f)
-    with pytest.raises(ValueError, match=r"vocab size \(385\)"):
-        LLM(str(tmp_path), tensor_parallel_size=2, load_format="dummy")
+def test_gpu_count_is_checked(qwen3_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="needs 2 GPUs"):
