@@ -9,12 +9,13 @@ has() { [[ $stages == *" $1 "* || $stages == *" all "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 if has tests; then
-  python -m pytest -q -rs -p no:logging tests/test_triton_kernels.py tests/test_cuda.py -m "" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -12
+  python -m pytest -q -rs -p no:logging tests/test_triton_kernels.py tests/test_fused_layers.py tests/test_cuda.py -m "" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -12
   python -m pytest -q -rs -p no:logging tests -m cuda 2>&1 | tee "$OUT/pytest_cuda_marked.log" | tail -6
 fi
 if has kernels; then
   python benchmarks/attention_kernels.py --no-sweep 2>&1 | tee "$OUT/kernels.log" | tail -25
   python benchmarks/sampler.py 256 2>&1 | tee "$OUT/sampler.log" | tail -12
+  python benchmarks/layer_kernels.py 2>&1 | tee "$OUT/layer_kernels.log" | tail -45
 fi
 if has bench; then
   python bench.py --dummy --attention-backend triton --repeat 2 2>&1 | tee "$OUT/bench_triton.log"
