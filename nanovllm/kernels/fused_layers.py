@@ -35,13 +35,12 @@ def rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, 
 @triton.jit
 def silu_and_mul_kernel(x_ptr, out_ptr, D: tl.constexpr, BLOCK: tl.constexpr):
     """Program (row, column block): out[row, cols] = silu(x[row, cols]) * x[row, D + cols]."""
-    dtype = out_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     gate = tl.load(x_ptr + row * 2 * D + cols, mask=cols < D).to(tl.float32)
     up = tl.load(x_ptr + row * 2 * D + D + cols, mask=cols < D).to(tl.float32)
-    silu = _round(gate / (1.0 + tl.exp(-gate)), dtype)     # torch rounds silu(gate) before the product
-    tl.store(out_ptr + row * D + cols, (silu * up).to(dtype), mask=cols < D)
+    silu = _round(gate / (1.0 + tl.exp(-gate)), out_ptr.dtype.element_ty)    # torch rounds it before the product
+    tl.store(out_ptr + row * D + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=cols < D)
 
 
 @triton.jit
@@ -50,17 +49,16 @@ def _norm_rotate_heads(x_ptr, out_ptr, stride_t, stride_h, weight_ptr, cos, sin,
     # Rotates (rotate-half form) the HEADS heads of one token, each RMS-normed over head_dim first when NORM.
     dtype = out_ptr.dtype.element_ty
     heads, dims = tl.arange(0, HEADS_PAD)[:, None], tl.arange(0, HALF)[None, :]
-    mask = heads < HEADS
     src = x_ptr + token * stride_t + heads * stride_h + dims
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(src, mask=heads < HEADS, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=heads < HEADS, other=0.0).to(tl.float32)
     if NORM:    # as layers/layernorm.py: normed rounded to dtype, times the weight rounded again
         rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
         x1 = _round(_round(x1 * rstd, dtype) * tl.load(weight_ptr + dims).to(tl.float32), dtype)
         x2 = _round(_round(x2 * rstd, dtype) * tl.load(weight_ptr + HALF + dims).to(tl.float32), dtype)
     dst = out_ptr + token * (HEADS * 2 * HALF) + heads * (2 * HALF) + dims
-    tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+    tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=heads < HEADS)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dtype), mask=heads < HEADS)
 
 
 @triton.jit
