@@ -17,6 +17,7 @@ fi
 if has kernels; then
   python benchmarks/attention_kernels.py --no-sweep 2>&1 | tee "$OUT/kernels.log" | tail -25
   python benchmarks/sampler.py 256 2>&1 | tee "$OUT/sampler.log" | tail -12
+  python benchmarks/layer_kernels.py 2>&1 | tee "$OUT/layer_kernels.log" | tail -45
 fi
 if has bench; then
   python bench.py --dummy --attention-backend triton --repeat 2 2>&1 | tee "$OUT/bench_triton.log"

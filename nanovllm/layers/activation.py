@@ -2,11 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.utils.compile import compile_on_cuda
 
-
-@compile_on_cuda
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:     # the CPU path and the CUDA kernel's reference
     gate, up = x.chunk(2, -1)
     return F.silu(gate) * up
 
@@ -15,4 +12,7 @@ class SiluAndMul(nn.Module):
     """SwiGLU's gate: silu(x[..., :d]) * x[..., d:] for the packed gate/up projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:   # imported here: Triton is installed only on Linux, and only CUDA needs it
+            from nanovllm.kernels import fused_layers
+            return fused_layers.silu_and_mul(x)
         return silu_and_mul(x)

@@ -1,22 +1,17 @@
 import torch
 from torch import nn
 
-from nanovllm.utils.compile import compile_on_cuda
 
-
-@compile_on_cuda
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """weight * RMSNorm(x) over the last dimension, in float32; with `residual`, (that of x + residual,
+    x + residual). The CPU path and the reference of the CUDA kernel (kernels/fused_layers.py)."""
+    if residual is not None:
+        x = residual = x + residual
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
-
-
-@compile_on_cuda
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x + residual
-    return rms_norm.__wrapped__(x, weight, eps), x
+    out = weight * x.to(dtype)
+    return out if residual is None else (out, residual)
 
 
 class RMSNorm(nn.Module):
@@ -28,6 +23,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
+        if x.is_cuda:   # imported here: Triton is installed only on Linux, and only CUDA needs it
+            from nanovllm.kernels import fused_layers
+            return fused_layers.rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual)

@@ -1,12 +1,10 @@
 import torch
 from torch import nn
 
-from nanovllm.utils.compile import compile_on_cuda
 
-
-@compile_on_cuda
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor,
                  sin_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The CPU path and the CUDA kernel's reference: rotation in float32, the result in q's and k's dtype.
     cos = cos_table[positions].unsqueeze(1)
     sin = sin_table[positions].unsqueeze(1)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -27,6 +25,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q, k: [tokens, heads, head_dim]; positions: [tokens]."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None = None,
+                k_norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: [tokens, heads, head_dim]; positions: [tokens]; q_norm/k_norm (Qwen3): per-head RMSNorms run first."""
+        if q.is_cuda:   # one kernel for norm and rotation; imported here: Triton is installed only on Linux
+            from nanovllm.kernels import fused_layers
+            norm = {} if q_norm is None else dict(q_weight=q_norm.weight, k_weight=k_norm.weight, eps=q_norm.eps)
+            return fused_layers.qk_norm_rotary(positions, q, k, self.cos, self.sin, **norm)
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
         return apply_rotary(positions, q, k, self.cos, self.sin)
