@@ -148,7 +148,7 @@ def test_a_failed_capture_leaves_the_process_usable(qwen3_dir, monkeypatch):
     kwargs = dict(attention_backend="triton", kvcache_block_size=16, max_model_len=256, max_num_seqs=8,
                   num_kvcache_blocks=40, max_num_batched_tokens=256)
     monkeypatch.setattr(CUDAGraphs, "_forward", forward_that_syncs)
-    with pytest.raises(RuntimeError, match="CUDA graph capture failed.*enforce_eager=True"):
+    with pytest.raises(RuntimeError, match="(?s)CUDA graph capture failed.*enforce_eager=True"):
         LLM(qwen3_dir, **kwargs)
     monkeypatch.setattr(CUDAGraphs, "_forward", real_forward)
     llm = LLM(qwen3_dir, **kwargs)

@@ -172,7 +172,8 @@ def test_layers_send_cuda_tensors_to_the_kernels_and_cpu_tensors_to_torch(monkey
         torch.testing.assert_close(norm(x, residual), rms_norm(x, norm.weight, norm.eps, residual))
         torch.testing.assert_close(SiluAndMul()(x), silu_and_mul(x))
         torch.testing.assert_close(rotary(positions, q, k, head_norm, head_norm),
-                                   apply_rotary(positions, head_norm(q), head_norm(k), rotary.cos, rotary.sin))
+                                   apply_rotary(positions, rms_norm(q, head_norm.weight, head_norm.eps),
+                                                rms_norm(k, head_norm.weight, head_norm.eps), rotary.cos, rotary.sin))
         torch.testing.assert_close(rotary(positions, q, k), apply_rotary(positions, q, k, rotary.cos, rotary.sin))
         expected = ["rms_norm", "rms_norm", "silu_and_mul", "qk_norm_rotary", "qk_norm_rotary"]
         assert calls == (expected if device == "cuda" else [])
