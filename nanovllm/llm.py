@@ -97,7 +97,7 @@ class LLM(LLMEngine):
                     finished, num_tokens = seq.is_finished, seq.num_completion_tokens
                     if finished or num_tokens > num_sent[i]:
                         text = seq.detokenizer.new_text(finished) if seq.detokenizer is not None else ""
-                        new_ids = seq.completion_token_ids[num_sent[i]:num_tokens]
+                        new_ids = seq.token_ids[seq.num_prompt_tokens + num_sent[i]:seq.num_prompt_tokens + num_tokens]
                         num_sent[i] = num_tokens
                         yield StreamOutput(i, text, new_ids, finished, seq.finish_reason if finished else None)
                     if not finished:
