@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call (device time is scarce). Stages: env | tests | kernels | bench | old | all
+# The whole GPU check in one call (device time is scarce). Stages: env | tests | kernels | bench | old | fp8 | all
 #   bash benchmarks/gpu_check.sh tests kernels bench
 # "old" runs bench.py of another tree copied to .old/ (git-ignored, carried), in the same call, for before/after.
 set -uo pipefail
@@ -24,6 +24,10 @@ if has bench; then
 fi
 if has old && [ -d .old ]; then
   (cd .old && PYTHONPATH=. python bench.py --dummy --attention-backend triton --repeat 2) 2>&1 | tee "$OUT/bench_old.log"
+fi
+if has fp8; then
+  python bench.py --dummy --attention-backend triton --repeat 2 --kv-cache-dtype fp8 2>&1 | tee "$OUT/bench_fp8.log"
+  python benchmarks/fp8_accuracy.py 2>&1 | tee "$OUT/fp8_accuracy.log" | tail -30
 fi
 if has eager; then
   python bench.py --dummy --attention-backend triton --enforce-eager --skip-batch1 2>&1 | tee "$OUT/bench_triton_eager.log"
