@@ -45,12 +45,9 @@ def _positive_int(raw: dict, key: str, path: str, default: int | None = None) ->
 
 @dataclass(slots=True)
 class ModelConfig:
-    """The architecture fields the engine needs, read straight from config.json.
-
-    Reading the JSON ourselves (instead of through transformers' config classes) lets checkpoints written
-    by transformers 4.x (top-level `rope_theta`, `torch_dtype`) and 5.x (`rope_parameters`, `dtype`) load
-    the same way under either transformers version.
-    """
+    """The architecture fields the engine needs, read straight from config.json rather than through transformers'
+    config classes, so that checkpoints of transformers 4.x (top-level `rope_theta`, `torch_dtype`) and 5.x
+    (`rope_parameters`, `dtype`) load the same way under either transformers version."""
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -94,26 +91,18 @@ class ModelConfig:
         dtype_name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
         if dtype_name not in _DTYPES:
             raise ValueError(f"dtype {dtype_name!r} in {path} is not supported; use one of {list(_DTYPES)}")
-        hidden, heads = _positive_int(raw, "hidden_size", path), _positive_int(raw, "num_attention_heads", path)
-        qwen3 = arch == "Qwen3ForCausalLM"
+        sizes = {key: _positive_int(raw, key, path) for key in
+                 ("hidden_size", "num_attention_heads", "vocab_size", "intermediate_size", "num_hidden_layers")}
+        heads, qwen3 = sizes["num_attention_heads"], arch == "Qwen3ForCausalLM"
         return cls(
-            architecture=arch,
-            vocab_size=_positive_int(raw, "vocab_size", path),
-            hidden_size=hidden,
-            intermediate_size=_positive_int(raw, "intermediate_size", path),
-            num_hidden_layers=_positive_int(raw, "num_hidden_layers", path),
-            num_attention_heads=heads,
+            architecture=arch, **sizes,
             num_key_value_heads=_positive_int(raw, "num_key_value_heads", path, heads),
-            head_dim=_positive_int(raw, "head_dim", path, hidden // heads),
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
+            head_dim=_positive_int(raw, "head_dim", path, sizes["hidden_size"] // heads),
             max_position_embeddings=_positive_int(raw, "max_position_embeddings", path, 4096),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            attention_bias=raw.get("attention_bias", not qwen3),
-            qk_norm=qwen3,
-            dtype=_DTYPES[dtype_name],
-            eos_token_ids=_eos_ids(model_dir, raw),
-        )
+            attention_bias=raw.get("attention_bias", not qwen3), qk_norm=qwen3,
+            dtype=_DTYPES[dtype_name], eos_token_ids=_eos_ids(model_dir, raw))
 
 
 def _eos_ids(model_dir: str, raw: dict) -> tuple[int, ...]:
@@ -175,11 +164,8 @@ class Config:
             raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU")
         self.hf_config = ModelConfig.from_model_dir(self.model)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
-        self._check_tensor_parallel()
-
-    def _check_tensor_parallel(self):
-        """Refuse a split the model or the machine cannot take, before any worker process is spawned.
-        The vocabulary needs no check: each rank's share is padded (VocabParallelEmbedding)."""
+        # Refuse a tensor-parallel split the model or the machine cannot take, before any worker is spawned.
+        # The vocabulary needs no check: each rank's share is padded (VocabParallelEmbedding).
         tp, hf = self.tensor_parallel_size, self.hf_config
         for what, n in (("attention heads", hf.num_attention_heads), ("KV heads", hf.num_key_value_heads),
                         ("intermediate size", hf.intermediate_size)):

@@ -22,22 +22,16 @@ class StreamOutput:
 
 
 class LLM(LLMEngine):
-    """The user-facing engine: `LLM(model_dir, **config).generate(prompts, sampling_params)`, plus `chat` and
-    `stream`. Each call drives the engine until its own requests are done (requests of other calls, such as a
-    stream not being iterated, advance alongside and keep their outputs), and aborts them if anything raises."""
+    """`LLM(model_dir, **config).generate(prompts, sampling_params)`, plus `chat` and `stream`. Each call runs the
+    engine until its own requests are done (other calls' requests advance alongside), and aborts them on any error."""
 
     def generate(self, prompts: list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] = SamplingParams(),
                  use_tqdm: bool = True) -> list[dict]:
-        """Complete every prompt; returns one dict per prompt, in input order, with "text", "token_ids"
-        (the completion's), "prompt_token_ids", "finish_reason" ("stop": eos, a stop token or a stop string;
-        "length": max_tokens or max_model_len), "num_cached_tokens" (prompt tokens served by the prefix cache)
-        and, when asked for, "logprobs" (one {token_id: logprob} dict per generated token, see
-        SamplingParams.logprobs).
-
-        All requests are validated before any runs. If anything raises mid-way (Ctrl-C included), the
-        requests of this call are aborted and their blocks freed, so the engine stays usable.
-        """
+        """Complete every prompt; returns one dict per prompt, in input order, with "text", "token_ids" (the
+        completion's), "prompt_token_ids", "finish_reason" ("stop" or "length"), "num_cached_tokens" (prompt tokens
+        served by the prefix cache) and, when asked for, "logprobs" (see SamplingParams.logprobs). All requests are
+        validated before any runs; if anything raises (Ctrl-C included), this call's requests are aborted."""
         seqs = self._make_sequences(prompts, sampling_params, stream=False)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -50,9 +44,8 @@ class LLM(LLMEngine):
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] = SamplingParams(),
              use_tqdm: bool = True, chat_template_kwargs: dict | None = None) -> list[dict]:
-        """Answer one conversation (a list of {"role", "content"} dicts) or a list of them, through the
-        tokenizer's chat template with the generation prompt; returns what `generate` returns.
-        `chat_template_kwargs` go to the template (for Qwen3, {"enable_thinking": False})."""
+        """Answer one conversation (a list of {"role", "content"} dicts) or a list of them through the tokenizer's chat
+        template; returns what `generate` does. `chat_template_kwargs` go to the template (Qwen3: enable_thinking)."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"chat needs a tokenizer with a chat template, and {self.config.model!r} has none")
         if not isinstance(messages, list) or not messages:
@@ -71,14 +64,10 @@ class LLM(LLMEngine):
 
     def stream(self, prompts: list[str] | list[list[int]],
                sampling_params: SamplingParams | list[SamplingParams] = SamplingParams()) -> Iterator[StreamOutput]:
-        """Like `generate`, but yields, as the engine steps, one StreamOutput per request that got tokens, with
-        only what is new since its last one. The pieces concatenate to `generate`'s text and token ids.
-
-        Requests are validated here, before the first step; they are queued when iteration starts. Closing the
-        stream (leaving a `for` loop over it with break or an exception, or `close()`) aborts its unfinished
-        requests and frees their blocks. A stream kept while other calls run keeps its requests: they advance
-        with those calls, and the stream yields what they got when it resumes.
-        """
+        """Like `generate`, but yields, as the engine steps, one StreamOutput per request that got tokens, with only
+        what is new; the pieces concatenate to `generate`'s text and token ids. Requests are validated here and
+        queued when iteration starts. Closing the stream (break, an exception, `close()`) aborts its unfinished
+        requests; a stream kept while other calls run keeps its requests, which advance with those calls."""
         return self._stream(self._make_sequences(prompts, sampling_params, stream=True))
 
     def _stream(self, seqs: list[Sequence]) -> Iterator[StreamOutput]:
@@ -91,41 +80,32 @@ class LLM(LLMEngine):
                 if not any(seqs[i].is_finished or seqs[i].num_completion_tokens > num_sent[i] for i in pending):
                     self._step()
                     continue
-                still_pending = []
-                for i in pending:
+                for i in list(pending):
                     seq = seqs[i]
                     finished, num_tokens = seq.is_finished, seq.num_completion_tokens
                     if finished or num_tokens > num_sent[i]:
                         text = seq.detokenizer.new_text(finished) if seq.detokenizer is not None else ""
                         new_ids = seq.token_ids[seq.num_prompt_tokens + num_sent[i]:seq.num_prompt_tokens + num_tokens]
                         num_sent[i] = num_tokens
+                        if finished:
+                            pending.remove(i)
                         yield StreamOutput(i, text, new_ids, finished, seq.finish_reason if finished else None)
-                    if not finished:
-                        still_pending.append(i)
-                pending = still_pending
         finally:
             self._abort_unfinished(seqs)
 
     def _run_until_done(self, seqs: list[Sequence], use_tqdm: bool):
-        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         mine, num_left = set(seqs), sum(not seq.is_finished for seq in seqs)
-        prefill_tps = decode_tps = 0.0
-        try:
+        throughput = {"decode": "0tok/s", "prefill": "0tok/s"}
+        with tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
             while num_left:
                 start = perf_counter()
-                advanced, num_tokens = self._step()
-                elapsed = perf_counter() - start
-                if num_tokens > 0:
-                    prefill_tps = num_tokens / elapsed
-                else:
-                    decode_tps = -num_tokens / elapsed
+                advanced, num_tokens = self._step()     # num_tokens: > 0 for prefill, < 0 for decode
+                rate = f"{abs(num_tokens) / (perf_counter() - start):.0f}tok/s"
+                throughput["prefill" if num_tokens > 0 else "decode"] = rate
                 done = sum(seq.is_finished and seq in mine for seq in advanced)
                 num_left -= done
-                if use_tqdm:
-                    bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s", refresh=False)
-                    bar.update(done)
-        finally:
-            bar.close()
+                bar.set_postfix(throughput, refresh=False)
+                bar.update(done)
 
     def _abort_unfinished(self, seqs: list[Sequence]):
         for seq in seqs:

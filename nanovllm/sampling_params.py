@@ -8,23 +8,19 @@ from nanovllm.config import check_field
 class SamplingParams:
     """How to pick each generated token and when to stop, with vLLM's names and meanings.
 
-    Filters apply in this order to softmax(logits / temperature): min_p, top_k, top_p; greedy ignores them.
-    temperature: 0 means greedy (argmax); otherwise sample from softmax(logits / temperature).
-    top_k: keep the k most probable tokens; 0 or -1 turns it off.
-    top_p: keep the smallest set of most probable tokens whose probability reaches top_p, the token that
-        crosses it included; 1.0 turns it off.
+    temperature: 0 is greedy (argmax, no filters); else sample from softmax(logits / temperature), filtered in
+        this order by min_p, top_k and top_p.
     min_p: drop tokens less probable than min_p times the most probable one; 0 turns it off.
+    top_k: keep the k most probable tokens; 0 or -1 turns it off.
+    top_p: keep the most probable tokens until their probability reaches top_p, the token that crosses it
+        included; 1.0 turns it off.
     seed: makes this request's draws depend only on (seed, position), whatever else is in the batch.
-    max_tokens: stop ("length") after this many generated tokens.
-    min_tokens: eos and stop_token_ids cannot be generated, and stop strings are not looked for, before this many.
-    ignore_eos: keep generating past eos.
-    stop: strings that end generation ("stop"); the text is cut before the stop string.
-    stop_token_ids: token ids that end generation ("stop"), like eos.
-    include_stop_str_in_output: keep the stop string (or the stop token's text) at the end of the text.
-    logprobs: None, or n >= 0: per generated token, a dict {token_id: logprob} with the sampled token and the n
-        most probable ones.
-    skip_special_tokens: leave special tokens out of the text.
-    """
+    max_tokens: stop ("length") after this many generated tokens. min_tokens: before this many, eos and
+        stop_token_ids cannot be generated and stop strings are not looked for. ignore_eos: generate past eos.
+    stop, stop_token_ids: strings and token ids that end generation ("stop"); the text is cut before the stop
+        string unless include_stop_str_in_output, which keeps it (or the stop token's text).
+    logprobs: None, or n >= 0: per generated token, {token_id: logprob} for the sampled token and the n most
+        probable ones. skip_special_tokens: leave special tokens out of the text."""
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -45,13 +41,12 @@ class SamplingParams:
         check_field("top_p", self.top_p, num, lambda v: 0 < v <= 1, "in (0, 1] (1 turns it off)")
         check_field("min_p", self.min_p, num, lambda v: 0 <= v <= 1, "in [0, 1] (0 turns it off)")
         check_field("top_k", self.top_k, int, lambda v: v >= -1, "-1, 0 (off) or an integer >= 1")
-        if self.seed is not None:
-            check_field("seed", self.seed, int, None, "None or an integer")
+        check_field("seed", self.seed, (int, type(None)), None, "None or an integer")
         check_field("max_tokens", self.max_tokens, int, lambda v: v >= 1, "an integer >= 1")
         check_field("min_tokens", self.min_tokens, int, lambda v: 0 <= v <= self.max_tokens,
                     f"an integer in [0, max_tokens={self.max_tokens}]")
-        if self.logprobs is not None:
-            check_field("logprobs", self.logprobs, int, lambda v: v >= 0, "None or an integer >= 0")
+        check_field("logprobs", self.logprobs, (int, type(None)), lambda v: v is None or v >= 0,
+                    "None or an integer >= 0")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             check_field(name, getattr(self, name), bool, None, "True or False")
         # None is none and a bare string is one stop string; anything else must already be a list (0 is no list).

@@ -9,7 +9,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import ModelConfig
-from nanovllm.utils.tiny_checkpoint import build_tiny_checkpoint, rewrite_config_as_transformers_4
+from nanovllm.utils.tiny_checkpoint import build_tiny_checkpoint
 from tests.conftest import hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
@@ -122,6 +122,19 @@ def test_small_cache_lowers_max_model_len_with_a_warning(qwen3_dir):
 def test_cache_budget_too_small_for_one_block(qwen3_dir):
     with pytest.raises(ValueError, match="cpu_kvcache_space_gib"):
         LLM(qwen3_dir, device="cpu", cpu_kvcache_space_gib=1e-9)
+
+
+def rewrite_config_as_transformers_4(path: str):
+    """Rewrite config.json the way transformers 4.51 published Qwen3: top-level rope_theta and torch_dtype."""
+    file = os.path.join(path, "config.json")
+    with open(file) as f:
+        raw = json.load(f)
+    rope = raw.pop("rope_parameters", None) or {}
+    raw["rope_theta"] = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+    raw["rope_scaling"] = None
+    raw["torch_dtype"] = raw.pop("dtype", raw.get("torch_dtype", "float32"))
+    with open(file, "w") as f:
+        json.dump(raw, f, indent=2)
 
 
 def test_transformers_4_and_5_config_formats(tmp_path):

@@ -13,16 +13,7 @@ class Block:
         self.block_id = block_id
         self.ref_count = 0
         self.hash = -1              # -1: not a full, computed block, so not shareable
-        self.token_ids: list[int] = []
-
-    def set_hash(self, h: int, token_ids: list[int]):
-        self.hash = h
-        self.token_ids = token_ids
-
-    def reset(self):
-        self.ref_count = 1
-        self.hash = -1
-        self.token_ids = []
+        self.token_ids: list[int] = []  # a full block's tokens, to confirm a hash hit
 
 
 def chain_hash(token_ids: list[int], prefix_hash: int = -1) -> int:
@@ -35,12 +26,9 @@ def chain_hash(token_ids: list[int], prefix_hash: int = -1) -> int:
 
 
 class BlockManager:
-    """Hands out KV-cache blocks with reference counts and shares full blocks between prompts (prefix caching).
-
-    A full block is published in `hash_to_block_id` once its KV has been computed. Freed blocks keep their
-    hash and go to the back of `free_block_ids`, so the least recently freed block is reused first and a
-    later request with the same prefix can revive a freed block.
-    """
+    """Hands out KV-cache blocks with reference counts and shares full blocks between prompts (prefix caching). A
+    full block is published in `hash_to_block_id` once its KV is computed. Freed blocks keep their hash and queue at
+    the back of `free_block_ids`: the least recently freed is reused first, and a later prompt may revive one."""
 
     def __init__(self, num_blocks: int, block_size: int):
         self.block_size = block_size
@@ -65,7 +53,7 @@ class BlockManager:
         assert block.ref_count == 0
         if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
             del self.hash_to_block_id[block.hash]
-        block.reset()
+        block.ref_count, block.hash, block.token_ids = 1, -1, []
         return block_id
 
     def can_allocate(self, seq: Sequence) -> list[int] | None:
@@ -128,5 +116,5 @@ class BlockManager:
             token_ids = self._block_tokens(seq, i)
             prefix_hash = chain_hash(token_ids, prefix_hash)
             block = self.blocks[seq.block_table[i]]
-            block.set_hash(prefix_hash, token_ids)
+            block.hash, block.token_ids = prefix_hash, token_ids
             self.hash_to_block_id[prefix_hash] = block.block_id

@@ -1,3 +1,5 @@
+from contextlib import suppress
+
 import torch
 from torch import nn
 
@@ -26,9 +28,8 @@ class CUDAGraphs:
 
     @torch.inference_mode()
     def capture(self):
-        """Capture every batch size, largest first so the smaller graphs reuse its memory pool. Each size runs
-        once eagerly first, so every kernel is compiled before the capture, which then only records launches.
-        A capture that fails raises, and leaves the process able to capture again (another engine, say)."""
+        """Capture every batch size, largest first so the smaller graphs reuse its memory pool; each runs eagerly
+        first, so that capture only records launches. A failure raises, leaving the process able to capture again."""
         pool = None
         try:
             for bs in reversed(self.batch_sizes):
@@ -74,9 +75,7 @@ def _recover_from_failed_capture():
     """After an error inside `torch.cuda.graph`, torch may leave the capture stream current and the CUDA RNG
     believing it is still capturing (every later random op then raises). An empty capture resets the RNG."""
     torch.cuda.set_stream(torch.cuda.default_stream())
-    try:
+    with suppress(Exception):   # nothing more can be done here; the original error is what the caller needs to see
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             pass
-    except Exception:
-        pass    # nothing more can be done here; the original error is what the caller needs to see
     torch.cuda.synchronize()

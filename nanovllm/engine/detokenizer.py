@@ -4,21 +4,15 @@ from nanovllm.sampling_params import SamplingParams
 class Detokenizer:
     """Incremental detokenization of one request's completion, cut at its stop strings.
 
-    Decoding token by token would split a multi-byte UTF-8 character, or a byte-level BPE merge, over
-    several tokens. So, as in vLLM, each update decodes a short window `token_ids[prefix_offset:]` and takes
-    the text past the decode of `token_ids[prefix_offset:read_offset]` (the part already emitted). Text
-    that ends in U+FFFD (an incomplete character) is held back until a later token completes it, or the
-    request finishes. The window then moves to start where the emitted text ended, a character boundary,
-    so the emitted pieces concatenate to the decode of the whole completion. (Starting the window one
-    emission back, not at the boundary itself, gives decoders that look at context, such as
-    SentencePiece's leading space, the context they need.)
-    """
+    A multi-byte UTF-8 character, or a byte-level BPE merge, can span tokens. So, as in vLLM, each update decodes
+    a short window `token_ids[prefix_offset:]` and takes the text past the decode of the part already emitted,
+    `token_ids[prefix_offset:read_offset]`, holding back text that ends in U+FFFD (an incomplete character). The
+    window then starts one emission back, at a character boundary, so the pieces concatenate to the whole decode
+    and decoders that look at context (SentencePiece's leading space) get it."""
 
     def __init__(self, tokenizer, params: SamplingParams, every_step: bool):
-        self.tokenizer = tokenizer
+        self.tokenizer, self.stop, self.include_stop = tokenizer, params.stop, params.include_stop_str_in_output
         self.skip_special_tokens = params.skip_special_tokens
-        self.stop = params.stop
-        self.include_stop = params.include_stop_str_in_output
         self.every_step = every_step    # streamed or stop strings: update each step, else once at the end
         # Streaming holds back a tail that could be the start of a stop string, which may yet be cut.
         self.hold_back = 0 if self.include_stop or not self.stop else max(map(len, self.stop)) - 1

@@ -13,16 +13,12 @@ from nanovllm.utils.loader import load_tokenizer
 
 
 class LLMEngine:
-    """The core loop, as in nano-vllm: `add_request`, then `step` until `is_finished`.
-
-    It owns the tokenizer, the scheduler (who runs, and when a request is finished) and rank 0's executor (the
-    model on every rank). Requests are validated here, before anything is queued.
-    """
+    """The core loop, as in nano-vllm: `add_request`, then `step` until `is_finished`. It owns the tokenizer, the
+    scheduler and rank 0's executor (the model on every rank); requests are validated here, before any is queued."""
 
     def __init__(self, model: str, **kwargs):
         names = {f.name for f in fields(Config) if f.init}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
+        if unknown := sorted(set(kwargs) - names):
             raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
                             f"valid ones: {', '.join(sorted(names - {'model'}))}")
         self.config = config = Config(model, **kwargs)
@@ -72,12 +68,11 @@ class LLMEngine:
 
     # ---- validation -----------------------------------------------------------------------------------
 
-    def _make_sequence(self, prompt: str | list[int], sampling_params: SamplingParams,
-                       stream: bool = False) -> Sequence:
+    def _make_sequence(self, prompt: str | list[int], sp: SamplingParams, stream: bool = False) -> Sequence:
         """Validate one request and turn it into a Sequence; raises ValueError before anything is queued."""
-        if not isinstance(sampling_params, SamplingParams):
+        if not isinstance(sp, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams (or a list of them, one per prompt), "
-                             f"got {type(sampling_params).__name__}")
+                             f"got {type(sp).__name__}")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"text prompts need a tokenizer, and {self.config.model!r} has none; "
@@ -91,22 +86,12 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("empty prompt: a prompt needs at least one token")
         vocab = self.config.hf_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
+        if bad := [t for t in token_ids if not 0 <= t < vocab]:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}")
-        self._check_against_model(sampling_params)
-        seq = Sequence(token_ids, sampling_params)
-        if self.tokenizer is not None:
-            seq.detokenizer = Detokenizer(self.tokenizer, sampling_params, every_step=stream or bool(sampling_params.stop))
-        return seq
-
-    def _check_against_model(self, sp: SamplingParams):
-        """The limits of SamplingParams that depend on the model: token ids in the vocabulary, a tokenizer for text."""
-        vocab = self.config.hf_config.vocab_size
-        bad = [t for t in sp.stop_token_ids if t >= vocab]
-        if bad:
+        # The limits of SamplingParams that depend on the model: token ids in the vocabulary, a tokenizer for text.
+        if bad := [t for t in sp.stop_token_ids if t >= vocab]:
             raise ValueError(f"stop_token_ids must lie in the vocabulary [0, {vocab}), got {bad[0]}")
         if sp.logprobs is not None and sp.logprobs > vocab:
             raise ValueError(f"logprobs must be None or an integer in [0, {vocab}] (the vocabulary size), "
@@ -114,6 +99,10 @@ class LLMEngine:
         if sp.stop and self.tokenizer is None:
             raise ValueError(f"stop strings need a tokenizer, and {self.config.model!r} has none; "
                              f"use stop_token_ids instead")
+        seq = Sequence(token_ids, sp)
+        if self.tokenizer is not None:
+            seq.detokenizer = Detokenizer(self.tokenizer, sp, every_step=stream or bool(sp.stop))
+        return seq
 
     def _make_sequences(self, prompts: list[str] | list[list[int]],
                         sampling_params: SamplingParams | list[SamplingParams], stream: bool) -> list[Sequence]:

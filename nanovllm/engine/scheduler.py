@@ -7,19 +7,15 @@ from nanovllm.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    """Decides which sequences run in each step, books the tokens that come back, and decides when a request
-    is finished (the one stop check: `_finish_reason`).
+    """Decides who runs in each step, books the tokens that come back, and when a request ends (`_finish_reason`).
 
-    Prefill comes first: waiting sequences (new or preempted) are admitted in FCFS order while blocks,
-    the token budget `max_num_batched_tokens` and `max_num_seqs` allow; a prompt longer than the budget left
-    is split into chunks over several steps. Otherwise every running sequence decodes one token; when a
-    decode cannot get a block, the most recently admitted sequence is preempted (its blocks are freed and it
-    is recomputed later, which is cheap when its prefix is still cached).
-    """
+    Prefill comes first: waiting sequences (new or preempted) are admitted in FCFS order while blocks, the token
+    budget and `max_num_seqs` allow; a prompt longer than the budget left is chunked over several steps. Otherwise
+    every running sequence decodes one token; when a decode cannot get a block, the most recently admitted one
+    is preempted (its blocks are freed and it is recomputed later: cheap while its prefix is still cached)."""
 
     def __init__(self, config: Config, num_kvcache_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
-        """`num_kvcache_blocks` and `max_model_len` are what the model runner's cache holds (it may lower the
-        configured max_model_len to fit)."""
+        """`num_kvcache_blocks` and `max_model_len`: what the runner's cache holds (it may lower max_model_len)."""
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -38,9 +34,7 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Pick this step's sequences; each gets `num_scheduled_tokens`. Returns (seqs, is_prefill)."""
         scheduled = self._schedule_prefill()
-        if scheduled:
-            return scheduled, True
-        return self._schedule_decode(), False
+        return (scheduled, True) if scheduled else (self._schedule_decode(), False)
 
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
@@ -48,8 +42,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) + len(scheduled) < self.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
-                cached_blocks = self.block_manager.can_allocate(seq)
-                if cached_blocks is None:
+                if (cached_blocks := self.block_manager.can_allocate(seq)) is None:
                     break
                 self.block_manager.allocate(seq, cached_blocks)
             seq.num_scheduled_tokens = min(seq.num_uncomputed_tokens, budget)
@@ -86,13 +79,10 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str):
-        """End a request wherever it is, for `reason` ("stop", "length" or "abort"), and free its blocks.
-
-        """
-        if seq in self.running:
-            self.running.remove(seq)
-        if seq in self.waiting:
-            self.waiting.remove(seq)
+        """End a request wherever it is, for `reason` ("stop", "length" or "abort"), and free its blocks."""
+        for queue in (self.running, self.waiting):
+            if seq in queue:
+                queue.remove(seq)
         if seq.block_table:
             self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.FINISHED
@@ -115,15 +105,13 @@ class Scheduler:
             if token_logprobs is not None:
                 seq.logprobs.append(token_logprobs)
             advanced.append(seq)
-            reason = self._finish_reason(seq)
-            if reason is not None:
+            if (reason := self._finish_reason(seq)) is not None:
                 self.finish(seq, reason)
         return advanced
 
     def _finish_reason(self, seq: Sequence) -> str | None:
         """Whether the token just appended ends `seq`: a stop token, a stop string in the text, or the length.
-        Text is detokenized here each step only when it is streamed or searched for stop strings, else once
-        at the end."""
+        Text is detokenized each step only when streamed or searched for stop strings, else once at the end."""
         sp, token_id = seq.sampling_params, seq.last_token
         reason = None
         if token_id in sp.stop_token_ids or (token_id in self.eos_token_ids and not sp.ignore_eos):

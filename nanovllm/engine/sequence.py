@@ -15,10 +15,8 @@ class SequenceStatus(Enum):
 
 class Sequence:
     """One request: its tokens (prompt then completion), its KV blocks and how far it has been computed.
-
-    Pickling (how rank 0 sends a scheduled batch to tensor-parallel workers) keeps only what the ModelRunner
-    reads for this step, so a decode step costs a few ints per sequence, not the whole token history.
-    """
+    Pickling (how rank 0 sends a batch to tensor-parallel workers) keeps only what the ModelRunner reads for this
+    step, so a decode step costs a few ints per sequence, not the whole token history."""
     token_offset = 0    # token_ids[i] is token token_offset + i: 0 here, this step's first token in a worker's copy
 
     def __init__(self, token_ids: list[int], sampling_params: SamplingParams = SamplingParams()):
@@ -26,8 +24,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.token_ids = copy(token_ids)
         self.last_token = token_ids[-1]
-        self.num_tokens = len(token_ids)
-        self.num_prompt_tokens = len(token_ids)
+        self.num_tokens = self.num_prompt_tokens = len(token_ids)
         self.num_cached_tokens = -1     # prompt tokens served by the prefix cache, set at the first allocation
         self.num_computed_tokens = 0    # tokens whose KV is in the cache (cached or computed)
         self.num_scheduled_tokens = 0   # tokens the current step runs through the model (set by the scheduler)

@@ -1,17 +1,10 @@
 """Ranks 1..N-1 of a tensor-parallel engine: spawned processes running the same ModelRunner as rank 0.
 
-Rank 0 (the caller's process) sends every ModelRunner call to the workers through one shared-memory
-buffer: a header (call number, payload length) and the pickled (method name, args), written once per
-call, then a post to each worker's semaphore wakes it. (Not multiprocessing.Event: its set() waits for
-every sleeper to wake, forever if one was killed.) The buffer is never overwritten under a reader: each
-call meets in the model's collectives and rank 0 waits for the sampled tokens, so every worker has read
-call k before rank 0 writes call k+1 (a worker checks the call number to be sure).
-
-Failures: a worker that raises sends its traceback over a pipe and exits. Rank 0 notices a dead worker
-through its process sentinel (a watchdog thread, and after any failed call) and raises a RuntimeError
-naming the rank, instead of waiting forever in a collective. After that the engine is dead; `close`
-still cleans up. Workers ignore Ctrl-C (rank 0 decides) and exit when rank 0's process goes away.
-"""
+Rank 0 writes each call (method name and args, pickled) once into a shared-memory buffer, then posts each
+worker's semaphore (multiprocessing.Event's set() would wait forever for a killed sleeper). Every call meets in
+the model's collectives, so all workers have read call k before call k+1 overwrites it.
+A worker that raises sends its traceback over a pipe and exits. Rank 0 notices a dead worker through its process
+sentinel and raises a RuntimeError naming the rank, instead of waiting forever in a collective; the engine is dead."""
 import multiprocessing as mp
 import os
 import pickle
@@ -21,7 +14,7 @@ import sys
 import threading
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from multiprocessing.connection import wait
 from multiprocessing.shared_memory import SharedMemory
 
@@ -60,12 +53,11 @@ def _exit_code(process, patience_s: float = 1.0) -> int | None:
 
 
 def _leave_group(how):
-    """Destroy (or abort) this process's group, if it still has one."""
+    """Destroy (or abort) this process's group, if it still has one. A broken group may refuse, or another
+    thread got there first: it is dropped either way."""
     if dist.is_initialized():
-        try:
+        with suppress(Exception):
             how()
-        except Exception:   # a broken group may refuse, or another thread got there first; it is dropped either way
-            pass
 
 
 class WorkerPool:
@@ -118,20 +110,16 @@ class WorkerPool:
         pending = list(self.conns)
         while pending:
             for conn in wait(pending):
+                rank = self.conns.index(conn) + 1
                 try:
                     message = conn.recv()
-                except EOFError:
-                    message = None
-                rank = self.conns.index(conn) + 1
-                if message is None:     # died before our code ran, e.g. while re-importing the main module
+                except EOFError:    # died before our code ran, e.g. while re-importing the main module
                     self.processes[rank - 1].join(DEATH_GRACE_S)
-                    self.failure = ((self._death_report() or f"tensor-parallel worker rank {rank} closed its pipe")
-                                    + " before starting; see its traceback above. A script that creates a "
-                                    "tensor-parallel LLM needs an `if __name__ == \"__main__\":` guard")
-                elif message != "ready":
-                    self.failure = f"tensor-parallel worker rank {rank} raised:\n{message}"
-                if self.failure is not None:
-                    raise RuntimeError(self.failure)
+                    raise RuntimeError((self._death_report() or f"tensor-parallel worker rank {rank} closed its pipe")
+                                       + " before starting; see its traceback above. A script that creates a "
+                                       "tensor-parallel LLM needs an `if __name__ == \"__main__\":` guard") from None
+                if message != "ready":
+                    raise RuntimeError(f"tensor-parallel worker rank {rank} raised:\n{message}")
                 pending.remove(conn)
 
     # ---- calls ----------------------------------------------------------------------------------------
@@ -150,8 +138,7 @@ class WorkerPool:
     @contextmanager
     def guard(self):
         """Run rank 0's side of a call. If it raises, the ranks are out of step: stop them all, and raise a dead
-        worker's story when there is one. A call that returns after a worker died (NCCL: the watchdog aborted
-        its collectives) raises too, since its result is garbage."""
+        worker's story when there is one. A call that returns after a worker died raises too: its result is garbage."""
         if self.failure is not None or self.closed:
             self.close()
             raise RuntimeError("the tensor-parallel engine has stopped: "
@@ -188,13 +175,11 @@ class WorkerPool:
                 if not wait([process.sentinel], 0):
                     continue
                 code = _exit_code(process)
-                try:
+                with suppress(EOFError, OSError):
                     while conn.poll():
                         message = conn.recv()
                         if message != "ready":
                             self.errors[rank] = message
-                except (EOFError, OSError):
-                    pass
                 if rank in self.errors:
                     lines.append(f"tensor-parallel worker rank {rank} raised:\n{self.errors[rank]}")
                 elif code is None:
@@ -205,9 +190,8 @@ class WorkerPool:
             return "\n".join(lines) or None
 
     def _watch(self):
-        """Wake when any worker exits. Unless we are closing, the engine is dead: with NCCL, rank 0 may be
-        blocked in a collective that will never complete, so abort the group to let it return. The failure is
-        recorded first, so that a call which returns (with garbage) once the group is aborted raises."""
+        """Wake when any worker exits. Unless closing, the engine is dead: abort the NCCL group, in which rank 0 may
+        be blocked forever. The failure is recorded first, so that a call returning (garbage) once aborted raises."""
         wait([p.sentinel for p in self.processes])
         if self.closed:
             return
@@ -217,11 +201,9 @@ class WorkerPool:
 
     def _abort_nccl(self):
         """Abort the NCCL group, once: a second abort from another thread would wait on the first.
-        NCCL's abort first tells every kernel stuck on the dead peer to quit, then waits until each CUDA graph
-        that captured its collectives is destroyed, holding the group's lock (so rank 0's next collective waits
-        too). So rank 0's graphs are dropped as well: on a thread of their own, in case CUDA makes that wait for
-        the stuck kernels. A replay in flight keeps its graph alive until it returns; CUDA frees the executable
-        graph when its kernels have quit."""
+        NCCL's abort tells every kernel stuck on the dead peer to quit, then waits, holding the group's lock, until
+        each CUDA graph that captured its collectives is destroyed. So rank 0's graphs are dropped too, on a thread
+        of their own in case CUDA makes that wait for the stuck kernels (a graph mid-replay is freed once they quit)."""
         with self.lock:
             if not self.nccl or self.aborted:
                 return
@@ -232,8 +214,7 @@ class WorkerPool:
     # ---- shutdown -------------------------------------------------------------------------------------
 
     def close(self):
-        """Stop the workers (asking first when they are in step), destroy the process group, free the buffer.
-        Idempotent."""
+        """Stop the workers (asking first when in step), destroy the process group, free the buffer. Idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -256,10 +237,8 @@ class WorkerPool:
             conn.close()
         self.store = None
         self.shm.close()
-        try:
+        with suppress(FileNotFoundError):
             self.shm.unlink()
-        except FileNotFoundError:
-            pass
 
 
 # ---- the worker process ---------------------------------------------------------------------------------
@@ -279,10 +258,8 @@ def _worker_main(config: Config, rank: int, port: int, shm_name: str, wakeup, co
         _join_group(config, rank, store)
         _serve(ModelRunner(config), shm, wakeup)
     except BaseException:
-        try:
+        with suppress(OSError):
             conn.send(traceback.format_exc())
-        except OSError:
-            pass
         sys.stderr.flush()
         os._exit(1)     # skip interpreter teardown: with the ranks out of step it could block
     shm.close()

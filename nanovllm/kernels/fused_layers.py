@@ -1,6 +1,5 @@
-"""Triton kernels for the model's small per-token layers on CUDA: RMSNorm (optionally fused with the residual add),
-silu-and-mul, and Qwen3's per-head q/k RMSNorm fused with the rotary embedding. The torch code in layers/ is their
-reference and CPU path; they round as it does: float32 math, rounded to the activation dtype where it holds one."""
+"""Triton kernels for RMSNorm (+ residual add), silu-and-mul and Qwen3's q/k RMSNorm + rotary embedding on CUDA.
+Their reference and CPU path is the torch code in layers/: float32 math, rounded to the activation dtype as it does."""
 # No argument depends on the number of tokens (the grid carries it): Triton, which specialises integers equal to 1
 # or divisible by 16, then compiles each kernel once per model instead of once per batch size, and a launch does
 # nothing else, so it is safe inside CUDA-graph capture.

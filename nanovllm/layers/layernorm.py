@@ -7,10 +7,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     x + residual). The CPU path and the reference of the CUDA kernel (kernels/fused_layers.py)."""
     if residual is not None:
         x = residual = x + residual
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    out = weight * x.to(dtype)
+    xf = x.float()
+    out = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return out if residual is None else (out, residual)
 
 

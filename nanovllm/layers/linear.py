@@ -1,9 +1,6 @@
-"""Linear layers split over tensor-parallel ranks as Megatron does.
-
-Column-parallel layers split the output features (each rank computes a slice, no communication);
-row-parallel layers split the input features and all-reduce the partial sums. Each parameter carries a
-`weight_loader` that copies this rank's shard out of the full checkpoint tensor.
-"""
+"""Linear layers split over tensor-parallel ranks as Megatron does: column-parallel layers split the output
+features (no communication), row-parallel layers split the input features and all-reduce the partial sums.
+Each parameter carries a `weight_loader` that copies this rank's shard out of the full checkpoint tensor."""
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -12,13 +9,15 @@ from torch import nn
 from nanovllm.utils.parallel import tp_rank, tp_size
 
 
-def _check_shape(param: nn.Parameter, shard: torch.Tensor):
-    if param.shape != shard.shape:
-        raise ValueError(f"expected a tensor of shape {tuple(param.shape)}, got {tuple(shard.shape)}")
+def copy_shard(target: torch.Tensor, shard: torch.Tensor):
+    """Copy a checkpoint tensor (or this rank's shard of one) into a parameter, or a slice of one, of its shape."""
+    if target.shape != shard.shape:
+        raise ValueError(f"expected a tensor of shape {tuple(target.shape)}, got {tuple(shard.shape)}")
+    target.data.copy_(shard)
 
 
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int):
         super().__init__()
         self.tp_dim = tp_dim
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
@@ -30,24 +29,14 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def _shard(self, loaded: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-        if self.tp_dim is None or self.tp_size == 1:
-            return loaded
-        size = param.size(self.tp_dim)
-        return loaded.narrow(self.tp_dim, self.tp_rank * size, size)
-
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor):
-        shard = self._shard(loaded, param)
-        _check_shape(param, shard)
-        param.data.copy_(shard)
+        if self.tp_size > 1:
+            size = param.size(self.tp_dim)
+            loaded = loaded.narrow(self.tp_dim, self.tp_rank * size, size)
+        copy_shard(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-
-class ReplicatedLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size, output_size, bias, None)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -58,7 +47,7 @@ class ColumnParallelLinear(LinearBase):
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """Several column-parallel projections of one input in one matmul (gate and up)."""
+    """Several column-parallel projections of one input in one matmul (gate and up; q, k and v)."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
         self.output_sizes = output_sizes
@@ -67,31 +56,19 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int):
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        target = param.data.narrow(0, offset, size)
-        shard = loaded.narrow(0, self.tp_rank * size, size)
-        _check_shape(target, shard)
-        target.copy_(shard)
+        copy_shard(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))
 
 
-class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections in one matmul; each rank holds its own query and KV heads."""
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """q, k and v projections (shards 0, 1 and 2) in one matmul; each rank holds its own query and KV heads."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
         tp = tp_size()
         if num_heads % tp or num_kv_heads % tp:
             raise ValueError(f"{num_heads} attention heads and {num_kv_heads} KV heads must both be divisible "
                              f"by tensor_parallel_size {tp}")
-        self.head_dim = head_dim
         self.num_heads, self.num_kv_heads = num_heads // tp, num_kv_heads // tp
-        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias)
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str):
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[shard_id]
-        target = param.data.narrow(0, offset, size)
-        shard = loaded.narrow(0, self.tp_rank * size, size)
-        _check_shape(target, shard)
-        target.copy_(shard)
+        super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], bias)
 
 
 class RowParallelLinear(LinearBase):
@@ -102,10 +79,9 @@ class RowParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor):
         if param.dim() == 1:        # the bias is added once, on rank 0, after the all-reduce would double it
-            _check_shape(param, loaded)
-            param.data.copy_(loaded if self.tp_rank == 0 else torch.zeros_like(loaded))
-            return
-        super().weight_loader(param, loaded)
+            copy_shard(param, loaded if self.tp_rank == 0 else torch.zeros_like(loaded))
+        else:
+            super().weight_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)

@@ -5,8 +5,7 @@ from torch import nn
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor,
                  sin_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # The CPU path and the CUDA kernel's reference: rotation in float32, the result in q's and k's dtype.
-    cos = cos_table[positions].unsqueeze(1)
-    sin = sin_table[positions].unsqueeze(1)
+    cos, sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

@@ -13,11 +13,8 @@ _MASK32 = 0xFFFFFFFF
 
 @dataclass(slots=True)
 class SamplingTensors:
-    """Per-row sampling inputs beyond the temperature, for a batch where some row needs them.
-
-    A field is None when no row of the batch uses it. Rows that do not use a field carry its neutral value
-    (top_k = vocabulary size, top_p = 1, min_p = 0), and so do greedy rows (temperature 0).
-    """
+    """Per-row sampling inputs beyond the temperature. A field is None when no row of the batch uses it; rows that
+    do not, greedy ones included, carry its neutral value (top_k = vocabulary size, top_p = 1, min_p = 0)."""
     top_ks: torch.Tensor | None = None          # int64 [rows]; set (with top_ps) when some row needs the sort
     top_ps: torch.Tensor | None = None          # float32 [rows]
     min_ps: torch.Tensor | None = None          # float32 [rows]
@@ -70,8 +67,7 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's finalizer: a bijection on 32-bit values where every input bit flips every output bit
-    with probability about 1/2."""
+    """MurmurHash3's finalizer: a bijection on 32-bit values; each input bit flips each output bit half the time."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x85EBCA6B)
     x = x ^ (x >> 13)
@@ -114,16 +110,10 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler(nn.Module):
-    """Picks one token per row of a batch with mixed per-request parameters, in one batched pass.
-
-    Each row draws from softmax(logits / temperature) after min_p, top_k and top_p filtering; a row with
-    temperature 0 takes the argmax. Draws use argmax(p / E) with E ~ Exp(1) (the Gumbel-max trick): no sort
-    and no host sync. A batch with no `SamplingTensors` takes a compiled fast path that does only that.
-
-    Logprobs, when asked for, are those of the distribution actually sampled from: log_softmax of the logits
-    after min_tokens masking, temperature and the filters (tokens filtered out get -inf); for a greedy row,
-    log_softmax of the (masked) logits. This is vLLM's "processed" logprobs.
-    """
+    """Picks one token per row of a batch with mixed per-request parameters, in one batched pass: a draw from
+    softmax(logits / temperature) after min_p, top_k and top_p filtering, or the argmax at temperature 0. A batch
+    with no `SamplingTensors` takes the compiled fast path. Logprobs are those of the distribution sampled from
+    (after masking, temperature and filters; the masked logits' for a greedy row): vLLM's "processed" logprobs."""
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, extras: SamplingTensors | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
@@ -131,9 +121,6 @@ class Sampler(nn.Module):
         (the sampled tokens' logprobs [rows], the top-n logprobs [rows, n], their token ids [rows, n])."""
         if extras is None:
             return sample(logits, temperatures), None
-        return self.sample_with_extras(logits, temperatures, extras)
-
-    def sample_with_extras(self, logits: torch.Tensor, temperatures: torch.Tensor, extras: SamplingTensors):
         logits = logits.float()
         if extras.banned_rows is not None:
             logits = logits.clone()     # leave the caller's logits as they were
@@ -163,7 +150,5 @@ def logprob_dicts(token_ids: list[int], logprobs: tuple[torch.Tensor, torch.Tens
                   nums: list[int | None]) -> list[dict[int, float] | None]:
     """Per row, {token_id: logprob} for the sampled token and the row's top-n (None where not asked for)."""
     sampled, top_logprobs, top_ids = (t.tolist() for t in logprobs)
-    out = []
-    for token_id, lp, top_lp, ids, n in zip(token_ids, sampled, top_logprobs, top_ids, nums):
-        out.append(None if n is None else {token_id: lp, **dict(zip(ids[:n], top_lp[:n]))})
-    return out
+    return [None if n is None else {token_id: lp, **dict(zip(ids[:n], top_lp[:n]))}
+            for token_id, lp, top_lp, ids, n in zip(token_ids, sampled, top_logprobs, top_ids, nums)]

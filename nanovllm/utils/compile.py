@@ -4,11 +4,8 @@ import torch
 
 
 def compile_on_cuda(fn):
-    """torch.compile a pure tensor function for CUDA inputs; CPU inputs run it eagerly.
-
-    Decorate free functions of tensors (not methods): a method would make dynamo guard on `self`, and every
-    layer instance would then compile its own copy.
-    """
+    """torch.compile a pure tensor function for CUDA inputs; CPU inputs run it eagerly. Decorate free functions, not
+    methods: on a method dynamo guards on `self`, and every layer instance would compile its own copy."""
     compiled = None
 
     @functools.wraps(fn)

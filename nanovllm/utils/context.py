@@ -5,13 +5,10 @@ import torch
 
 @dataclass(slots=True)
 class Context:
-    """Attention metadata for the current step, set by the ModelRunner and read by every Attention layer.
-
-    Prefill: the new tokens of all sequences are packed; sequence i owns query rows
-    cu_seqlens_q[i]:cu_seqlens_q[i+1] and attends to its first context_lens[i] tokens (cached prefix + new).
-    Decode: one query row per sequence. In both, block_tables[i] lists sequence i's KV blocks (-1 padded)
-    and slot_mapping[j] is the cache slot where the new token j's K/V is written (-1: skip, padding).
-    """
+    """Attention metadata for the current step, set by the ModelRunner and read by every Attention layer. Prefill:
+    the new tokens of all sequences are packed; sequence i owns query rows cu_seqlens_q[i]:cu_seqlens_q[i+1] and
+    attends to its first context_lens[i] tokens (cached prefix + new). Decode: one query row per sequence. In both,
+    block_tables[i] lists sequence i's KV blocks (-1 padded); slot_mapping[j] is where token j's K/V goes (-1: none)."""
     is_prefill: bool = False
     cu_seqlens_q: torch.Tensor | None = None
     max_seqlen_q: int = 0
@@ -35,5 +32,4 @@ def set_context(**fields) -> None:
 
 
 def reset_context() -> None:
-    global _CONTEXT
-    _CONTEXT = Context()
+    set_context()

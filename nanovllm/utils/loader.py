@@ -8,12 +8,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from nanovllm.config import ModelConfig
-
-
-def _default_weight_loader(param: nn.Parameter, loaded: torch.Tensor):
-    if param.shape != loaded.shape:
-        raise ValueError(f"expected a tensor of shape {tuple(param.shape)}, got {tuple(loaded.shape)}")
-    param.data.copy_(loaded)
+from nanovllm.layers.linear import copy_shard
 
 
 def safetensors_weights(path: str) -> Iterator[tuple[str, str, torch.Tensor]]:
@@ -49,12 +44,8 @@ def load_tokenizer(model_dir: str):
 
 
 def dummy_weights(config: ModelConfig, device: torch.device) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """A checkpoint of random values with the published tensor names and shapes (vLLM's load_format='dummy').
-
-    Each tensor is seeded by its name, so every tensor-parallel rank sees the same full tensor and takes
-    its own shard, and tp=1 and tp=2 run the same model. Small uniform values keep activations finite;
-    norm weights are 1.
-    """
+    """Random values under the published tensor names and shapes (vLLM's load_format='dummy'), seeded by name so that
+    every rank takes its shard of one full tensor; small uniform values keep activations finite; norm weights are 1."""
     h, d = config.hidden_size, config.head_dim
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
@@ -82,11 +73,9 @@ def dummy_weights(config: ModelConfig, device: torch.device) -> Iterator[tuple[s
 
 
 def load_model(model: nn.Module, weights: Iterator[tuple[str, str, torch.Tensor]], source: str):
-    """Copy checkpoint tensors into `model`, routing q/k/v and gate/up into their packed parameters.
-
-    Every tensor must land on a parameter of the right shape and every parameter must be filled;
-    otherwise a ValueError names the tensor, rather than leaving a half-loaded model.
-    """
+    """Copy checkpoint tensors into `model`, routing q/k/v and gate/up into their packed parameters. Every tensor
+    must land on a parameter of the right shape and every parameter must be filled, else a ValueError names it
+    (rather than leaving a half-loaded model)."""
     packed = getattr(model, "packed_modules_mapping", {})
     params = dict(model.named_parameters())     # a tied weight appears once, under its first name
     loaded: dict[str, set] = {name: set() for name in params}
@@ -98,22 +87,18 @@ def load_model(model: nn.Module, weights: Iterator[tuple[str, str, torch.Tensor]
             if f".{ckpt_part}." in name:
                 target, shard_id = name.replace(ckpt_part, our_part), sid
                 break
-        param = params.get(target)
-        if param is None:
+        if (param := params.get(target)) is None:
             raise ValueError(f"checkpoint tensor {name!r} in {file} matches no parameter of the model "
                              f"(does config.json belong to this checkpoint?)")
-        loader = getattr(param, "weight_loader", _default_weight_loader)
+        loader = getattr(param, "weight_loader", copy_shard)
         try:
             loader(param, tensor) if shard_id is None else loader(param, tensor, shard_id)
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"checkpoint tensor {name!r} in {file} does not fit the model: {e}") from None
         loaded[target].add(shard_id)
-    missing = [name for name, shards in loaded.items() if shards != _expected_shards(name, packed)]
+    # A packed parameter must get every shard routed to it; any other, the one unsharded tensor (None).
+    missing = [name for name, shards in loaded.items()
+               if shards != ({sid for part, sid in packed.values() if f".{part}." in name} or {None})]
     if missing:
         raise ValueError(f"checkpoint {source!r} lacks tensors for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
-
-
-def _expected_shards(param_name: str, packed: dict) -> set:
-    shards = {sid for our_part, sid in packed.values() if f".{our_part}." in param_name}
-    return shards or {None}

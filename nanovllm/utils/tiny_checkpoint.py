@@ -1,10 +1,6 @@
-"""Write a tiny random Qwen3 or Qwen2 checkpoint with a byte-level BPE tokenizer, offline.
-
-Used by the tests (the oracle is transformers on the same files) and by example.py when no real model is
-at hand. The weights are random, so the text is gibberish; the initializer scale is large enough that the
-greedy next token changes from step to step and depends on context and position.
-"""
-import json
+"""Write a tiny random Qwen3 or Qwen2 checkpoint with a byte-level BPE tokenizer, offline, for the tests (the oracle
+is transformers on the same files) and example.py. The text is gibberish; the initializer scale is large enough that
+the greedy next token changes from step to step and depends on context and position."""
 import os
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -57,21 +53,7 @@ def build_tiny_checkpoint(path: str, arch: str = "qwen3", seed: int = 0, vocab_s
     else:
         raise ValueError(f"arch must be 'qwen3' or 'qwen2', got {arch!r}")
     torch.manual_seed(seed)
-    model = model_cls(config).float().eval()
-    model.save_pretrained(path)
+    model_cls(config).float().eval().save_pretrained(path)
     if with_tokenizer:
         build_tokenizer(path, vocab_size)
     return path
-
-
-def rewrite_config_as_transformers_4(path: str):
-    """Rewrite config.json the way transformers 4.51 published Qwen3: top-level rope_theta and torch_dtype."""
-    file = os.path.join(path, "config.json")
-    with open(file) as f:
-        raw = json.load(f)
-    rope = raw.pop("rope_parameters", None) or {}
-    raw["rope_theta"] = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
-    raw["rope_scaling"] = None
-    raw["torch_dtype"] = raw.pop("dtype", raw.get("torch_dtype", "float32"))
-    with open(file, "w") as f:
-        json.dump(raw, f, indent=2)
