@@ -107,6 +107,7 @@ class Config:
     device: str = "auto"
     attention_backend: str = "auto"
     load_format: str = "auto"
+    kv_cache_dtype: str = "auto"
     cpu_kvcache_space_gib: float = 1.0
     hf_config: ModelConfig = field(init=False)
 
@@ -134,6 +135,8 @@ class Config:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
         if self.cpu_kvcache_space_gib <= 0:
             raise ValueError(f"cpu_kvcache_space_gib must be positive, got {self.cpu_kvcache_space_gib}")
         self.hf_config = ModelConfig.from_model_dir(self.model)

@@ -7,7 +7,8 @@ import torch.distributed as dist
 from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.workers import WorkerPool
-from nanovllm.layers.attention import Attention, load_attention_backend, resolve_attention_backend
+from nanovllm.layers.attention import (Attention, kv_cache_torch_dtype, load_attention_backend,
+                                       resolve_attention_backend, set_kv_scales)
 from nanovllm.layers.sampler import Sampler, SamplingTensors, logprob_dicts, seed_key
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import get_context, reset_context, set_context
@@ -31,7 +32,9 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         self.device = torch.device(config.device)     # on CUDA the current device, which is cuda:rank
         self.enforce_eager = config.enforce_eager or config.device != "cuda"
-        self.attention_backend = resolve_attention_backend(config.attention_backend, config.device)
+        self.attention_backend = resolve_attention_backend(config.attention_backend, config.device,
+                                                           config.kv_cache_dtype)
+        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, hf.dtype, self.attention_backend)
         backend = load_attention_backend(self.attention_backend)
         backend.check_block_size(self.block_size)
         if self.attention_backend == "torch":
@@ -62,6 +65,9 @@ class ModelRunner:
                     f"CUDA ran out of memory in the warm-up forward over max_num_batched_tokens="
                     f"{config.max_num_batched_tokens} tokens; lower max_num_batched_tokens (or max_num_seqs), "
                     f"or free GPU memory / lower gpu_memory_utilization if another process shares the GPU") from e
+        elif self.kv_dtype == torch.float8_e4m3fn:   # no memory warm-up on CPU: a short one measures K/V
+            self.warmup_forward(min(config.max_num_batched_tokens, 1024))
+        set_kv_scales(self.attention_layers)
         self.allocate_kv_cache()
         if self.device.type == "cuda":
             self.warmup_kernels()
@@ -95,14 +101,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         cfg = self.config
-        num_tokens = cfg.max_num_batched_tokens
-        seq_lens = [min(cfg.max_model_len, num_tokens - i) for i in range(0, num_tokens, cfg.max_model_len)]
-        cu = torch.tensor(np.cumsum([0] + seq_lens), dtype=torch.int32, device=self.device)
-        set_context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=max(seq_lens))
-        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in seq_lens])
-        hidden = self.model(input_ids, positions)
-        reset_context()
+        hidden = self.warmup_forward(cfg.max_num_batched_tokens)
         rows = hidden[:1].expand(cfg.max_num_seqs, -1)
         logits = self.model.compute_logits(rows)
         if self.rank == 0:      # the other ranks get no logits
@@ -116,6 +115,19 @@ class ModelRunner:
                 banned_rows=rows, banned_ids=torch.zeros_like(rows), num_logprobs=min(20, logits.size(-1))))
         del hidden, logits
         torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def warmup_forward(self, num_tokens: int) -> torch.Tensor:
+        """A prefill of num_tokens varied token ids with no KV cache; Attention layers measure K/V for fp8 scales."""
+        cfg = self.config
+        seq_lens = [min(cfg.max_model_len, num_tokens - i) for i in range(0, num_tokens, cfg.max_model_len)]
+        cu = torch.tensor(np.cumsum([0] + seq_lens), dtype=torch.int32, device=self.device)
+        set_context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=max(seq_lens))
+        input_ids = torch.arange(num_tokens, device=self.device) % cfg.hf_config.vocab_size
+        positions = torch.cat([torch.arange(n, device=self.device) for n in seq_lens])
+        hidden = self.model(input_ids, positions)
+        reset_context()
+        return hidden
 
     @torch.inference_mode()
     def warmup_kernels(self):
@@ -138,7 +150,7 @@ class ModelRunner:
     def allocate_kv_cache(self):
         cfg, hf = self.config, self.config.hf_config
         kv_heads = self.attention_layers[0].num_kv_heads
-        block_bytes = 2 * hf.num_hidden_layers * self.block_size * kv_heads * hf.head_dim * hf.dtype.itemsize
+        block_bytes = 2 * hf.num_hidden_layers * self.block_size * kv_heads * hf.head_dim * self.kv_dtype.itemsize
         if cfg.num_kvcache_blocks > 0:
             num_blocks = cfg.num_kvcache_blocks
         elif self.device.type == "cuda":
@@ -166,7 +178,7 @@ class ModelRunner:
                           f"fewer than max_model_len={cfg.max_model_len}; lowering max_model_len to {capacity}")
             cfg.max_model_len = capacity
         self.kv_cache = torch.empty(2, hf.num_hidden_layers, num_blocks, self.block_size, kv_heads, hf.head_dim,
-                                    dtype=hf.dtype, device=self.device)
+                                    dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
