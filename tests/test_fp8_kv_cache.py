@@ -17,6 +17,7 @@ from nanovllm.layers.attention import Attention, kv_cache_torch_dtype, resolve_a
 from nanovllm.utils.context import reset_context, set_context
 
 FP8 = torch.float8_e4m3fn
+FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 _spec = importlib.util.spec_from_file_location(
     "fp8_accuracy", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "fp8_accuracy.py"))
 fp8_accuracy = importlib.util.module_from_spec(_spec)
@@ -106,8 +107,8 @@ def test_warmup_forward_measures_kv_and_sets_scales_with_headroom():
 def test_fp8_cache_on_cpu_is_calibrated_holds_4x_the_float32_blocks_and_never_clips(qwen3_dir):
     """The CPU runs a short warm-up forward too, so its scales come from K/V, not the 1.0 fallback; a cache of
     1-byte elements holds 4x the blocks of float32 in the same space; real activations saturate nothing."""
-    engines = {dtype: LLM(qwen3_dir, kv_cache_dtype=dtype, cpu_kvcache_space_gib=0.01, kvcache_block_size=16,
-                          max_model_len=512) for dtype in ("auto", "fp8")}
+    engines = {dtype: LLM(qwen3_dir, kv_cache_dtype=dtype, device="cpu", cpu_kvcache_space_gib=0.01,
+                          kvcache_block_size=16, max_model_len=512) for dtype in ("auto", "fp8")}
     blocks = {dtype: llm.config.num_kvcache_blocks for dtype, llm in engines.items()}
     assert blocks["fp8"] == int(0.01 * 2**30 // (2 * 2 * 16 * 2 * 16 * 1))      # layers, K/V, block, heads, dim
     assert blocks["fp8"] // 4 == blocks["auto"]
@@ -136,11 +137,14 @@ LOGIT_BOUNDS = {"qwen3": dict(rel_mean=0.10, rel_max=0.25, top1=0.85),
                 "qwen2": dict(rel_mean=0.40, rel_max=1.0, top1=0.55)}
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not FP8_GPU, reason="needs a GPU of compute capability 8.9+")])])
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
-def test_fp8_logits_stay_close_to_float32_cache(arch, qwen3_dir, qwen2_dir):
+def test_fp8_logits_stay_close_to_float32_cache(arch, backend, qwen3_dir, qwen2_dir):
+    """On the CPU through the PyTorch reference; on a GPU through the Triton kernels (CUDA-graph free, eager)."""
     path = qwen3_dir if arch == "qwen3" else qwen2_dir
-    r = fp8_accuracy.measure(path, [64, 128, 256, 512], decode_steps=64, yardstick=False, device="cpu",
-                             kvcache_block_size=16)["fp8"]
+    r = fp8_accuracy.measure(path, [64, 128, 256, 512], decode_steps=64, yardstick=False, kvcache_block_size=16,
+                             device="cpu" if backend == "torch" else "cuda", attention_backend=backend)["fp8"]
     bounds = LOGIT_BOUNDS[arch]
     assert r["positions"] == 4 * 65
     assert r["rel_mean"] < bounds["rel_mean"] and r["rel_max"] < bounds["rel_max"], r

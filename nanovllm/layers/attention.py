@@ -81,14 +81,12 @@ KV_SCALE_HEADROOM = 4.0
 
 
 def set_kv_scales(layers: list[Attention]) -> None:
-    """Per layer, scales that map KV_SCALE_HEADROOM x the amax of K (of V) seen by the warm-up forward to 448,
-    fp8's largest value; 1.0 (vLLM's default) where nothing was measured. Only fp8 caches read them.
+    """Per layer, scales mapping KV_SCALE_HEADROOM x the amax of K (of V) seen by the warm-up forward to 448, fp8's
+    largest value; 1.0 (vLLM's default) where nothing was measured. Only fp8 caches read them.
 
-    Why: e4m3 rounds every value of its normal range with the same relative error (at most 2^-4), so a headroom
-    that is a power of two changes no rounding there; it only lets values ~28,000 / headroom times below the
-    largest, which barely move a dot product, fall into subnormals. A value past 448 * scale saturates instead,
-    so the scales err on the large side: later activations may exceed the warm-up's amax 4x before one clips.
-    Per tensor: one multiply per row in the kernels.
-    """
+    Why: e4m3 rounds its whole normal range with the same relative error (at most 2^-4), so a power-of-two headroom
+    changes no rounding there; it only lets values ~28,000 / headroom x below the largest fall into subnormals,
+    while a value past 448 * scale would saturate: activations may exceed the warm-up's amax 4x unclipped. Per
+    tensor, not per head: one multiply per row in the kernels."""
     for layer in layers:
         layer.kv_scales.copy_(torch.where(layer.kv_amax > 0, layer.kv_amax * KV_SCALE_HEADROOM / FP8_MAX, 1.0))
