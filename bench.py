@@ -2,6 +2,7 @@
 
     python bench.py --dummy            # the shipped Qwen3-0.6B config with random weights, no download
     python bench.py --model ~/huggingface/Qwen3-0.6B
+    python bench.py --dummy --kv-cache-dtype fp8   # K/V stored in 8 bits: half the bytes decode reads
 """
 import argparse
 import os
@@ -20,6 +21,7 @@ def parse_args():
     p.add_argument("--dummy", action="store_true", help="random weights in the shipped Qwen3-0.6B shapes")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flash_attn", "triton", "torch"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1, help="run the workload this many times in one process")
@@ -32,9 +34,11 @@ def main():
     path = QWEN3_0_6B if args.dummy else os.path.expanduser(args.model)
     start = time.perf_counter()
     llm = LLM(path, enforce_eager=args.enforce_eager, max_model_len=4096, attention_backend=args.attention_backend,
-              tensor_parallel_size=args.tensor_parallel_size, load_format="dummy" if args.dummy else "auto")
+              tensor_parallel_size=args.tensor_parallel_size, load_format="dummy" if args.dummy else "auto",
+              kv_cache_dtype=args.kv_cache_dtype)
     print(f"Startup: {time.perf_counter() - start:.2f}s "
-          f"(backend {llm.executor.runner.attention_backend}, {llm.executor.runner.num_kvcache_blocks} KV blocks)")
+          f"(backend {llm.executor.runner.attention_backend}, {llm.executor.runner.num_kvcache_blocks} KV blocks, "
+          f"kv_cache_dtype {args.kv_cache_dtype})")
 
     seed(0)
     num_seqs, max_input_len, max_output_len = args.num_seqs, 1024, 1024

@@ -6,6 +6,9 @@ Without CUDA the kernels run under Triton's CPU interpreter at small sizes (floa
 
 Cache slots that hold no token of any sequence are filled with NaN, and so are outputs before a kernel runs:
 a kernel that reads past a context or leaves an output row unwritten shows up as NaN.
+
+fp8 (float8_e4m3fn) caches run the same checks with k_scale != v_scale != 1, so a scale applied twice, not at
+all or to the wrong tensor shows; the reference reads the same fp8 cache and multiplies by the scales.
 """
 import contextlib
 import importlib
@@ -29,6 +32,9 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+# Triton converts to and from fp8 (e4m3) on compute capability 8.9+; the interpreter has no such limit.
+fp8_capable = pytest.mark.skipif(CUDA and torch.cuda.get_device_capability() < (8, 9),
+                                 reason="Triton's fp8 needs compute capability 8.9 or newer")
 
 # Triton fixes "interpret or compile" when `triton` is first imported (its own library functions are @triton.jit
 # too) and when each kernel is decorated, reading TRITON_INTERPRET at those moments; an interpreted kernel cannot
@@ -40,6 +46,29 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 IN_PROCESS = CUDA or ENV_BEFORE == "1"
 _worker_pool = None
 WORKER_TIMEOUT_S = 300
+FP8 = torch.float8_e4m3fn
+
+
+def _round_fp8_as_gpus_do():
+    """Triton's interpreter rounds float32 -> fp8 wrongly: ties away from zero, and a carry out of the mantissa
+    is lost when the exponent is odd (31.5 -> 16, 1.97 -> 1.0; triton-lang/triton#8322, PR #11897). GPUs round
+    to nearest even, as torch does, so the interpreter gets torch's rounding for that case: the fp8 checks then
+    test our kernels, not the emulator. Other conversions are left alone. Values past +-448 still become NaN
+    (torch would saturate them), so a kernel that forgets to clamp them keeps failing here."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+    emulated = interpreter._convert_float
+
+    def convert(data, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.float8e4nv:
+            x = torch.tensor(data)
+            return torch.where(x.abs() > 448, float("nan"), x).to(FP8).view(torch.uint8).numpy()
+        return emulated(data, input_dtype, output_dtype, rounding_mode)
+    interpreter._convert_float = convert
+
+
+if ENV_BEFORE == "1":
+    _round_fp8_as_gpus_do()
 
 
 def _call_check(name, args):
@@ -119,7 +148,7 @@ def paged_cache(context_lens, block_size, kv_heads, head_dim, dtype=torch.float3
     other slot; block tables padded with -1, one column wider than needed."""
     blocks = [cdiv(n, block_size) for n in context_lens]
     num_blocks = sum(blocks) + spare_blocks
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEVICE)
     v_cache = torch.randn_like(k_cache)
     tables = torch.full((len(context_lens), max(blocks, default=0) + 1), -1, dtype=torch.int32)
     used = torch.zeros(num_blocks, block_size, dtype=torch.bool)
@@ -132,12 +161,20 @@ def paged_cache(context_lens, block_size, kv_heads, head_dim, dtype=torch.float3
     unused = ~used.to(DEVICE)
     k_cache[unused] = float("nan")
     v_cache[unused] = float("nan")
-    return k_cache, v_cache, tables.to(DEVICE)
+    return k_cache.to(dtype), v_cache.to(dtype), tables.to(DEVICE)
+
+
+def kv_scales(kv_dtype):
+    """(k_scale, v_scale) for a cache of kv_dtype: distinct float32 device tensors for fp8, None otherwise."""
+    if kv_dtype != FP8:
+        return None, None
+    return torch.tensor(0.37, device=DEVICE), torch.tensor(1.9, device=DEVICE)
 
 
 def clean(cache):
-    """The reference decode multiplies masked slots by 0, so it must not see the NaN poison."""
-    return torch.nan_to_num(cache, nan=0.0)
+    """The reference decode multiplies masked slots by 0, so it must not see the NaN poison (fp8 has no
+    nan_to_num)."""
+    return torch.where(cache.isnan(), 0, cache)
 
 
 def poisoned_like(x):
@@ -151,7 +188,7 @@ def assert_matches(actual, expected, atol=1e-4, rtol=1e-4):
 
 # ---- store ----------------------------------------------------------------------------------------------------
 
-def check_store_kvcache(kv_heads, layout):
+def check_store_kvcache(kv_heads, layout, kv_dtype=torch.float32):
     """key/value as views of a packed qkv projection (as in the model) or head-major transposed views."""
     torch.manual_seed(0)
     heads, head_dim, block_size, num_blocks, tokens = 4, 16, 16, 4, 11
@@ -165,20 +202,55 @@ def check_store_kvcache(kv_heads, layout):
     slots = torch.randperm(num_blocks * block_size)[:tokens]
     slots[[0, 4, 10]] = -1
     slots = slots.to(DEVICE)
-    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), device=DEVICE)
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), device=DEVICE).to(kv_dtype)
     v_cache = poisoned_like(k_cache)
     k_expected, v_expected = k_cache.clone(), v_cache.clone()
-    ref.store_kvcache(key, value, k_expected, v_expected, slots)
-    backend.store_kvcache(key, value, k_cache, v_cache, slots)
-    torch.testing.assert_close(k_cache, k_expected, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(v_cache, v_expected, rtol=0, atol=0, equal_nan=True)
+    scales = kv_scales(kv_dtype)
+    ref.store_kvcache(key, value, k_expected, v_expected, slots, *scales)
+    backend.store_kvcache(key, value, k_cache, v_cache, slots, *scales)
+    # fp8 compares as float32, which holds every fp8 value exactly.
+    torch.testing.assert_close(k_cache.float(), k_expected.float(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache.float(), v_expected.float(), rtol=0, atol=0, equal_nan=True)
     written = (~torch.isnan(k_cache)).all(-1).all(-1).sum()
     assert written == tokens - 3, f"{written} slots written, expected {tokens - 3}"
 
 
 @pytest.mark.parametrize("kv_heads,layout", [(2, "packed"), (3, "packed"), (2, "head-major")])
-def test_store_kvcache_writes_strided_rows_and_skips_padding(kv_heads, layout):
-    run_check("check_store_kvcache", kv_heads, layout)
+@pytest.mark.parametrize("kv_dtype", [torch.float32, pytest.param(FP8, marks=fp8_capable)])
+def test_store_kvcache_writes_strided_rows_and_skips_padding(kv_heads, layout, kv_dtype):
+    run_check("check_store_kvcache", kv_heads, layout, kv_dtype)
+
+
+def check_store_fp8_quantization(num_tokens, impl):
+    """Every stored value is within half an fp8 step of K / k_scale (round to nearest) and reads back as K to
+    that accuracy; values past +-448 * scale saturate at +-448 instead of turning into NaN (e4m3fn has no inf)."""
+    torch.manual_seed(0)
+    kv_heads, head_dim = 2, 16
+    key, value = torch.randn(2, num_tokens, kv_heads, head_dim, device=DEVICE) * 30
+    key[0, 0, :4] = torch.tensor([1e4, -1e4, float("inf"), 448 * 0.37 * 1.001])   # all past the range
+    value[1, 1, :2] = torch.tensor([-1e6, 1e6])
+    k_cache = torch.full((cdiv(num_tokens, 16), 16, kv_heads, head_dim), float("nan"), device=DEVICE).to(FP8)
+    v_cache = poisoned_like(k_cache)
+    scales = kv_scales(FP8)
+    store = backend.store_kvcache if impl == "triton" else ref.store_kvcache
+    store(key, value, k_cache, v_cache, torch.arange(num_tokens, device=DEVICE), *scales)
+    for x, cache, scale, num_outliers in ((key, k_cache, scales[0], 4), (value, v_cache, scales[1], 2)):
+        stored = cache.view(-1, kv_heads, head_dim)[:num_tokens]
+        assert not stored.isnan().any(), "an out-of-range value became NaN instead of saturating"
+        scaled = x / scale
+        out_of_range = scaled.abs() > 448
+        assert out_of_range.sum() == num_outliers
+        assert torch.equal(stored.float()[out_of_range], 448 * scaled[out_of_range].sign())
+        # Round to nearest: half a step is 2^-4 of the value in the normal range, 2^-10 among subnormals.
+        bound = (2 ** -4 * scaled.abs() + 2 ** -10)[~out_of_range]
+        assert ((stored.float() - scaled)[~out_of_range].abs() <= bound).all()
+        assert ((ref.dequantize(stored, scale) - x)[~out_of_range].abs() <= bound * scale * 1.0001).all()
+
+
+@fp8_capable
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_store_kvcache_quantizes_fp8_with_saturation(impl):
+    run_check("check_store_fp8_quantization", 40, impl)
 
 
 # ---- prefill --------------------------------------------------------------------------------------------------
@@ -188,25 +260,29 @@ def test_store_kvcache_writes_strided_rows_and_skips_padding(kv_heads, layout):
 PREFILL_BATCH = [(0, 1), (0, 16), (0, 37), (16, 5), (29, 19), (48, 1), (3, 70), (128, 64), (0, 129)]
 
 
-def run_prefill(seqs, heads, kv_heads, head_dim, block_size, dtype=torch.float32, scale=0.3):
-    """Prefill a batch of (cached, new) sequences; returns (output, reference)."""
+def run_prefill(seqs, heads, kv_heads, head_dim, block_size, dtype=torch.float32, scale=0.3, kv_dtype=None):
+    """Prefill a batch of (cached, new) sequences over a cache of kv_dtype (default: dtype); returns (output,
+    reference)."""
     torch.manual_seed(0)
     context_lens = [cached + new for cached, new in seqs]
-    k_cache, v_cache, tables = paged_cache(context_lens, block_size, kv_heads, head_dim, dtype)
+    kv_dtype = kv_dtype or dtype
+    k_cache, v_cache, tables = paged_cache(context_lens, block_size, kv_heads, head_dim, kv_dtype)
+    k_scale, v_scale = kv_scales(kv_dtype)
     cu_seqlens = torch.tensor([0] + [new for _, new in seqs], device=DEVICE).cumsum(0).to(torch.int32)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
     q = torch.randn(int(cu_seqlens[-1]), heads, head_dim, device=DEVICE).to(dtype)
     out = poisoned_like(q)
     result = backend.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens, lens, tables, scale,
-                                             max_seqlen_q=max(new for _, new in seqs), out=out)
+                                             max_seqlen_q=max(new for _, new in seqs), out=out,
+                                             k_scale=k_scale, v_scale=v_scale)
     assert result is out
-    expected = ref.paged_prefill_attention(q.float(), k_cache.float(), v_cache.float(), cu_seqlens, lens, tables,
-                                           scale)
+    expected = ref.paged_prefill_attention(q.float(), k_cache, v_cache, cu_seqlens, lens, tables, scale,
+                                           k_scale, v_scale)
     return out, expected
 
 
-def check_prefill(heads, kv_heads, head_dim, block_size):
-    assert_matches(*run_prefill(PREFILL_BATCH, heads, kv_heads, head_dim, block_size))
+def check_prefill(heads, kv_heads, head_dim, block_size, kv_dtype=None):
+    assert_matches(*run_prefill(PREFILL_BATCH, heads, kv_heads, head_dim, block_size, kv_dtype=kv_dtype))
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 32, 16), (2, 2, 16, 16), (4, 1, 16, 128)])
@@ -214,10 +290,17 @@ def test_prefill_matches_reference(heads, kv_heads, head_dim, block_size):
     run_check("check_prefill", heads, kv_heads, head_dim, block_size)
 
 
-def check_chunked_prefill():
+@fp8_capable
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 32, 16), (4, 1, 16, 128)])
+def test_prefill_fp8_cache_matches_reference(heads, kv_heads, head_dim, block_size):
+    run_check("check_prefill", heads, kv_heads, head_dim, block_size, FP8)
+
+
+def check_chunked_prefill(kv_dtype=torch.float32):
     torch.manual_seed(0)
     heads, kv_heads, head_dim, block_size, prompt_len = 4, 2, 16, 16, 70
-    k_cache, v_cache, tables = paged_cache([prompt_len], block_size, kv_heads, head_dim)
+    k_cache, v_cache, tables = paged_cache([prompt_len], block_size, kv_heads, head_dim, kv_dtype)
+    k_scale, v_scale = kv_scales(kv_dtype)
     table = tables[0, :cdiv(prompt_len, block_size)]
     positions = torch.arange(prompt_len, device=DEVICE)
     slots = table.long()[positions // block_size] * block_size + positions % block_size
@@ -226,29 +309,37 @@ def check_chunked_prefill():
     outs, done = [], 0
     for chunk in (20, 33, 1, 16):
         end = done + chunk
-        backend.store_kvcache(k[done:end], v[done:end], k_cache, v_cache, slots[done:end])
+        backend.store_kvcache(k[done:end], v[done:end], k_cache, v_cache, slots[done:end], k_scale, v_scale)
         cu = torch.tensor([0, chunk], dtype=torch.int32, device=DEVICE)
         lens = torch.tensor([end], dtype=torch.int32, device=DEVICE)
         outs.append(backend.paged_prefill_attention(q[done:end], k_cache, v_cache, cu, lens, tables, 0.25,
-                                                    out=poisoned_like(q[done:end])))
+                                                    out=poisoned_like(q[done:end]), k_scale=k_scale, v_scale=v_scale))
         done = end
+    if kv_dtype == FP8:     # what the cache can hold: K and V rounded to fp8 steps of their scales
+        k = ref.dequantize(ref.quantize_fp8(k, k_scale), k_scale)
+        v = ref.dequantize(ref.quantize_fp8(v, v_scale), v_scale)
     causal = positions[:, None] >= positions[None, :]
     expected = ref._attend(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal, 0.25)
     assert_matches(torch.cat(outs), expected.transpose(0, 1))
 
 
-def test_chunked_prefill_equals_one_shot():
+@pytest.mark.parametrize("kv_dtype", [torch.float32, pytest.param(FP8, marks=fp8_capable)])
+def test_chunked_prefill_equals_one_shot(kv_dtype):
     """A prompt prefilled chunk by chunk through the cache (store, then attend) equals attending to it at once."""
-    run_check("check_chunked_prefill")
+    run_check("check_chunked_prefill", kv_dtype)
 
 
 # ---- decode ---------------------------------------------------------------------------------------------------
 
-def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, dtype=torch.float32, scale=0.3):
+def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, dtype=torch.float32, scale=0.3,
+               kv_dtype=None):
     """Decode with stale garbage in block-table entries past each context (as CUDA-graph replay leaves them) and
-    an out-of-range table for the context_len 0 rows; returns (output, reference, rows with a context)."""
+    an out-of-range table for the context_len 0 rows, over a cache of kv_dtype (default: dtype); returns (output,
+    reference, rows with a context)."""
     torch.manual_seed(0)
-    k_cache, v_cache, tables = paged_cache(context_lens, block_size, kv_heads, head_dim, dtype)
+    kv_dtype = kv_dtype or dtype
+    k_cache, v_cache, tables = paged_cache(context_lens, block_size, kv_heads, head_dim, kv_dtype)
+    k_scale, v_scale = kv_scales(kv_dtype)
     stale = tables.clone()
     stale[stale < 0] = torch.randint(0, k_cache.shape[0], (int((stale < 0).sum()),), dtype=torch.int32,
                                      device=DEVICE)
@@ -256,14 +347,15 @@ def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, 
     stale[lens == 0] = 10**6            # would fault (GPU) or raise (interpreter) if a padded row were read
     q = torch.randn(len(context_lens), heads, head_dim, device=DEVICE).to(dtype)
     out = backend.paged_decode_attention(q, k_cache, v_cache, lens, stale, scale, out=poisoned_like(q),
-                                         num_splits=num_splits)
-    expected = ref.paged_decode_attention(q.float(), clean(k_cache).float(), clean(v_cache).float(), lens, tables,
-                                          scale)
+                                         num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+    expected = ref.paged_decode_attention(q.float(), clean(k_cache), clean(v_cache), lens, tables, scale,
+                                          k_scale, v_scale)
     return out, expected, lens > 0
 
 
-def check_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits):
-    out, expected, real = run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits)
+def check_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, kv_dtype=None):
+    out, expected, real = run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits,
+                                     kv_dtype=kv_dtype)
     assert_matches(out[real], expected[real])
     assert torch.isfinite(out[~real]).all(), "padded rows should come out as zeros"
 
@@ -282,6 +374,14 @@ def test_decode_matches_reference_at_split_boundaries(num_splits):
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_with_two_tiles_per_page(num_splits):
     run_check("check_decode", DECODE_CONTEXTS_128, 4, 1, 16, 128, num_splits)
+
+
+@fp8_capable
+@pytest.mark.parametrize("contexts,heads,kv_heads,head_dim,block_size,num_splits", [
+    (DECODE_CONTEXTS_16, 4, 2, 32, 16, 1), (DECODE_CONTEXTS_16, 4, 2, 32, 16, 3),
+    (DECODE_CONTEXTS_128, 4, 1, 16, 128, 2)])
+def test_decode_fp8_cache_matches_reference(contexts, heads, kv_heads, head_dim, block_size, num_splits):
+    run_check("check_decode", contexts, heads, kv_heads, head_dim, block_size, num_splits, FP8)
 
 
 def test_decode_split_heuristic_depends_on_shapes_only():
@@ -413,19 +513,22 @@ def compile_for_h100(fn, constexprs, pointer_dtypes, num_warps, num_stages):
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def qwen3_kernel_configs():
-    """(kernel, constexprs, pointer dtypes, warps, stages, streams K/V) as the backend launches them for Qwen3-0.6B."""
+def qwen3_kernel_configs(fp8: bool):
+    """(kernel, constexprs, pointer dtypes, warps, stages, streams K/V) as the backend launches them for Qwen3-0.6B,
+    over a bf16 or an fp8 cache."""
     k = backend.kernels
     tables = dict(context_lens_ptr="i32", block_tables_ptr="i32")
+    cache = dict(k_cache_ptr="fp8e4nv", v_cache_ptr="fp8e4nv", k_scale_ptr="fp32", v_scale_ptr="fp32") if fp8 else {}
     return {
-        "store": (k.store_kvcache_kernel, dict(NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128),
-                  dict(slot_mapping_ptr="i64"), 4, 3, True),
+        "store": (k.store_kvcache_kernel, dict(NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128, KV_FP8=fp8),
+                  dict(slot_mapping_ptr="i64", **cache), 4, 3, True),
         "prefill": (k.prefill_kernel, dict(GROUP=2, BLOCK_SIZE=256, HEAD_DIM=128, BLOCK_M=backend.PREFILL_BLOCK_M,
-                                           BLOCK_N=backend.PREFILL_BLOCK_N, DOT_PRECISION="tf32"),
-                    dict(cu_seqlens_q_ptr="i32", **tables), backend.PREFILL_WARPS, backend.PREFILL_STAGES, True),
+                                           BLOCK_N=backend.PREFILL_BLOCK_N, DOT_PRECISION="tf32", KV_FP8=fp8),
+                    dict(cu_seqlens_q_ptr="i32", **tables, **cache), backend.PREFILL_WARPS, backend.PREFILL_STAGES,
+                    True),
         "decode": (k.decode_split_kernel, dict(GROUP=2, GROUP_PAD=16, BLOCK_SIZE=256, HEAD_DIM=128,
-                                               BLOCK_N=backend.DECODE_BLOCK_N, DOT_PRECISION="tf32"),
-                   dict(part_out_ptr="fp32", part_lse_ptr="fp32", **tables), backend.DECODE_WARPS,
+                                               BLOCK_N=backend.DECODE_BLOCK_N, DOT_PRECISION="tf32", KV_FP8=fp8),
+                   dict(part_out_ptr="fp32", part_lse_ptr="fp32", **tables, **cache), backend.DECODE_WARPS,
                    backend.DECODE_STAGES, True),
         "merge": (k.decode_merge_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128),
                   dict(part_out_ptr="fp32", part_lse_ptr="fp32"), 4, 1, False),
@@ -436,16 +539,21 @@ def qwen3_kernel_configs():
 @pytest.mark.skipif(ENV_BEFORE == "1", reason="this process runs Triton's interpreter, which cannot compile")
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("kernel", ["store", "prefill", "decode", "merge"])
-def test_kernels_compile_for_h100_with_16_byte_loads(kernel):
+@pytest.mark.parametrize("kernel,fp8", [("store", False), ("prefill", False), ("decode", False), ("merge", False),
+                                        ("store", True), ("prefill", True), ("decode", True)])
+def test_kernels_compile_for_h100_with_16_byte_loads(kernel, fp8):
     """Catches what the interpreter cannot: lowering errors, shared memory over an H100's, and scalar K/V loads
-    (the cache must be streamed with 16-byte vector loads to approach full bandwidth)."""
-    fn, constexprs, pointer_dtypes, warps, stages, streams_kv = qwen3_kernel_configs()[kernel]
+    (the cache must be streamed with 16-byte vector loads to approach full bandwidth). An fp8 store must round
+    with the hardware's nearest-even, saturating conversion (the interpreter's rounding is patched, see above)."""
+    fn, constexprs, pointer_dtypes, warps, stages, streams_kv = qwen3_kernel_configs(fp8)[kernel]
     compiled = compile_for_h100(fn, constexprs, pointer_dtypes, warps, stages)
     assert compiled.metadata.shared <= H100_SHARED_MEMORY
     ptx = compiled.asm["ptx"]
     if streams_kv:
-        assert "ld.global.b16" not in ptx and ("cp.async.cg.shared.global" in ptx or "ld.global.v4" in ptx)
+        scalar_load = "ld.global.b8" if fp8 and kernel != "store" else "ld.global.b16"
+        assert scalar_load not in ptx and ("cp.async.cg.shared.global" in ptx or "ld.global.v4" in ptx)
+    if fp8 and kernel == "store":
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
 
 
 # ---- real sizes on the GPU ------------------------------------------------------------------------------------
@@ -454,34 +562,42 @@ QWEN3_0_6B = dict(heads=16, kv_heads=8, head_dim=128, block_size=256)
 BF16_TOL = dict(atol=1e-2, rtol=1e-2)
 
 
+KV_DTYPES = [torch.bfloat16, pytest.param(FP8, marks=fp8_capable)]
+
+
 @pytest.mark.cuda
 @cuda_only
-def test_real_size_prefill():
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_real_size_prefill(kv_dtype):
     seqs = [(0, 1), (0, 300), (512, 200), (1000, 1), (0, 1024), (2560, 512), (255, 257)]
-    out, expected = run_prefill(seqs, **QWEN3_0_6B, dtype=torch.bfloat16, scale=128 ** -0.5)
+    out, expected = run_prefill(seqs, **QWEN3_0_6B, dtype=torch.bfloat16, scale=128 ** -0.5, kv_dtype=kv_dtype)
     assert_matches(out, expected, **BF16_TOL)
 
 
 @pytest.mark.cuda
 @cuda_only
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("num_splits", [None, 1, 5])
-def test_real_size_decode(num_splits):
+def test_real_size_decode(num_splits, kv_dtype):
     torch.manual_seed(1)
     contexts = [1, 63, 64, 65, 255, 256, 257, 511, 512, 513, 4096, 0, 0]
     contexts += torch.randint(1, 3000, (40,)).tolist()
     out, expected, real = run_decode(contexts, **QWEN3_0_6B, num_splits=num_splits, dtype=torch.bfloat16,
-                                     scale=128 ** -0.5)
+                                     scale=128 ** -0.5, kv_dtype=kv_dtype)
     assert_matches(out[real], expected[real], **BF16_TOL)
 
 
 @pytest.mark.cuda
 @cuda_only
-def test_decode_cuda_graph_replay():
-    """Store + decode captured once at a padded batch (slot -1, context_len 0 rows), replayed on new inputs."""
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_decode_cuda_graph_replay(kv_dtype):
+    """Store + decode captured once at a padded batch (slot -1, context_len 0 rows), replayed on new inputs; an fp8
+    cache's scales change between replays, which the graph must read from their tensors, not from the capture."""
     heads, kv_heads, head_dim, block_size = 16, 8, 128, 256
     real_contexts, graph_batch, width = [2, 300, 256, 700, 2000], 8, 16
-    k_cache, v_cache, tables = paged_cache(real_contexts, block_size, kv_heads, head_dim, torch.bfloat16)
+    k_cache, v_cache, tables = paged_cache(real_contexts, block_size, kv_heads, head_dim, kv_dtype)
     k_cache, v_cache = clean(k_cache), clean(v_cache)
+    k_scale, v_scale = kv_scales(kv_dtype)
     static = dict(q=torch.zeros(graph_batch, heads, head_dim, dtype=torch.bfloat16, device=DEVICE),
                   k=torch.zeros(graph_batch, kv_heads, head_dim, dtype=torch.bfloat16, device=DEVICE),
                   slots=torch.full((graph_batch,), -1, dtype=torch.int64, device=DEVICE),
@@ -490,9 +606,9 @@ def test_decode_cuda_graph_replay():
     static["v"] = torch.zeros_like(static["k"])
 
     def step():
-        backend.store_kvcache(static["k"], static["v"], k_cache, v_cache, static["slots"])
+        backend.store_kvcache(static["k"], static["v"], k_cache, v_cache, static["slots"], k_scale, v_scale)
         return backend.paged_decode_attention(static["q"], k_cache, v_cache, static["lens"], static["tables"],
-                                              128 ** -0.5)
+                                              128 ** -0.5, k_scale=k_scale, v_scale=v_scale)
 
     step()                      # compiles the kernels outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -512,10 +628,14 @@ def test_decode_cuda_graph_replay():
         static["lens"].zero_()
         static["lens"][:n] = lens.to(torch.int32)
         static["tables"][:n, :tables.shape[1]] = tables[:n]
+        if kv_dtype == FP8:
+            k_scale.fill_(0.05 * (trial + 1))
+            v_scale.fill_(2.0 / (trial + 1))
         graph.replay()
-        expected = ref.paged_decode_attention(static["q"][:n].float(), k_cache.float(), v_cache.float(),
-                                              static["lens"][:n], tables[:n], 128 ** -0.5)
+        expected = ref.paged_decode_attention(static["q"][:n].float(), k_cache, v_cache, static["lens"][:n],
+                                              tables[:n], 128 ** -0.5, k_scale, v_scale)
         assert_matches(out[:n], expected, **BF16_TOL)
         assert torch.isfinite(out[n:]).all()
         stored = k_cache.view(-1, kv_heads, head_dim)[slots]
-        assert torch.equal(stored, static["k"][:n])
+        new_k = static["k"][:n] if kv_dtype != FP8 else ref.quantize_fp8(static["k"][:n], k_scale)
+        assert torch.equal(stored.view(torch.uint8), new_k.view(torch.uint8))

@@ -7,7 +7,8 @@ import torch.distributed as dist
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graph import CUDAGraphs
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.attention import Attention, load_attention_backend, resolve_attention_backend
+from nanovllm.layers.attention import (Attention, kv_cache_torch_dtype, load_attention_backend,
+                                       resolve_attention_backend, set_kv_scales)
 from nanovllm.layers.sampler import Sampler, SamplingTensors, logprob_dicts, prepare_sampling
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import get_context, reset_context, set_context
@@ -31,7 +32,9 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids      # masked while a request is under min_tokens
         self.block_size = config.kvcache_block_size
         self.device = torch.device(config.device)     # on CUDA the current device, which is cuda:rank
-        self.attention_backend = resolve_attention_backend(config.attention_backend, config.device)
+        self.attention_backend = resolve_attention_backend(config.attention_backend, config.device,
+                                                           config.kv_cache_dtype)
+        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, hf.dtype, self.attention_backend)
         backend = load_attention_backend(self.attention_backend)
         backend.check_block_size(self.block_size)
 
@@ -58,6 +61,9 @@ class ModelRunner:
                     f"CUDA ran out of memory in the warm-up forward over max_num_batched_tokens="
                     f"{config.max_num_batched_tokens} tokens; lower max_num_batched_tokens (or max_num_seqs), "
                     f"or free GPU memory / lower gpu_memory_utilization if another process shares the GPU") from e
+        elif self.kv_dtype == torch.float8_e4m3fn:   # no memory warm-up on CPU: a short one measures K/V
+            self.warmup_forward(min(config.max_num_batched_tokens, 1024))
+        set_kv_scales(self.attention_layers)
         self.num_kvcache_blocks = self.allocate_kv_cache()
         self.max_model_len = min(config.max_model_len, self.num_kvcache_blocks * self.block_size)
         if self.max_model_len < config.max_model_len:
@@ -87,15 +93,8 @@ class ModelRunner:
         """Run the largest prefill and sampling batch once, so the cache is sized after peak activation memory."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        cfg, vocab = self.config, self.config.hf_config.vocab_size
-        num_tokens = cfg.max_num_batched_tokens
-        seq_lens = [min(cfg.max_model_len, num_tokens - i) for i in range(0, num_tokens, cfg.max_model_len)]
-        cu = torch.tensor(np.cumsum([0] + seq_lens), dtype=torch.int32, device=self.device)
-        set_context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=max(seq_lens))
-        input_ids = torch.arange(num_tokens, device=self.device) % vocab    # varied, and valid for any vocabulary
-        positions = torch.cat([torch.arange(n, device=self.device) for n in seq_lens])
-        hidden = self.model(input_ids, positions)
-        reset_context()
+        cfg = self.config
+        hidden = self.warmup_forward(cfg.max_num_batched_tokens)
         rows = hidden[:1].expand(cfg.max_num_seqs, -1)
         logits = self.model.compute_logits(rows)
         if self.rank == 0:      # the other ranks get no logits
@@ -111,8 +110,21 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     @torch.inference_mode()
+    def warmup_forward(self, num_tokens: int) -> torch.Tensor:
+        """A prefill of num_tokens varied token ids with no KV cache; Attention layers measure K/V for fp8 scales."""
+        cfg = self.config
+        seq_lens = [min(cfg.max_model_len, num_tokens - i) for i in range(0, num_tokens, cfg.max_model_len)]
+        cu = torch.tensor(np.cumsum([0] + seq_lens), dtype=torch.int32, device=self.device)
+        set_context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=max(seq_lens))
+        input_ids = torch.arange(num_tokens, device=self.device) % cfg.hf_config.vocab_size
+        positions = torch.cat([torch.arange(n, device=self.device) for n in seq_lens])
+        hidden = self.model(input_ids, positions)
+        reset_context()
+        return hidden
+
+    @torch.inference_mode()
     def warmup_kernels(self):
-        """One real prefill and eager decode through the attention backend and the compiled layers, so their
+        """One real prefill and eager decode through the attention backend and the Triton layers, so their
         JIT compilation happens at start-up instead of stalling the first requests (seconds on a GPU).
 
         The cache holds nothing yet, so any blocks will do; the sampled tokens are thrown away."""
@@ -131,7 +143,7 @@ class ModelRunner:
         """Allocate the cache from what memory is left (or the configured block count); returns the block count."""
         cfg, hf = self.config, self.config.hf_config
         kv_heads = self.attention_layers[0].num_kv_heads
-        block_bytes = 2 * hf.num_hidden_layers * self.block_size * kv_heads * hf.head_dim * hf.dtype.itemsize
+        block_bytes = 2 * hf.num_hidden_layers * self.block_size * kv_heads * hf.head_dim * self.kv_dtype.itemsize
         if cfg.num_kvcache_blocks > 0:
             num_blocks = cfg.num_kvcache_blocks
         elif self.device.type == "cuda":
@@ -153,7 +165,7 @@ class ModelRunner:
                     f"cpu_kvcache_space_gib={cfg.cpu_kvcache_space_gib} holds no KV block "
                     f"({block_bytes / 2**20:.1f} MiB each); raise cpu_kvcache_space_gib or lower kvcache_block_size")
         self.kv_cache = torch.empty(2, hf.num_hidden_layers, num_blocks, self.block_size, kv_heads, hf.head_dim,
-                                    dtype=hf.dtype, device=self.device)
+                                    dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks

@@ -25,7 +25,9 @@ def _cu_seqlens_k(ctx: Context) -> torch.Tensor:
     return F.pad(torch.cumsum(ctx.context_lens, 0, dtype=torch.int32), (1, 0))
 
 
-def prefill(q, k, v, k_cache, v_cache, ctx: Context, scale: float) -> torch.Tensor:
+# An fp8 cache is refused before this backend runs (layers.attention.kv_cache_torch_dtype): k_scale, v_scale
+# are part of the interface but unused here.
+def prefill(q, k, v, k_cache, v_cache, ctx: Context, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
     """Without any cached prefix the new K/V are all the keys: attend to them directly, no cache reads.
     Otherwise attend through the block tables to the cached prefix and the new tokens (stored just before)."""
     if not ctx.has_cached_prefix:
@@ -37,7 +39,7 @@ def prefill(q, k, v, k_cache, v_cache, ctx: Context, scale: float) -> torch.Tens
                                   softmax_scale=scale, causal=True, block_table=ctx.block_tables)
 
 
-def decode(q, k_cache, v_cache, ctx: Context, scale: float) -> torch.Tensor:
+def decode(q, k_cache, v_cache, ctx: Context, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
     """One query per sequence over its cached tokens; graph-capturable (no host sync)."""
     out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=ctx.context_lens,
                                   block_table=ctx.block_tables, softmax_scale=scale, causal=True)

@@ -8,14 +8,31 @@ import torch.nn.functional as F
 
 from nanovllm.utils.context import Context
 
+# An fp8 cache holds K / k_scale and V / v_scale (per-layer float32 tensors, chosen by
+# nanovllm.layers.attention.set_kv_scales); readers multiply by the scale. Other caches ignore the scales.
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max      # 448; e4m3fn has no inf, so anything larger must be clamped, not cast
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale in fp8, clamped so an outlier saturates at +-448 instead of becoming NaN."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def dequantize(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """What an fp8 cache slice stands for (x * scale, in float32); other caches are returned as they are."""
+    return x.float() * scale if x.dtype == FP8 else x
+
 
 def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """Write row j of key/value ([N, kv_heads, head_dim]) to cache slot slot_mapping[j]; slot -1 is skipped."""
+                  slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
+    """Write row j of key/value ([N, kv_heads, head_dim]), quantized if fp8, to slot slot_mapping[j]; -1 skips."""
     valid = slot_mapping >= 0       # boolean indexing syncs with the host: this path is not graph-captured
     slots = slot_mapping[valid].long()
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key[valid])
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[valid])
+    for x, cache, scale in ((key[valid], k_cache, k_scale), (value[valid], v_cache, v_scale)):
+        if cache.dtype == FP8:      # index_copy_ has no fp8 kernel on CPU: copy the bytes
+            x, cache = quantize_fp8(x, scale).view(torch.uint8), cache.view(torch.uint8)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, x)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -36,14 +53,14 @@ def _attend(q, k, v, mask, scale):
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                            scale: float) -> torch.Tensor:
+                            scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens (q: [N, heads, head_dim]) over its cached + new K/V."""
     out = torch.empty_like(q)
     starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
     for i, context_len in enumerate(lens):
         start, end = starts[i], starts[i + 1]
-        k = gather_kv(k_cache, block_tables[i], context_len).transpose(0, 1)
-        v = gather_kv(v_cache, block_tables[i], context_len).transpose(0, 1)
+        k = dequantize(gather_kv(k_cache, block_tables[i], context_len), k_scale).transpose(0, 1)
+        v = dequantize(gather_kv(v_cache, block_tables[i], context_len), v_scale).transpose(0, 1)
         q_pos = torch.arange(context_len - (end - start), context_len, device=q.device)
         mask = q_pos[:, None] >= torch.arange(context_len, device=q.device)[None, :]
         out[start:end] = _attend(q[start:end].transpose(0, 1), k, v, mask, scale).transpose(0, 1)
@@ -51,7 +68,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                           context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, k_scale=None,
+                           v_scale=None) -> torch.Tensor:
     """One query token per sequence (q: [B, heads, head_dim]) over its first context_lens[b] cached tokens.
 
     Batched over sequences, padded to the longest block table.
@@ -59,8 +77,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     batch, max_blocks = block_tables.shape
     block_size = k_cache.shape[1]
     safe_tables = block_tables.clamp_min(0).long()
-    k = k_cache[safe_tables].flatten(1, 2).transpose(1, 2)    # [B, Hkv, max_blocks*block_size, D]
-    v = v_cache[safe_tables].flatten(1, 2).transpose(1, 2)
+    # [B, Hkv, max_blocks*block_size, D]
+    k = dequantize(k_cache[safe_tables], k_scale).flatten(1, 2).transpose(1, 2)
+    v = dequantize(v_cache[safe_tables], v_scale).flatten(1, 2).transpose(1, 2)
     mask = torch.arange(max_blocks * block_size, device=q.device)[None, :] < context_lens[:, None]
     # Slots past a context hold whatever the cache held (NaN included): a zero weight would not cancel a NaN.
     v = torch.where(mask[:, None, :, None], v, 0)
@@ -85,9 +104,10 @@ def check_block_size(block_size: int) -> None:
     pass
 
 
-def prefill(q, k, v, k_cache, v_cache, ctx: Context, scale: float) -> torch.Tensor:
-    return paged_prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale)
+def prefill(q, k, v, k_cache, v_cache, ctx: Context, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
+    return paged_prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale,
+                                   k_scale, v_scale)
 
 
-def decode(q, k_cache, v_cache, ctx: Context, scale: float) -> torch.Tensor:
-    return paged_decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale)
+def decode(q, k_cache, v_cache, ctx: Context, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
+    return paged_decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale, k_scale, v_scale)

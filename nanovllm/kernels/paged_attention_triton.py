@@ -8,6 +8,7 @@ Rules the kernels rely on (checked here, with a ValueError that says which):
   page, so each tile needs a single block-table lookup, and tl.dot gets tiles of at least 16 rows.
 - head_dim is a power of two >= 16 (tl.arange needs a power of two; tl.dot needs an inner dimension >= 16).
 - Caches have a contiguous layout (k_cache/v_cache as allocated by the ModelRunner).
+- An fp8 (float8_e4m3fn) cache needs k_scale and v_scale, float32 device tensors; the other caches ignore them.
 """
 import functools
 
@@ -58,7 +59,7 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
+                  slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
     """Write row j of key/value ([N, kv_heads, head_dim], any row/head strides) to cache slot slot_mapping[j].
 
     Slot -1 (padding) is skipped on the GPU, without a host sync, so the call can be graph-captured.
@@ -68,14 +69,15 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         raise ValueError("the KV cache must be contiguous")
     key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
     kernels.store_kvcache_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim)
+        key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale, key.stride(0), key.stride(1), value.stride(0),
+        value.stride(1), NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim, KV_FP8=k_cache.dtype == torch.float8_e4m3fn)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                            scale: float, max_seqlen_q: int | None = None, *,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            scale: float, max_seqlen_q: int | None = None, *, out: torch.Tensor | None = None,
+                            k_scale=None, v_scale=None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens (q: [N, heads, head_dim]) over its cached + new K/V.
 
     max_seqlen_q (the longest q_len, which the ModelRunner's Context carries) sizes the grid; without it it is
@@ -90,12 +92,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     grid = (triton.cdiv(max_seqlen_q, PREFILL_BLOCK_M), num_seqs, num_heads)
     kernels.prefill_kernel[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
+        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, k_scale, v_scale,
         scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=num_heads // k_cache.shape[2], BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=min(PREFILL_BLOCK_N, block_size), DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES)
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES)
     return out
 
 
@@ -120,7 +122,8 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, *,
-                           out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, num_splits: int | None = None, k_scale=None,
+                           v_scale=None) -> torch.Tensor:
     """One query token per sequence (q: [B, heads, head_dim]) over its first context_lens[b] cached tokens.
 
     Split-KV (flash-decoding): grid (B, kv_heads, splits) writes per-split partial results, a second kernel
@@ -142,11 +145,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     kernels.decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, part_out, part_lse, context_lens, block_tables, scale * LOG2E, num_splits,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype), num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
+        q, k_cache, v_cache, part_out, part_lse, context_lens, block_tables, k_scale, v_scale, scale * LOG2E,
+        num_splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0),
+        part_lse.stride(1), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
     if num_splits > 1:
         kernels.decode_merge_kernel[(batch, num_heads)](
             part_out, part_lse, out, num_splits, part_out.stride(0), part_out.stride(1), part_out.stride(2),
@@ -157,10 +161,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 # Backend interface used by nanovllm.layers.attention.
 
-def prefill(q, k, v, k_cache, v_cache, ctx: Context, scale: float) -> torch.Tensor:
+def prefill(q, k, v, k_cache, v_cache, ctx: Context, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
     return paged_prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale,
-                                   max_seqlen_q=ctx.max_seqlen_q or None)
+                                   max_seqlen_q=ctx.max_seqlen_q or None, k_scale=k_scale, v_scale=v_scale)
 
 
-def decode(q, k_cache, v_cache, ctx: Context, scale: float) -> torch.Tensor:
-    return paged_decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale)
+def decode(q, k_cache, v_cache, ctx: Context, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
+    return paged_decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale,
+                                  k_scale=k_scale, v_scale=v_scale)

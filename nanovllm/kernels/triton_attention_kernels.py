@@ -15,12 +15,19 @@ Conventions shared by every kernel:
 import triton
 import triton.language as tl
 
+# KV_FP8 (a constexpr: other caches compile exactly as without it, their scale pointers may be None) marks a
+# float8_e4m3fn cache holding K / k_scale and V / v_scale, the scales read through pointers so CUDA graphs see
+# calibrated values. Readers widen fp8 to q's dtype, which is exact, and fold the scales in: scores are multiplied
+# by k_scale and the output by v_scale, the same as dequantizing every element (x * scale), with one multiply per
+# row instead of one per element.
+FP8_MAX = tl.constexpr(448.0)     # float8_e4m3fn's largest finite value; it has no inf
+
 
 @triton.jit
-def store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-                         key_stride_n, key_stride_h, value_stride_n, value_stride_h,
-                         NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One program per token: copy its [kv_heads, head_dim] K and V rows to cache slot slot_mapping[token]."""
+def store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
+                         key_stride_n, key_stride_h, value_stride_n, value_stride_h, NUM_KV_HEADS: tl.constexpr,
+                         HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, KV_FP8: tl.constexpr):
+    """One program per token: copy (KV_FP8: quantize) its K and V rows to cache slot slot_mapping[token]."""
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token)
     if slot < 0:        # a padding row: write nothing
@@ -30,9 +37,12 @@ def store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapp
     mask = heads < NUM_KV_HEADS
     key = tl.load(key_ptr + token * key_stride_n + heads * key_stride_h + dims, mask=mask)
     value = tl.load(value_ptr + token * value_stride_n + heads * value_stride_h + dims, mask=mask)
+    if KV_FP8:  # IEEE division (not the approximate default), as torch divides; clamped, so outliers saturate
+        key = tl.clamp(tl.math.div_rn(key.to(tl.float32), tl.load(k_scale_ptr)), -FP8_MAX, FP8_MAX)
+        value = tl.clamp(tl.math.div_rn(value.to(tl.float32), tl.load(v_scale_ptr)), -FP8_MAX, FP8_MAX)
     dst = slot * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
-    tl.store(k_cache_ptr + dst, key, mask=mask)
-    tl.store(v_cache_ptr + dst, value, mask=mask)
+    tl.store(k_cache_ptr + dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -51,8 +61,9 @@ def _attend_kv_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, start
     key_valid = keys < kv_len
     rows = start % BLOCK_SIZE + tl.arange(0, BLOCK_N)
     offsets = page * stride_page + rows[:, None] * stride_row + kv_head * stride_head + tl.arange(0, HEAD_DIM)[None, :]
-    k = tl.load(k_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)
-    v = tl.load(v_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)
+    # An fp8 cache is widened to q's dtype (exact) for tl.dot; for the other caches .to is a no-op.
+    k = tl.load(k_cache_ptr + offsets, mask=key_valid[:, None], other=0.0).to(q.dtype)
+    v = tl.load(v_cache_ptr + offsets, mask=key_valid[:, None], other=0.0).to(q.dtype)
 
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     allowed = key_valid[None, :]
@@ -70,10 +81,10 @@ def _attend_kv_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, start
 
 @triton.jit
 def prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
-                   qk_scale, q_stride_n, q_stride_h, out_stride_n, out_stride_h,
+                   k_scale_ptr, v_scale_ptr, qk_scale, q_stride_n, q_stride_h, out_stride_n, out_stride_h,
                    stride_page, stride_row, stride_head, table_stride,
                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     """Grid (query tiles, sequences, query heads): BLOCK_M new tokens of one sequence and head, causal over its cache.
 
     Query row j of sequence i sits at absolute position context_len - q_len + j, so a cached prefix or earlier
@@ -94,6 +105,8 @@ def prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, c
     q_pos = first_pos + tl.arange(0, BLOCK_M)
     kv_head = head // GROUP
     table_ptr = block_tables_ptr + seq * table_stride
+    if KV_FP8:
+        qk_scale *= tl.load(k_scale_ptr)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -111,17 +124,19 @@ def prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, c
                                         True, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION)
 
     out = acc / l_i[:, None]
+    if KV_FP8:
+        out *= tl.load(v_scale_ptr)
     out_offsets = (q_start + q_rows)[:, None] * out_stride_n + head * out_stride_h + dims[None, :]
     tl.store(out_ptr + out_offsets, out, mask=row_valid[:, None])
 
 
 @triton.jit
 def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr, context_lens_ptr,
-                        block_tables_ptr, qk_scale, num_splits, q_stride_b, q_stride_h,
+                        block_tables_ptr, k_scale_ptr, v_scale_ptr, qk_scale, num_splits, q_stride_b, q_stride_h,
                         stride_page, stride_row, stride_head, table_stride,
                         part_stride_b, part_stride_h, part_stride_s, lse_stride_b, lse_stride_h,
-                        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     """Grid (sequences, KV heads, splits): all query heads of one KV group against one split of the KV range.
 
     Each sequence's own context is cut into num_splits equal runs of whole tiles, so every program of a sequence
@@ -144,6 +159,8 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
     q = tl.load(q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + dims[None, :],
                 mask=row_valid[:, None], other=0.0)
     table_ptr = block_tables_ptr + seq * table_stride
+    if KV_FP8:
+        qk_scale *= tl.load(k_scale_ptr)
 
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
@@ -155,6 +172,8 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)       # no keys: acc is 0, m_i is -inf, so out = 0 and lse = -inf
     out = acc / l_safe[:, None]
+    if KV_FP8:
+        out *= tl.load(v_scale_ptr)
     lse = m_i + tl.log2(l_safe)
     part_offsets = seq * part_stride_b + heads[:, None] * part_stride_h + split * part_stride_s + dims[None, :]
     tl.store(part_out_ptr + part_offsets, out, mask=row_valid[:, None])
