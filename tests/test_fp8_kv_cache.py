@@ -143,8 +143,10 @@ LOGIT_BOUNDS = {"qwen3": dict(rel_mean=0.10, rel_max=0.25, top1=0.85),
 def test_fp8_logits_stay_close_to_float32_cache(arch, backend, qwen3_dir, qwen2_dir):
     """On the CPU through the PyTorch reference; on a GPU through the Triton kernels (CUDA-graph free, eager)."""
     path = qwen3_dir if arch == "qwen3" else qwen2_dir
+    # A fixed block count: on a GPU, engines of earlier tests in this process may still hold most of its memory.
     r = fp8_accuracy.measure(path, [64, 128, 256, 512], decode_steps=64, yardstick=False, kvcache_block_size=16,
-                             device="cpu" if backend == "torch" else "cuda", attention_backend=backend)["fp8"]
+                             num_kvcache_blocks=256, device="cpu" if backend == "torch" else "cuda",
+                             attention_backend=backend)["fp8"]
     bounds = LOGIT_BOUNDS[arch]
     assert r["positions"] == 4 * 65
     assert r["rel_mean"] < bounds["rel_mean"] and r["rel_max"] < bounds["rel_max"], r
