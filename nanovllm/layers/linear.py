@@ -6,14 +6,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.utils.loader import copy_shard
 from nanovllm.utils.parallel import tp_rank, tp_size
-
-
-def copy_shard(target: torch.Tensor, shard: torch.Tensor):
-    """Copy a checkpoint tensor (or this rank's shard of one) into a parameter, or a slice of one, of its shape."""
-    if target.shape != shard.shape:
-        raise ValueError(f"expected a tensor of shape {tuple(target.shape)}, got {tuple(shard.shape)}")
-    target.data.copy_(shard)
 
 
 class LinearBase(nn.Module):

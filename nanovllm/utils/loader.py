@@ -8,7 +8,13 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from nanovllm.config import ModelConfig
-from nanovllm.layers.linear import copy_shard
+
+
+def copy_shard(target: torch.Tensor, shard: torch.Tensor):
+    """Copy a checkpoint tensor (or this rank's shard of one) into a parameter, or a slice of one, of its shape."""
+    if target.shape != shard.shape:
+        raise ValueError(f"expected a tensor of shape {tuple(target.shape)}, got {tuple(shard.shape)}")
+    target.data.copy_(shard)
 
 
 def safetensors_weights(path: str) -> Iterator[tuple[str, str, torch.Tensor]]:
