@@ -6,6 +6,7 @@
 """
 import argparse
 import os
+import statistics
 import time
 from random import randint, seed
 
@@ -27,6 +28,19 @@ def parse_args():
     p.add_argument("--repeat", type=int, default=1, help="run the workload this many times in one process")
     p.add_argument("--skip-batch1", action="store_true", help="skip the single-request decode measurement")
     return p.parse_args()
+
+
+def latency_summary(outputs: list[dict]) -> str:
+    """Time to first token (from the request's arrival: all arrive at once here, so it includes queueing) and time
+    per output token after the first, median and p99 over the requests, as vLLM's benchmarks report them."""
+    def median_p99(values):     # in ms
+        p99 = statistics.quantiles(values, n=100, method="inclusive")[98] if len(values) > 1 else values[0]
+        return statistics.median(values) * 1e3, p99 * 1e3
+    metrics = [(o["metrics"], len(o["token_ids"])) for o in outputs]
+    ttft = median_p99([m["first_token_time"] - m["arrival_time"] for m, _ in metrics])
+    tpot = median_p99([(m["finished_time"] - m["first_token_time"]) / (n - 1) for m, n in metrics if n > 1])
+    return (f"TTFT median {ttft[0]:.1f} ms, p99 {ttft[1]:.1f} ms; "
+            f"TPOT median {tpot[0]:.2f} ms, p99 {tpot[1]:.2f} ms")
 
 
 def main():
@@ -56,8 +70,10 @@ def main():
         t = time.perf_counter() - t     # generate() has read every sampled token back, so the GPU is done
         total_tokens = sum(len(o["token_ids"]) for o in outputs)
         print(f"Total: {total_tokens}tok, Time: {t:.2f}s, Throughput: {total_tokens / t:.2f}tok/s")
+        print(f"  run {i + 1}: {latency_summary(outputs)}")
         if cuda:
-            print(f"  run {i + 1}: torch.cuda.memory_allocated = {torch.cuda.memory_allocated() / 2**20:.1f} MiB")
+            print(f"  run {i + 1}: torch.cuda.memory_allocated = {torch.cuda.memory_allocated() / 2**20:.1f} MiB, "
+                  f"peak {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
 
     if not args.skip_batch1:
         t = time.perf_counter()

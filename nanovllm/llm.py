@@ -118,7 +118,9 @@ def _output(seq: Sequence) -> dict:
            "token_ids": seq.completion_token_ids,
            "prompt_token_ids": seq.prompt_token_ids,
            "finish_reason": seq.finish_reason,
-           "num_cached_tokens": max(seq.num_cached_tokens, 0)}
+           "num_cached_tokens": max(seq.num_cached_tokens, 0),
+           "metrics": {"arrival_time": seq.arrival_time, "first_token_time": seq.first_token_time,
+                       "finished_time": seq.finished_time}}
     if seq.logprobs is not None:
         out["logprobs"] = seq.logprobs
     return out

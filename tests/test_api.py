@@ -3,6 +3,7 @@
 Expected values come from transformers, the tokenizer, or a run of the engine without the feature under
 test (a greedy run without a stop condition tells where that condition must cut), never from the feature.
 """
+import time
 from contextlib import nullcontext
 
 import pytest
@@ -53,7 +54,9 @@ def decode(llm, token_ids, skip_special_tokens=True) -> str:
 
 def test_output_fields_and_length_finish(llm):
     out = greedy(llm, PROMPTS[0], max_tokens=7)
-    assert set(out) == {"text", "token_ids", "prompt_token_ids", "finish_reason", "num_cached_tokens"}
+    assert set(out) == {"text", "token_ids", "prompt_token_ids", "finish_reason", "num_cached_tokens", "metrics"}
+    m = out["metrics"]
+    assert m["arrival_time"] <= m["first_token_time"] <= m["finished_time"] <= time.perf_counter()
     assert out["prompt_token_ids"] == llm.tokenizer.encode(PROMPTS[0])
     assert len(out["token_ids"]) == 7 and out["finish_reason"] == "length"
     assert out["text"] == decode(llm, out["token_ids"])

@@ -1,5 +1,6 @@
 from collections import deque
 from itertools import repeat
+from time import perf_counter
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
@@ -86,7 +87,7 @@ class Scheduler:
         if seq.block_table:
             self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
+        seq.finish_reason, seq.finished_time = reason, perf_counter()
 
     def abort(self, seq: Sequence):
         """Drop a request wherever it is and free its blocks."""
@@ -102,6 +103,8 @@ class Scheduler:
             if seq.num_computed_tokens < len(seq):
                 continue    # mid-prompt chunk: its sample is meaningless
             seq.append_token(token_id)
+            if seq.first_token_time is None:
+                seq.first_token_time = perf_counter()
             if token_logprobs is not None:
                 seq.logprobs.append(token_logprobs)
             advanced.append(seq)

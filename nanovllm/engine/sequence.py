@@ -1,6 +1,7 @@
 from copy import copy
 from enum import Enum, auto
 from itertools import count
+from time import perf_counter
 
 from nanovllm.sampling_params import SamplingParams
 
@@ -33,6 +34,8 @@ class Sequence:
         self.finish_reason: str | None = None       # "stop" or "length" (or "abort") once finished
         self.logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
         self.detokenizer = None     # set by the engine when the request has a tokenizer
+        # On time.perf_counter's clock: when the request was made, got its first token, finished.
+        self.arrival_time, self.first_token_time, self.finished_time = perf_counter(), None, None
 
     def __len__(self):
         return self.num_tokens
