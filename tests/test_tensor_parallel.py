@@ -167,7 +167,7 @@ def test_engines_one_after_another_clean_up_after_themselves(qwen3_dir):
         pids, names = [p.pid for p in llm.executor.pool.processes], names + [llm.executor.pool.shm.name]
         with pytest.raises(RuntimeError, match="exit"):    # one tensor-parallel engine per process at a time
             LLM(qwen3_dir, tensor_parallel_size=2, **SMALL)
-        outputs.append(llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False))
+        outputs.append([o["token_ids"] for o in llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)])
         llm.exit()
         llm.exit()  # idempotent
         assert_cleaned_up(pids, names[-1])
