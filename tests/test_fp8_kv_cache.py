@@ -5,6 +5,7 @@ The Triton kernels' fp8 paths are checked against the reference in test_triton_k
 """
 import importlib.util
 import os
+import random
 
 import pytest
 import torch
@@ -151,3 +152,22 @@ def test_fp8_logits_stay_close_to_float32_cache(arch, backend, qwen3_dir, qwen2_
     assert r["positions"] == 4 * 65
     assert r["rel_mean"] < bounds["rel_mean"] and r["rel_max"] < bounds["rel_max"], r
     assert r["top1"] >= bounds["top1"], r
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not FP8_GPU, reason="needs a GPU of compute capability 8.9+")
+def test_fp8_cuda_graphs_give_the_same_tokens_as_eager(qwen3_dir):
+    """Decode graphs read the scales from their tensors and store/attend through the same Triton kernels: a padded
+    graph batch (7 sequences in the graph for 8) gives the eager engine's greedy tokens."""
+    rng = random.Random(0)
+    batch = [[rng.randrange(3, 384) for _ in range(n)] for n in (1, 17, 40, 100, 3, 70, 9)]
+    outs = {}
+    for eager in (True, False):
+        llm = LLM(qwen3_dir, kv_cache_dtype="fp8", attention_backend="triton", kvcache_block_size=16,
+                  max_model_len=512, enforce_eager=eager, gpu_memory_utilization=0.3, max_num_batched_tokens=2048,
+                  max_num_seqs=64)
+        greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        outs[eager] = [o["token_ids"] for o in llm.generate(batch, greedy, use_tqdm=False)]
+        llm.exit()
+        del llm
+    assert outs[True] == outs[False]
