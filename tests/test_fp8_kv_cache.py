@@ -164,7 +164,7 @@ def test_fp8_cuda_graphs_give_the_same_tokens_as_eager(qwen3_dir):
     outs = {}
     for eager in (True, False):
         llm = LLM(qwen3_dir, kv_cache_dtype="fp8", attention_backend="triton", kvcache_block_size=16,
-                  max_model_len=512, enforce_eager=eager, gpu_memory_utilization=0.3, max_num_batched_tokens=2048,
+                  max_model_len=512, enforce_eager=eager, num_kvcache_blocks=256, max_num_batched_tokens=2048,
                   max_num_seqs=64)
         greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
         outs[eager] = [o["token_ids"] for o in llm.generate(batch, greedy, use_tqdm=False)]
