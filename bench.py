@@ -23,6 +23,7 @@ def parse_args():
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flash_attn", "triton", "torch"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--no-overlap", action="store_true", help="book each step before launching the next")
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1, help="run the workload this many times in one process")
@@ -49,10 +50,10 @@ def main():
     start = time.perf_counter()
     llm = LLM(path, enforce_eager=args.enforce_eager, max_model_len=4096, attention_backend=args.attention_backend,
               tensor_parallel_size=args.tensor_parallel_size, load_format="dummy" if args.dummy else "auto",
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, overlap_scheduling=not args.no_overlap)
     print(f"Startup: {time.perf_counter() - start:.2f}s "
           f"(backend {llm.executor.runner.attention_backend}, {llm.executor.runner.num_kvcache_blocks} KV blocks, "
-          f"kv_cache_dtype {args.kv_cache_dtype})")
+          f"kv_cache_dtype {args.kv_cache_dtype}, overlap {'off' if args.no_overlap else 'on'})")
 
     seed(0)
     num_seqs, max_input_len, max_output_len = args.num_seqs, 1024, 1024

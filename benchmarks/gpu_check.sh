@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call (device time is scarce). Stages: env | tests | kernels | bench | old | fp8 | all
+# The whole GPU check in one call (device time is scarce).
+# Stages: tests | kernels | bench | nooverlap | startup | old | fp8 | eager | all
 #   bash benchmarks/gpu_check.sh tests kernels bench
 # "old" runs bench.py of another tree copied to .old/ (git-ignored, carried), in the same call, for before/after.
 set -uo pipefail
@@ -11,6 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 if has tests; then
   python -m pytest -q -rs -p no:logging tests/test_triton_kernels.py tests/test_cuda.py tests/test_engine_edges.py \
+    tests/test_overlap.py \
     $(ls tests/test_fused_layers.py tests/test_fp8_kv_cache.py 2>/dev/null) -m "" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -12
   python -m pytest -q -rs -p no:logging tests -m cuda 2>&1 | tee "$OUT/pytest_cuda_marked.log" | tail -6
 fi
@@ -21,6 +23,12 @@ if has kernels; then
 fi
 if has bench; then
   python bench.py --dummy --attention-backend triton --repeat 2 2>&1 | tee "$OUT/bench_triton.log"
+fi
+if has nooverlap; then
+  python bench.py --dummy --attention-backend triton --repeat 2 --no-overlap 2>&1 | tee "$OUT/bench_nooverlap.log"
+fi
+if has startup; then
+  python benchmarks/startup_profile.py 2>&1 | tee "$OUT/startup.log" | tail -3
 fi
 if has old && [ -d .old ]; then
   (cd .old && PYTHONPATH=. python bench.py --dummy --attention-backend triton --repeat 2) 2>&1 | tee "$OUT/bench_old.log"

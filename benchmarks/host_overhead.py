@@ -24,13 +24,13 @@ def main(batch: int = 256, steps: int = 300):
                                SamplingParams(temperature=0.6, max_tokens=3000, ignore_eos=True)))
     while scheduler.waiting:
         seqs, _ = scheduler.schedule()
-        scheduler.postprocess(seqs, [5] * len(seqs))
+        scheduler.postprocess(seqs, scheduler.launched(seqs), [5] * len(seqs))
     t_schedule = t_postprocess = 0.0
     for _ in range(steps):
         t0 = time.perf_counter()
         seqs, _ = scheduler.schedule()
         t1 = time.perf_counter()
-        scheduler.postprocess(seqs, [5] * len(seqs))
+        scheduler.postprocess(seqs, scheduler.launched(seqs), [5] * len(seqs))
         t_schedule += t1 - t0
         t_postprocess += time.perf_counter() - t1
     print(f"batch {len(seqs)}: schedule {t_schedule / steps * 1e3:.3f} ms, "

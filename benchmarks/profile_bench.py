@@ -39,7 +39,7 @@ def step_phases(llm, label):
     (seqs, is_prefill), t_sched = timed(s.schedule)
     prepare = runner.prepare_prefill if is_prefill else runner.prepare_decode
     def prepare_sample():
-        return prepare_sampling([seq.sampling_params for seq in seqs], [seq.num_completion_tokens for seq in seqs],
+        return prepare_sampling([seq.sampling_params for seq in seqs], [len(seq) - seq.num_prompt_tokens for seq in seqs],
                                 runner.eos_token_ids, runner.config.hf_config.vocab_size, runner.device)
     (inputs, _), t_prep = timed(lambda: (prepare(seqs), prepare_sample()))
     temperatures, extras = prepare_sample()
@@ -48,7 +48,7 @@ def step_phases(llm, label):
     token_ids, t_tolist = timed(tokens.tolist)
     from nanovllm.utils.context import reset_context
     reset_context()
-    _, t_post = timed(lambda: s.postprocess(seqs, token_ids, None))
+    _, t_post = timed(lambda: s.postprocess(seqs, s.launched(seqs), token_ids, None))
     total = t_sched + t_prep + t_fwd + t_sample + t_tolist + t_post
     print(f"{label}: {'prefill' if is_prefill else 'decode'} batch {len(seqs)}  total {total * 1e3:.2f} ms = schedule {t_sched * 1e3:.2f} + prepare "
           f"{t_prep * 1e3:.2f} + forward(graph+lm_head) {t_fwd * 1e3:.2f} + sample {t_sample * 1e3:.2f} + "

@@ -132,6 +132,7 @@ _OPTIONS = (
     ("load_format", str, lambda v: v in ("auto", "dummy"), "'auto' or 'dummy'"),
     ("cpu_kvcache_space_gib", (int, float), lambda v: 0 < v < math.inf, "a positive, finite number of GiB"),
     ("kv_cache_dtype", str, lambda v: v in ("auto", "fp8"), "'auto' (the model's dtype) or 'fp8' (float8_e4m3fn)"),
+    ("overlap_scheduling", bool, None, "True or False"),
 )
 
 
@@ -152,6 +153,7 @@ class Config:
     load_format: str = "auto"
     cpu_kvcache_space_gib: float = 1.0
     kv_cache_dtype: str = "auto"      # vLLM's name: "auto" is the model's dtype, "fp8" float8_e4m3fn
+    overlap_scheduling: bool = True   # schedule step N+1 while step N runs (vLLM's async_scheduling)
     hf_config: ModelConfig = field(init=False)
 
     def __post_init__(self):

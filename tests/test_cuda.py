@@ -87,7 +87,7 @@ def test_triton_and_torch_logits_close_on_dummy_qwen3_0_6b():
         input_ids, positions = runner.prepare_prefill(seqs)
         prefill_logits = runner.run_model(input_ids, positions, True).float()
         reset_context()
-        llm.scheduler.postprocess(seqs, [42] * len(seqs))      # the same next token for both backends
+        llm.scheduler.postprocess(seqs, llm.scheduler.launched(seqs), [42] * len(seqs))      # the same next token for both backends
         seqs, _ = llm.scheduler.schedule()
         input_ids, positions = runner.prepare_decode(seqs)
         decode_logits = runner.run_model(input_ids, positions, False).float()

@@ -105,12 +105,13 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
 
     def publish_computed_blocks(self, seq: Sequence):
-        """After a step that computed `seq.num_scheduled_tokens` tokens: make the blocks that became full
-        findable by later prompts. Blocks fill in order, so the one before the first new one is published."""
-        first = (seq.num_computed_tokens - seq.num_scheduled_tokens) // self.block_size
-        end = seq.num_computed_tokens // self.block_size
-        if first == end:
-            return      # the usual decode step: no block filled up
+        """Make the blocks of `seq` that are full of booked, computed tokens findable by later prompts. A block's KV
+        may still be in flight on the GPU: any step that reads it through a hit is launched later, so runs after.
+        Blocks fill in order, so the unpublished ones are at the end of what is full."""
+        end = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        first = end
+        while first > 0 and self.blocks[seq.block_table[first - 1]].hash == -1:
+            first -= 1
         prefix_hash = self.blocks[seq.block_table[first - 1]].hash if first else -1
         for i in range(first, end):
             token_ids = self._block_tokens(seq, i)

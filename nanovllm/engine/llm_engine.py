@@ -1,4 +1,5 @@
 import atexit
+from collections import deque
 from collections.abc import Sequence as SequenceABC
 from dataclasses import fields
 from numbers import Integral
@@ -14,7 +15,11 @@ from nanovllm.utils.loader import load_tokenizer
 
 class LLMEngine:
     """The core loop, as in nano-vllm: `add_request`, then `step` until `is_finished`. It owns the tokenizer, the
-    scheduler and rank 0's executor (the model on every rank); requests are validated here, before any is queued."""
+    scheduler and rank 0's executor (the model on every rank); requests are validated here, before any is queued.
+
+    With `overlap_scheduling` a step launches the next batch on the GPU before it books the previous one's tokens:
+    the host schedules, prepares and books while the GPU computes, and the sampled ids feed the next step on the
+    GPU. A request that finishes may so run one step more, whose token is dropped."""
 
     def __init__(self, model: str, **kwargs):
         names = {f.name for f in fields(Config) if f.init}
@@ -31,6 +36,9 @@ class LLMEngine:
             atexit.register(self.exit)
         runner = self.executor.runner
         self.scheduler = Scheduler(config, runner.num_kvcache_blocks, runner.max_model_len, eos)
+        # Launched steps not booked yet: (sequences, token_indices from Scheduler.launched, the runner's output).
+        self._unbooked: deque[tuple[list[Sequence], list[int], object]] = deque()
+        self._steps_ahead = 1 if config.overlap_scheduling else 0
 
     @property
     def max_model_len(self) -> int:
@@ -58,13 +66,28 @@ class LLMEngine:
         self.executor.exit()
 
     def _step(self) -> tuple[list[Sequence], int]:
-        """One step; returns the sequences that got a token (finished ones included) and the tokens processed."""
+        """One step: launch a batch, then book what is older than the overlap allows. Returns the sequences that
+        got a token (finished ones included) and the tokens launched: +prefill, -decode."""
+        advanced = self._book(self._steps_ahead)    # normally nothing: a step interrupted while it waited
         seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
+        if seqs:
+            output = self.executor.call("run", seqs, is_prefill)
+            self._unbooked.append((seqs, self.scheduler.launched(seqs), output))
+        elif not self._unbooked:
             raise RuntimeError("the scheduler found nothing to run while requests are pending; this is a bug")
-        token_ids, logprobs = self.executor.call("run", seqs, is_prefill)
-        advanced = self.scheduler.postprocess(seqs, token_ids, logprobs)
+        # With nothing launched (every running request awaits its last token), book all that is in flight.
+        advanced += self._book(self._steps_ahead if seqs else 0)
         return advanced, sum(seq.num_scheduled_tokens for seq in seqs) if is_prefill else -len(seqs)
+
+    def _book(self, keep: int) -> list[Sequence]:
+        """Book the oldest launched steps until `keep` remain; a step leaves the queue only once booked."""
+        advanced = []
+        while len(self._unbooked) > keep:
+            seqs, token_indices, output = self._unbooked[0]
+            token_ids, logprobs = output.result()       # waits for that step on the GPU
+            self._unbooked.popleft()
+            advanced += self.scheduler.postprocess(seqs, token_indices, token_ids, logprobs)
+        return advanced
 
     # ---- validation -----------------------------------------------------------------------------------
 

@@ -52,6 +52,11 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.backend = backend
         self.sampler = Sampler()
+        # The last step's sampled ids, left on the device: with overlap scheduling the next decode step reads its
+        # input ids from here before the host has seen them (other ranks get them by broadcast).
+        self.last_sampled: torch.Tensor | None = None
+        self.last_rows: dict[int, int] = {}     # seq_id -> its row in last_sampled
+        self.share_sampled = config.overlap_scheduling and tp_size() > 1
         self.graphs: CUDAGraphs | None = None
         if self.device.type == "cuda":
             try:
@@ -134,7 +139,7 @@ class ModelRunner:
         seq.num_scheduled_tokens = len(seq)
         self.run([seq], True)
         seq.num_computed_tokens = len(seq)
-        seq.append_token(0)
+        seq.append_token(0)     # booked: the decode below reads it from the host
         seq.block_table = list(range(-(-len(seq) // self.block_size)))
         seq.num_scheduled_tokens = 1
         self.run([seq], False)
@@ -212,7 +217,6 @@ class ModelRunner:
                 self._to_device(np.concatenate(positions), torch.int64))
 
     def prepare_decode(self, seqs: list[Sequence]):
-        input_ids = [seq.last_token for seq in seqs]
         positions = [len(seq) - 1 for seq in seqs]
         slot_mapping = [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
                         for seq, p in zip(seqs, positions)]
@@ -220,7 +224,18 @@ class ModelRunner:
                     slot_mapping=self._to_device(slot_mapping, torch.int64),
                     context_lens=self._to_device([len(seq) for seq in seqs], torch.int32),
                     block_tables=self._block_tables(seqs))
-        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64)
+        return self._decode_input_ids(seqs), self._to_device(positions, torch.int64)
+
+    def _decode_input_ids(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Each sequence's last token: from the host when booked, else from the previous step's samples."""
+        rows = [self.last_rows[seq.seq_id] if seq.input_is_pending else -1 for seq in seqs]
+        if all(row >= 0 for row in rows):       # the steady state of overlap scheduling: one gather
+            return self.last_sampled[self._to_device(rows, torch.int64)]
+        booked = self._to_device([-1 if row >= 0 else seq.last_token for seq, row in zip(seqs, rows)], torch.int64)
+        if all(row < 0 for row in rows):
+            return booked
+        rows = self._to_device(rows, torch.int64)
+        return torch.where(rows >= 0, self.last_sampled[rows.clamp(min=0)], booked)
 
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, is_prefill: bool) -> torch.Tensor:
@@ -228,24 +243,29 @@ class ModelRunner:
             return self.model.compute_logits(self.model(input_ids, positions))
         return self.model.compute_logits(self.graphs.replay(input_ids, positions, get_context()))
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[dict[int, float] | None] | None]:
-        """Run one scheduled step. Returns one sampled token id per sequence, and per sequence its
-        {token_id: logprob} dict (None where not asked for), or None when no sequence asked for logprobs.
-        Only rank 0 samples (the lm head gathers the logits there): the other ranks return None."""
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> "SampledTokens | None":
+        """Launch one scheduled step: the forward and the sampling are queued on the GPU and the sampled ids are
+        copied back without waiting; `result()` of what is returned waits for them. Only rank 0 samples (the lm
+        head gathers the logits there): the other ranks return None."""
         input_ids, positions = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
         params = [seq.sampling_params for seq in seqs] if self.rank == 0 else None
         if params is not None:
-            temperatures, extras = prepare_sampling(params, [seq.num_completion_tokens for seq in seqs],
+            # Each row samples output token number len(seq) - prompt: a pending, unbooked one counts.
+            temperatures, extras = prepare_sampling(params, [len(seq) - seq.num_prompt_tokens for seq in seqs],
                                                     self.eos_token_ids, self.config.hf_config.vocab_size, self.device)
         try:
             logits = self.run_model(input_ids, positions, is_prefill)
+            token_ids = logprobs = None
+            if logits is not None:
+                token_ids, logprobs = self.sampler(logits, temperatures, extras)
+            if self.share_sampled:      # every rank embeds these ids in the next step
+                if token_ids is None:
+                    token_ids = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
+                dist.broadcast(token_ids, src=0)
+            self.last_sampled, self.last_rows = token_ids, {seq.seq_id: i for i, seq in enumerate(seqs)}
             if logits is None:
                 return None
-            token_ids, logprobs = self.sampler(logits, temperatures, extras)
-            token_ids = token_ids.tolist()
-            if logprobs is None:
-                return token_ids, None
-            return token_ids, logprob_dicts(token_ids, logprobs, [p.logprobs for p in params])
+            return SampledTokens(token_ids, logprobs, [p.logprobs for p in params])
         finally:
             reset_context()
 
@@ -257,3 +277,24 @@ class ModelRunner:
             return self.run_model(input_ids, positions, True)
         finally:
             reset_context()
+
+
+class SampledTokens:
+    """One step's sampled ids (and logprobs), on their way to the host: the copy is queued behind the step, so
+    launching costs no wait; `result()` waits for it and returns (token ids, logprob dicts or None)."""
+
+    def __init__(self, token_ids: torch.Tensor, logprobs: tuple[torch.Tensor, ...] | None, nums: list[int | None]):
+        # A non-blocking copy to the CPU lands in pinned memory, so it is truly asynchronous.
+        self._host = [t.to("cpu", non_blocking=True) for t in (token_ids, *(logprobs or ()))]
+        self._nums = nums if logprobs is not None else None
+        self._done = torch.cuda.Event() if token_ids.is_cuda else None
+        if self._done is not None:
+            self._done.record()
+
+    def result(self) -> tuple[list[int], list[dict[int, float] | None] | None]:
+        if self._done is not None:
+            self._done.synchronize()
+        token_ids = self._host[0].tolist()
+        if self._nums is None:
+            return token_ids, None
+        return token_ids, logprob_dicts(token_ids, tuple(self._host[1:]), self._nums)

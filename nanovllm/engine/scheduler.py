@@ -58,8 +58,12 @@ class Scheduler:
 
     def _schedule_decode(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
+        kept: list[Sequence] = []       # the running ones not preempted, in order
         while self.running and len(scheduled) < self.max_num_seqs:
             seq = self.running.popleft()
+            if self._has_last_token(seq):
+                kept.append(seq)    # its last token is on the GPU: it finishes when that is booked
+                continue
             while not self.block_manager.can_append(seq):
                 if self.running:
                     self.preempt(self.running.pop())
@@ -70,8 +74,13 @@ class Scheduler:
                 self.block_manager.may_append(seq)
                 seq.num_scheduled_tokens = 1
                 scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
+                kept.append(seq)
+        self.running.extendleft(reversed(kept))
         return scheduled
+
+    def _has_last_token(self, seq: Sequence) -> bool:
+        """Whether `seq` already has (booked or on the GPU) the token that ends it by length."""
+        return len(seq) - seq.num_prompt_tokens >= seq.sampling_params.max_tokens or len(seq) >= self.max_model_len
 
     def preempt(self, seq: Sequence):
         self.num_preemptions += 1
@@ -86,6 +95,7 @@ class Scheduler:
                 queue.remove(seq)
         if seq.block_table:
             self.block_manager.deallocate(seq)
+        seq.drop_unbooked_tokens()
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.finished_time = reason, perf_counter()
 
@@ -93,15 +103,32 @@ class Scheduler:
         """Drop a request wherever it is and free its blocks."""
         self.finish(seq, "abort")
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int],
-                    logprobs: list[dict[int, float] | None] | None = None) -> list[Sequence]:
-        """Book one step's results; returns the sequences that got a token (finished ones included)."""
-        advanced = []
-        for seq, token_id, token_logprobs in zip(seqs, token_ids, logprobs or repeat(None)):
+    def launched(self, seqs: list[Sequence]) -> list[int]:
+        """Book a step the runner has launched: its tokens count as computed (their KV is written before any later
+        step reads it) and each sequence it completes gets its next token reserved. Returns, per row, the index
+        that row's sampled token will take in its sequence (-1 for a chunk mid-prompt: its sample means nothing)."""
+        token_indices = []
+        for seq in seqs:
             seq.num_computed_tokens += seq.num_scheduled_tokens
+            if seq.num_computed_tokens == len(seq):
+                token_indices.append(len(seq))
+                seq.reserve_token()
+            else:
+                token_indices.append(-1)
+        return token_indices
+
+    def postprocess(self, seqs: list[Sequence], token_indices: list[int], token_ids: list[int],
+                    logprobs: list[dict[int, float] | None] | None = None) -> list[Sequence]:
+        """Book one step's sampled tokens (`token_indices` from `launched`). A sequence that finished or was aborted
+        since the step was launched drops its token. Returns the sequences that got a token (finished ones too)."""
+        advanced = []
+        for seq, index, token_id, token_logprobs in zip(seqs, token_indices, token_ids, logprobs or repeat(None)):
+            if seq.is_finished:
+                continue
             self.block_manager.publish_computed_blocks(seq)
-            if seq.num_computed_tokens < len(seq):
-                continue    # mid-prompt chunk: its sample is meaningless
+            if index < 0:
+                continue
+            assert index == seq.num_prompt_tokens + seq.num_completion_tokens, "tokens booked out of order"
             seq.append_token(token_id)
             if seq.first_token_time is None:
                 seq.first_token_time = perf_counter()
@@ -119,7 +146,7 @@ class Scheduler:
         reason = None
         if token_id in sp.stop_token_ids or (token_id in self.eos_token_ids and not sp.ignore_eos):
             reason = "stop"     # the sampler masks these until min_tokens
-        elif seq.num_completion_tokens >= sp.max_tokens or len(seq) >= self.max_model_len:
+        elif seq.num_completion_tokens >= sp.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = "length"
         detokenizer = seq.detokenizer
         if detokenizer is not None and (detokenizer.every_step or reason is not None):

@@ -16,6 +16,10 @@ class SequenceStatus(Enum):
 
 class Sequence:
     """One request: its tokens (prompt then completion), its KV blocks and how far it has been computed.
+
+    With overlap scheduling a step is launched before the previous one's tokens reach the host, so a sequence may
+    have a token that is sampled (or being sampled) on the GPU but not booked yet: `len(seq)` counts it (it needs a
+    KV slot and the next step feeds it to the model), `token_ids` holds the booked tokens only.
     Pickling (how rank 0 sends a batch to tensor-parallel workers) keeps only what the ModelRunner reads for this
     step, so a decode step costs a few ints per sequence, not the whole token history."""
     token_offset = 0    # token_ids[i] is token token_offset + i: 0 here, this step's first token in a worker's copy
@@ -23,9 +27,8 @@ class Sequence:
     def __init__(self, token_ids: list[int], sampling_params: SamplingParams = SamplingParams()):
         self.seq_id = next(_seq_ids)
         self.status = SequenceStatus.WAITING
-        self.token_ids = copy(token_ids)
-        self.last_token = token_ids[-1]
-        self.num_tokens = self.num_prompt_tokens = len(token_ids)
+        self.token_ids = copy(token_ids)   # the booked tokens
+        self.num_tokens = self.num_prompt_tokens = len(token_ids)     # booked + sampled on the GPU, not booked
         self.num_cached_tokens = -1     # prompt tokens served by the prefix cache, set at the first allocation
         self.num_computed_tokens = 0    # tokens whose KV is in the cache (cached or computed)
         self.num_scheduled_tokens = 0   # tokens the current step runs through the model (set by the scheduler)
@@ -45,8 +48,18 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
     def num_completion_tokens(self):
-        return self.num_tokens - self.num_prompt_tokens
+        """Completion tokens booked so far (those the host has seen)."""
+        return self.token_offset + len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def input_is_pending(self) -> bool:
+        """Whether the last token, the one a decode step feeds to the model, is still on the GPU (unbooked)."""
+        return self.token_offset + len(self.token_ids) < self.num_tokens
 
     @property
     def prompt_token_ids(self):
@@ -68,15 +81,23 @@ class Sequence:
         return self.token_ids[start:start + self.num_scheduled_tokens]
 
     def __getstate__(self):
-        return (self.num_tokens, self.num_computed_tokens, self.num_scheduled_tokens, self.block_table,
+        return (self.seq_id, self.num_tokens, self.num_computed_tokens, self.num_scheduled_tokens, self.block_table,
                 self.scheduled_token_ids)
 
     def __setstate__(self, state):
-        self.num_tokens, self.num_computed_tokens, self.num_scheduled_tokens, self.block_table, self.token_ids = state
-        self.token_offset = self.num_computed_tokens
-        self.last_token = self.token_ids[-1]    # in decode, the one scheduled token is the sequence's last
+        (self.seq_id, self.num_tokens, self.num_computed_tokens, self.num_scheduled_tokens, self.block_table,
+         self.token_ids) = state
+        self.token_offset = self.num_computed_tokens    # empty token_ids: the decode input is pending on the GPU
 
     def append_token(self, token_id: int):
+        """Book a token: it takes the place reserved for it by `reserve_token`, or extends the sequence."""
         self.token_ids.append(token_id)
-        self.last_token = token_id
+        self.num_tokens = max(self.num_tokens, self.token_offset + len(self.token_ids))
+
+    def reserve_token(self):
+        """The step just launched samples this sequence's next token; it is booked later by `append_token`."""
         self.num_tokens += 1
+
+    def drop_unbooked_tokens(self):
+        """A finished sequence keeps its booked tokens only: what a speculative step sampled after it is dropped."""
+        self.num_tokens = self.token_offset + len(self.token_ids)
