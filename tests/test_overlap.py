@@ -20,8 +20,8 @@ def ids(seed: int, n: int) -> list[int]:
 def engine(qwen3_dir, device: str, overlap: bool, **kwargs) -> LLM:
     options = dict(kvcache_block_size=8, num_kvcache_blocks=16, max_model_len=96, max_num_batched_tokens=40,
                    max_num_seqs=4)
-    if device == "cuda":
-        options.update(attention_backend="triton", enforce_eager=False)
+    if device == "cuda":    # the same 128 cache slots in pages the Triton kernels can tile
+        options.update(attention_backend="triton", enforce_eager=False, kvcache_block_size=16, num_kvcache_blocks=8)
     return LLM(qwen3_dir, device=device, overlap_scheduling=overlap, **{**options, **kwargs})
 
 

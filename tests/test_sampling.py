@@ -2,7 +2,8 @@
 
 Each distribution check compares counts to the expected probabilities with a chi-square statistic against
 its 0.1% critical value; support checks are exact. Runs on CPU, and on CUDA too when there is one (the
-fast path is torch.compiled there, and the seeded noise is integer arithmetic on the device).
+fast path is a Triton kernel there, also checked on CPU under Triton's interpreter, and the seeded noise is integer
+arithmetic on the device).
 """
 import math
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from nanovllm.layers.sampler import Sampler, SamplingTensors, seed_key, seeded_exponential
+from tests.triton_interpreter import run_check
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
@@ -242,3 +244,35 @@ def nucleus_log_softmax(logits: torch.Tensor, p: float) -> torch.Tensor:
     mask = torch.ones_like(logits, dtype=torch.bool)
     mask[keep] = False
     return logits.masked_fill(mask, float("-inf")).log_softmax(-1)
+
+
+# ---- the CUDA fast path's kernel, under Triton's interpreter without a GPU ------------------------------------
+
+def check_gumbel_kernel(device: str) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Greedy rows with ties (the kernel's argmax, torch's), and rows sampled at T = 1 from log(PROBS) and at
+    T = 0.5 from log(PROBS) / 2 (so both should follow PROBS), a last -inf token in each, in one batch wider than a
+    block of the kernel's vocabulary loop."""
+    from nanovllm.kernels import sampling
+    torch.manual_seed(0)
+    sampling.SAMPLE_BLOCK = 4   # several blocks per row at this vocabulary (restored below)
+    try:
+        greedy = (torch.randn(64, 9, device=device) * 2).round()     # many ties
+        logits = torch.tensor([math.log(p) for p in PROBS] + [float("-inf")], device=device).repeat(DRAWS_KERNEL, 1)
+        batch = torch.cat([greedy, logits, logits / 2])
+        temps = torch.cat([const(0.0, 64, device), const(1.0, DRAWS_KERNEL, device), const(0.5, DRAWS_KERNEL, device)])
+        out = sampling.gumbel_sample(batch.to(torch.bfloat16), temps).cpu()
+    finally:
+        sampling.SAMPLE_BLOCK = 2048
+    return (out[:64].tolist(), greedy.to(torch.bfloat16).float().argmax(-1).cpu().tolist(),
+            out[64:64 + DRAWS_KERNEL].tolist(), out[64 + DRAWS_KERNEL:].tolist())
+
+
+DRAWS_KERNEL = 800      # the interpreter runs programs one by one: enough for the chi-square, not more
+
+
+def test_fast_path_kernel_is_argmax_and_draws_from_softmax():
+    got_greedy, want_greedy, at_1, at_half = run_check(check_gumbel_kernel, "cuda" if torch.cuda.is_available()
+                                                       else "cpu")
+    assert got_greedy == want_greedy
+    assert_follows(torch.tensor(at_1), PROBS + [0.0])
+    assert_follows(torch.tensor(at_half), PROBS + [0.0])

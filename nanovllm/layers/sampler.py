@@ -5,7 +5,6 @@ import xxhash
 from torch import nn
 
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.compile import compile_on_cuda
 from nanovllm.utils.tensors import to_device
 
 _MASK32 = 0xFFFFFFFF
@@ -99,8 +98,8 @@ def _top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tenso
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-@compile_on_cuda
 def sample(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """The fast path on the CPU, and the reference of the CUDA kernel (kernels/sampling.py)."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperatures.clamp_min(1e-5).unsqueeze(1), dim=-1)
@@ -112,7 +111,7 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
 class Sampler(nn.Module):
     """Picks one token per row of a batch with mixed per-request parameters, in one batched pass: a draw from
     softmax(logits / temperature) after min_p, top_k and top_p filtering, or the argmax at temperature 0. A batch
-    with no `SamplingTensors` takes the compiled fast path. Logprobs are those of the distribution sampled from
+    with no `SamplingTensors` takes the fast path (one Triton pass on CUDA). Logprobs are those of the distribution sampled from
     (after masking, temperature and filters; the masked logits' for a greedy row): vLLM's "processed" logprobs."""
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, extras: SamplingTensors | None = None
@@ -120,6 +119,9 @@ class Sampler(nn.Module):
         """Returns (token ids [rows], logprobs): logprobs is None unless extras ask for them, else
         (the sampled tokens' logprobs [rows], the top-n logprobs [rows, n], their token ids [rows, n])."""
         if extras is None:
+            if logits.is_cuda:  # imported here: Triton is installed only on Linux, and only CUDA needs it
+                from nanovllm.kernels.sampling import gumbel_sample
+                return gumbel_sample(logits, temperatures), None
             return sample(logits, temperatures), None
         logits = logits.float()
         if extras.banned_rows is not None:
