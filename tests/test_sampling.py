@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanovllm.layers.sampler import Sampler, SamplingTensors, seed_key, seeded_exponential
-from tests.triton_interpreter import run_check
+from tests.triton_interpreter import run_check, stop_worker
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
@@ -265,6 +265,12 @@ def check_gumbel_kernel(device: str) -> tuple[list[int], list[int], list[int], l
         sampling.SAMPLE_BLOCK = 2048
     return (out[:64].tolist(), greedy.to(torch.bfloat16).float().argmax(-1).cpu().tolist(),
             out[64:64 + DRAWS_KERNEL].tolist(), out[64 + DRAWS_KERNEL:].tolist())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_worker():
+    yield
+    stop_worker()     # the interpreter worker process must not outlive this module (other tests count children)
 
 
 DRAWS_KERNEL = 800      # the interpreter runs programs one by one: enough for the chi-square, not more

@@ -3,38 +3,36 @@ from contextlib import suppress
 import torch
 from torch import nn
 
-from nanovllm.utils.context import Context, reset_context, set_context
+from nanovllm.engine.decode_inputs import DecodeInputs
+from nanovllm.utils.context import reset_context, set_context
 
 
 class CUDAGraphs:
     """Decode captured as CUDA graphs, one per batch size on a ladder; a step replays the smallest that fits,
-    padded. The graphs read their inputs from static buffers, which `replay` fills from the step's tensors."""
+    padded. The graphs read their inputs from `inputs`, a static DecodeInputs that the runner fills before a replay
+    (padding rows: slot -1 and context length 0, so they write nowhere and attend to nothing)."""
 
-    def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks: int, hidden_size: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.model = model
-        max_bs = min(max_num_seqs, 512)
+    def __init__(self, model: nn.Module, inputs: DecodeInputs, hidden_size: int, dtype: torch.dtype):
+        self.model, self.inputs = model, inputs
+        max_bs = inputs.rows
         self.batch_sizes = [bs for bs in (1, 2, 4, 8) if bs < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
-        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int64, device=device)
-        self.context_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
-        self.outputs = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
+        self.outputs = torch.zeros(max_bs, hidden_size, dtype=dtype, device=inputs.buffer.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _forward(self, bs: int):
-        self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+        self.outputs[:bs] = self.model(self.inputs.input_ids[:bs], self.inputs.positions[:bs])
 
     @torch.inference_mode()
     def capture(self):
         """Capture every batch size, largest first so the smaller graphs reuse its memory pool; each runs eagerly
         first, so that capture only records launches. A failure raises, leaving the process able to capture again."""
-        pool = None
+        pool, inputs = None, self.inputs
+        inputs.buffer.zero_()
+        inputs.slot_mapping.fill_(-1)
         try:
             for bs in reversed(self.batch_sizes):
-                set_context(is_prefill=False, slot_mapping=self.slot_mapping[:bs],
-                            context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs])
+                set_context(is_prefill=False, slot_mapping=inputs.slot_mapping[:bs],
+                            context_lens=inputs.context_lens[:bs], block_tables=inputs.block_tables[:bs])
                 self._forward(bs)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
@@ -53,18 +51,13 @@ class CUDAGraphs:
     def can_run(self, batch: int) -> bool:
         return bool(self.graphs) and batch <= self.batch_sizes[-1]
 
-    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
-        """The model's hidden states for a decode batch, through the smallest graph that holds it."""
-        batch = input_ids.size(0)
-        bs = next(bs for bs in self.batch_sizes if bs >= batch)
-        self.input_ids[:batch] = input_ids
-        self.positions[:batch] = positions
-        self.slot_mapping.fill_(-1)     # padding rows write nowhere and attend to nothing
-        self.slot_mapping[:batch] = ctx.slot_mapping
-        self.context_lens.zero_()
-        self.context_lens[:batch] = ctx.context_lens
-        self.block_tables[:batch, :ctx.block_tables.size(1)] = ctx.block_tables
-        self.graphs[bs].replay()
+    def padded_size(self, batch: int) -> int:
+        """The batch size of the graph that runs `batch` rows."""
+        return next(bs for bs in self.batch_sizes if bs >= batch)
+
+    def replay(self, batch: int) -> torch.Tensor:
+        """The model's hidden states for the `batch` rows the runner wrote into `inputs`."""
+        self.graphs[self.padded_size(batch)].replay()
         return self.outputs[:batch]
 
     def clear(self):

@@ -6,12 +6,13 @@ import torch.distributed as dist
 
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graph import CUDAGraphs
+from nanovllm.engine.decode_inputs import DecodeInputs
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import (Attention, kv_cache_torch_dtype, load_attention_backend,
                                        resolve_attention_backend, set_kv_scales)
 from nanovllm.layers.sampler import Sampler, SamplingTensors, logprob_dicts, prepare_sampling
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
-from nanovllm.utils.context import get_context, reset_context, set_context
+from nanovllm.utils.context import reset_context, set_context
 from nanovllm.utils.loader import dummy_weights, load_model, safetensors_weights
 from nanovllm.utils.parallel import tp_rank, tp_size
 from nanovllm.utils.tensors import to_device
@@ -79,8 +80,9 @@ class ModelRunner:
             self.warmup_kernels()
         # The portable torch backend syncs with the host, so it is never captured.
         if config.device == "cuda" and not config.enforce_eager and self.attention_backend != "torch":
-            self.graphs = CUDAGraphs(self.model, config.max_num_seqs, -(-self.max_model_len // self.block_size),
-                                     hf.hidden_size, hf.dtype, self.device)
+            inputs = DecodeInputs.empty(min(config.max_num_seqs, 512), -(-self.max_model_len // self.block_size),
+                                        self.device)
+            self.graphs = CUDAGraphs(self.model, inputs, hf.hidden_size, hf.dtype)
             self.graphs.capture()
 
     def exit(self, synchronize: bool = True):
@@ -217,31 +219,46 @@ class ModelRunner:
                 self._to_device(np.concatenate(positions), torch.int64))
 
     def prepare_decode(self, seqs: list[Sequence]):
-        positions = [len(seq) - 1 for seq in seqs]
-        slot_mapping = [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                        for seq, p in zip(seqs, positions)]
-        set_context(is_prefill=False,
-                    slot_mapping=self._to_device(slot_mapping, torch.int64),
-                    context_lens=self._to_device([len(seq) for seq in seqs], torch.int32),
-                    block_tables=self._block_tables(seqs))
-        return self._decode_input_ids(seqs), self._to_device(positions, torch.int64)
+        """One host array, one copy: straight into the CUDA graphs' static inputs when a graph will run the step."""
+        n = len(seqs)
+        graphs = self.graphs if self.graphs is not None and self.graphs.can_run(n) else None
+        width = graphs.inputs.width if graphs else max(len(seq.block_table) for seq in seqs)
+        device_inputs = graphs.inputs if graphs else DecodeInputs.empty(n, width, self.device)
+        host = DecodeInputs.empty(device_inputs.rows, width, torch.device("cpu"), self.device.type == "cuda")
+        pending = [seq.input_is_pending for seq in seqs]
+        self._fill_decode_inputs(host, seqs, pending, graphs.padded_size(n) if graphs else n)
+        inputs = device_inputs
+        inputs.buffer.copy_(host.buffer, non_blocking=True)
+        if any(pending):
+            # Rows whose last token the host has not seen take it from the previous step's samples on the GPU.
+            rows = inputs.sample_rows[:n]
+            inputs.input_ids[:n] = (self.last_sampled[rows] if all(pending) else
+                                    torch.where(rows >= 0, self.last_sampled[rows.clamp(min=0)], inputs.input_ids[:n]))
+        set_context(is_prefill=False, slot_mapping=inputs.slot_mapping[:n], context_lens=inputs.context_lens[:n],
+                    block_tables=inputs.block_tables[:n])
+        return inputs.input_ids[:n], inputs.positions[:n]
 
-    def _decode_input_ids(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Each sequence's last token: from the host when booked, else from the previous step's samples."""
-        rows = [self.last_rows[seq.seq_id] if seq.input_is_pending else -1 for seq in seqs]
-        if all(row >= 0 for row in rows):       # the steady state of overlap scheduling: one gather
-            return self.last_sampled[self._to_device(rows, torch.int64)]
-        booked = self._to_device([-1 if row >= 0 else seq.last_token for seq, row in zip(seqs, rows)], torch.int64)
-        if all(row < 0 for row in rows):
-            return booked
-        rows = self._to_device(rows, torch.int64)
-        return torch.where(rows >= 0, self.last_sampled[rows.clamp(min=0)], booked)
+    def _fill_decode_inputs(self, host: DecodeInputs, seqs: list[Sequence], pending: list[bool], padded: int):
+        """Rows n..padded are graph padding: token 0 at position 0, writing to slot -1, attending to nothing."""
+        n, bs = len(seqs), self.block_size
+        ids, sample_rows, positions, slots, context_lens = (t.numpy() for t in (
+            host.input_ids, host.sample_rows, host.positions, host.slot_mapping, host.context_lens))
+        lens = np.fromiter(map(len, seqs), np.int64, n)
+        context_lens[:n], positions[:n] = lens, lens - 1
+        sample_rows[:n] = [self.last_rows[seq.seq_id] if p else -1 for seq, p in zip(seqs, pending)]
+        ids[:n] = [0 if p else seq.last_token for seq, p in zip(seqs, pending)]
+        width = max(len(seq.block_table) for seq in seqs)
+        tables = host.block_tables.numpy()
+        tables[:n, :width] = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
+        slots[:n] = tables[np.arange(n), positions[:n] // bs] * bs + positions[:n] % bs
+        ids[n:padded], sample_rows[n:padded], positions[n:padded] = 0, -1, 0
+        slots[n:padded], context_lens[n:padded] = -1, 0
 
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, is_prefill: bool) -> torch.Tensor:
         if is_prefill or self.graphs is None or not self.graphs.can_run(input_ids.size(0)):
             return self.model.compute_logits(self.model(input_ids, positions))
-        return self.model.compute_logits(self.graphs.replay(input_ids, positions, get_context()))
+        return self.model.compute_logits(self.graphs.replay(input_ids.size(0)))   # inputs from prepare_decode
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> "SampledTokens | None":
         """Launch one scheduled step: the forward and the sampling are queued on the GPU and the sampled ids are

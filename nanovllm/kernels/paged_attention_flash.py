@@ -41,6 +41,7 @@ def prefill(q, k, v, k_cache, v_cache, ctx: Context, scale: float, k_scale=None,
 
 def decode(q, k_cache, v_cache, ctx: Context, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
     """One query per sequence over its cached tokens; graph-capturable (no host sync)."""
-    out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=ctx.context_lens,
-                                  block_table=ctx.block_tables, softmax_scale=scale, causal=True)
+    # The runner's decode inputs are int64 (one buffer); flash-attn takes int32 (a no-op when they are already).
+    out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=ctx.context_lens.int(),
+                                  block_table=ctx.block_tables.int(), softmax_scale=scale, causal=True)
     return out.squeeze(1)
