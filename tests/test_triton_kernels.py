@@ -518,6 +518,7 @@ def qwen3_kernel_configs(fp8: bool):
     over a bf16 or an fp8 cache."""
     k = backend.kernels
     tables = dict(context_lens_ptr="i32", block_tables_ptr="i32")
+    decode_tile, decode_warps, decode_stages = backend.decode_launch(torch.float8_e4m3fn if fp8 else torch.bfloat16)
     cache = dict(k_cache_ptr="fp8e4nv", v_cache_ptr="fp8e4nv", k_scale_ptr="fp32", v_scale_ptr="fp32") if fp8 else {}
     return {
         "store": (k.store_kvcache_kernel, dict(NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128, KV_FP8=fp8),
@@ -527,9 +528,10 @@ def qwen3_kernel_configs(fp8: bool):
                     dict(cu_seqlens_q_ptr="i32", **tables, **cache), backend.PREFILL_WARPS, backend.PREFILL_STAGES,
                     True),
         "decode": (k.decode_split_kernel, dict(GROUP=2, GROUP_PAD=16, BLOCK_SIZE=256, HEAD_DIM=128,
-                                               BLOCK_N=backend.DECODE_BLOCK_N, DOT_PRECISION="tf32", KV_FP8=fp8),
-                   dict(part_out_ptr="fp32", part_lse_ptr="fp32", **tables, **cache), backend.DECODE_WARPS,
-                   backend.DECODE_STAGES, True),
+                                               BLOCK_N=decode_tile, DOT_PRECISION="tf32", KV_FP8=fp8),
+                   # the runner's decode inputs are one int64 buffer (engine/decode_inputs.py)
+                   dict(part_out_ptr="fp32", part_lse_ptr="fp32", context_lens_ptr="i64", block_tables_ptr="i64",
+                        **cache), decode_warps, decode_stages, True),
         "merge": (k.decode_merge_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128),
                   dict(part_out_ptr="fp32", part_lse_ptr="fp32"), 4, 1, False),
     }

@@ -23,10 +23,13 @@ LOG2E = 1.4426950408889634
 # Launch parameters, chosen for head_dim 128 / bf16 on an H100; benchmarks/attention_kernels.py times alternatives.
 # Prefill is compute-bound: 64x64 tiles keep short prompts from wasting rows and fit 3 pipeline stages.
 PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_WARPS, PREFILL_STAGES = 64, 64, 4, 3
-# Decode is bandwidth-bound: 64-token K/V tiles (16 KiB each at head_dim 128). With 3 stages Triton spends one on
-# the block-table lookup and prefetches the next K/V tile during the current one (~38 KiB of shared memory, so
-# about five programs share an SM and keep plenty of bytes in flight).
-DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 64, 4, 3
+# Decode is bandwidth-bound. A 16-bit cache: 128-token K/V tiles (32 KiB each at head_dim 128), 2 stages (the next
+# tile loads during the current one): 2.82 TB/s at batch 256 on the H100, against 2.78 with 64-token tiles and 3
+# stages (2.33 vs 2.26 at batch 64; benchmarks/decode_sweep.py). An fp8 cache was fastest with 64-token tiles and
+# 3 stages (1.96 TB/s of fp8 bytes at batch 256, its 128-token tiles 1.83-1.88), and a float32 one needs the
+# smaller tiles to fit shared memory: `decode_launch` picks by element size.
+DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 128, 4, 2
+DECODE_SMALL_TILE = (64, 4, 3)      # (tile, warps, stages) for fp8 and float32 caches
 DECODE_PROGRAMS_PER_SM = 4      # split decode until batch * kv_heads * splits covers this many programs per SM
 DECODE_MAX_SPLITS = 32
 
@@ -108,6 +111,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def decode_launch(kv_dtype: torch.dtype) -> tuple[int, int, int]:
+    """(KV tile, warps, stages) of the decode kernel for a cache of `kv_dtype`."""
+    return (DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES) if kv_dtype.itemsize == 2 else DECODE_SMALL_TILE
+
+
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
     """How many programs share each sequence's KV range, from shapes only (so a CUDA graph can capture it).
 
@@ -134,7 +142,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
-    block_n = min(DECODE_BLOCK_N, block_size)
+    block_n, warps, stages = decode_launch(k_cache.dtype)
+    block_n = min(block_n, block_size)
     if num_splits is None:
         num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, block_n, q.device)
     q = _last_dim_contiguous(q)
@@ -150,7 +159,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0), part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0),
         part_lse.stride(1), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages)
     if num_splits > 1:
         kernels.decode_merge_kernel[(batch, num_heads)](
             part_out, part_lse, out, num_splits, part_out.stride(0), part_out.stride(1), part_out.stride(2),

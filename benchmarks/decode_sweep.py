@@ -1,0 +1,56 @@
+"""Decode attention's bandwidth for a bf16 and an fp8 cache over launch parameters (tile, warps, stages), at
+bench.py-like batches: Qwen3-0.6B shapes, 256-token pages, contexts uniform in 100..2048.
+
+    python benchmarks/decode_sweep.py
+
+Bytes counted: each sequence's K and V (context * kv_heads * head_dim * element size * 2). Each configuration's
+output is compared with the default one's (max abs difference), so a fast wrong configuration shows.
+"""
+import random
+
+import torch
+from triton.testing import do_bench
+
+from nanovllm.kernels import paged_attention_triton as tk
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK, WIDTH = 16, 8, 128, 256, 16
+CONFIGS = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 4, 2), (128, 8, 2), (32, 4, 4), (256, 8, 2)]
+
+
+def inputs(batch: int, kv_dtype: torch.dtype):
+    rng = random.Random(batch)
+    lens = [rng.randint(100, 2048) for _ in range(batch)]
+    blocks = batch * WIDTH
+    k = torch.randn(blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    tables = torch.randperm(blocks, device="cuda").view(batch, WIDTH)
+    q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    nbytes = sum(lens) * KV_HEADS * HEAD_DIM * 2 * kv_dtype.itemsize
+    return q, k.to(kv_dtype), v.to(kv_dtype), torch.tensor(lens, device="cuda"), tables, nbytes
+
+
+def main():
+    scale = torch.ones(1, device="cuda")
+    defaults = tk.decode_launch
+    for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        for batch in (256, 64):
+            q, k, v, lens, tables, nbytes = inputs(batch, kv_dtype)
+            scales = dict(k_scale=scale, v_scale=scale) if kv_dtype == torch.float8_e4m3fn else {}
+            reference = None
+            for block_n, warps, stages in CONFIGS:
+                tk.decode_launch = lambda dtype, config=(block_n, warps, stages): config
+                try:
+                    run = lambda: tk.paged_decode_attention(q, k, v, lens, tables, HEAD_DIM ** -0.5, **scales)  # noqa
+                    out = run()
+                    reference = out if reference is None else reference
+                    ms = do_bench(run, warmup=10, rep=50)
+                    err = (out.float() - reference.float()).abs().max().item()
+                    print(f"{str(kv_dtype).split('.')[1]:14} B={batch:3d} tile {block_n:3d} warps {warps} stages {stages}:"
+                          f" {ms * 1e3:7.1f} us  {nbytes / ms / 1e9:5.2f} TB/s  diff {err:.1e}")
+                except Exception as e:      # a configuration may not fit (shared memory): say so, go on
+                    print(f"{kv_dtype} B={batch} tile {block_n} warps {warps} stages {stages}: {type(e).__name__}")
+    tk.decode_launch = defaults
+
+
+if __name__ == "__main__":
+    main()
