@@ -95,12 +95,13 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     grid = (triton.cdiv(max_seqlen_q, PREFILL_BLOCK_M), num_seqs, num_heads)
     kernels.prefill_kernel[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, k_scale, v_scale,
+        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
         scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=num_heads // k_cache.shape[2], BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=min(PREFILL_BLOCK_N, block_size), DOT_PRECISION=_dot_precision(q.dtype),
-        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES)
+        k_scale_ptr=k_scale, v_scale_ptr=v_scale, KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
+        num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES)
     return out
 
 

@@ -81,14 +81,16 @@ def _attend_kv_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, start
 
 @triton.jit
 def prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
-                   k_scale_ptr, v_scale_ptr, qk_scale, q_stride_n, q_stride_h, out_stride_n, out_stride_h,
+                   qk_scale, q_stride_n, q_stride_h, out_stride_n, out_stride_h,
                    stride_page, stride_row, stride_head, table_stride,
                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   k_scale_ptr=None, v_scale_ptr=None, KV_FP8: tl.constexpr = False):
     """Grid (query tiles, sequences, query heads): BLOCK_M new tokens of one sequence and head, causal over its cache.
 
     Query row j of sequence i sits at absolute position context_len - q_len + j, so a cached prefix or earlier
-    chunks (already in the cache) are attended without any copy.
+    chunks (already in the cache) are attended without any copy. The fp8 arguments come last, with defaults, so
+    that callers of the bf16 signature (the anchor's flash_attn shim) keep working.
     """
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
