@@ -250,21 +250,24 @@ def nucleus_log_softmax(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def check_gumbel_kernel(device: str) -> tuple[list[int], list[int], list[int], list[int]]:
     """Greedy rows with ties (the kernel's argmax, torch's), and rows sampled at T = 1 from log(PROBS) and at
-    T = 0.5 from log(PROBS) / 2 (so both should follow PROBS), a last -inf token in each, in one batch wider than a
-    block of the kernel's vocabulary loop."""
+    T = 0.5 from log(PROBS) / 2 (so both should follow PROBS), a last -inf token in each, each row cut into
+    several chunks of several blocks; and rows of -inf only, which (as torch.argmax) answer index 0."""
     from nanovllm.kernels import sampling
     torch.manual_seed(0)
-    sampling.SAMPLE_BLOCK = 4   # several blocks per row at this vocabulary (restored below)
+    sampling.SAMPLE_BLOCK, sampling.SAMPLE_CHUNK = 4, 8     # two chunks per row, the first of two blocks (restored below)
     try:
         greedy = (torch.randn(64, 9, device=device) * 2).round()     # many ties
         logits = torch.tensor([math.log(p) for p in PROBS] + [float("-inf")], device=device).repeat(DRAWS_KERNEL, 1)
-        batch = torch.cat([greedy, logits, logits / 2])
-        temps = torch.cat([const(0.0, 64, device), const(1.0, DRAWS_KERNEL, device), const(0.5, DRAWS_KERNEL, device)])
+        masked = torch.full((2, 9), float("-inf"), device=device)
+        batch = torch.cat([greedy, logits, logits / 2, masked])
+        temps = torch.cat([const(0.0, 64, device), const(1.0, DRAWS_KERNEL, device), const(0.5, DRAWS_KERNEL, device),
+                           torch.tensor([0.0, 1.0], device=device)])
         out = sampling.gumbel_sample(batch.to(torch.bfloat16), temps).cpu()
+        assert out[-2:].tolist() == [0, 0], out[-2:]
     finally:
-        sampling.SAMPLE_BLOCK = 2048
+        sampling.SAMPLE_BLOCK, sampling.SAMPLE_CHUNK = 2048, 8192
     return (out[:64].tolist(), greedy.to(torch.bfloat16).float().argmax(-1).cpu().tolist(),
-            out[64:64 + DRAWS_KERNEL].tolist(), out[64 + DRAWS_KERNEL:].tolist())
+            out[64:64 + DRAWS_KERNEL].tolist(), out[64 + DRAWS_KERNEL:-2].tolist())
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -273,7 +276,7 @@ def _stop_worker():
     stop_worker()     # the interpreter worker process must not outlive this module (other tests count children)
 
 
-DRAWS_KERNEL = 800      # the interpreter runs programs one by one: enough for the chi-square, not more
+DRAWS_KERNEL = 600      # the interpreter runs programs one by one: enough for the chi-square, not more
 
 
 def test_fast_path_kernel_is_argmax_and_draws_from_softmax():
