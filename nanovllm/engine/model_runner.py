@@ -223,11 +223,10 @@ class ModelRunner:
         n = len(seqs)
         graphs = self.graphs if self.graphs is not None and self.graphs.can_run(n) else None
         width = graphs.inputs.width if graphs else max(len(seq.block_table) for seq in seqs)
-        device_inputs = graphs.inputs if graphs else DecodeInputs.empty(n, width, self.device)
-        host = DecodeInputs.empty(device_inputs.rows, width, torch.device("cpu"), self.device.type == "cuda")
+        inputs = graphs.inputs if graphs else DecodeInputs.empty(n, width, self.device)
+        host = DecodeInputs.empty(inputs.rows, width, torch.device("cpu"), self.device.type == "cuda")
         pending = [seq.input_is_pending for seq in seqs]
         self._fill_decode_inputs(host, seqs, pending, graphs.padded_size(n) if graphs else n)
-        inputs = device_inputs
         inputs.buffer.copy_(host.buffer, non_blocking=True)
         if any(pending):
             # Rows whose last token the host has not seen take it from the previous step's samples on the GPU.
