@@ -5,7 +5,7 @@ torch code they replaced, at Qwen3-0.6B's sizes in bf16, on one CUDA GPU.
     python benchmarks/layer_kernels.py --warm-caches   # reuse the Triton/Inductor disk caches (a second start-up)
 
 Shapes: hidden 1024, 16 query / 8 KV heads of 128, intermediate 3072, rope theta 1e6. The compiled side is
-what nanovllm/utils/compile.py did to the layers before: torch.compile(fn, dynamic=True), one compiled function
+what the layers did before (nanovllm/utils/compile.py, since removed): torch.compile(fn, dynamic=True), one compiled function
 for every RMSNorm (hidden rows and q/k heads alike), one for silu-and-mul, one for the rotary embedding; its q/k
 step is three calls (q norm, k norm, rotary) where the kernel is one.
 
