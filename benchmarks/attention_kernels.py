@@ -85,8 +85,8 @@ def check_decode():
         contexts, (q, k_cache, v_cache, tables, lens) = decode_case(batch, 1, 4096, seed=batch)
         out = tk.paged_decode_attention(q, k_cache, v_cache, lens, tables, SCALE, num_splits=splits)
         expected = ref.paged_decode_attention(q, k_cache, v_cache, lens, tables, SCALE)
-        used = splits or tk.decode_num_splits(batch, KV_HEADS, tables.shape[1] * BLOCK, tk.DECODE_BLOCK_N,
-                                              q.device)
+        used = splits or tk.decode_num_splits(batch, KV_HEADS, tables.shape[1] * BLOCK,
+                                              tk.decode_launch(k_cache.dtype)[0], q.device)
         report(f"decode vs torch reference, B={batch}, splits={used}", close(out, expected),
                max_error(out, expected))
 
@@ -96,7 +96,8 @@ def time_decode(rows: list, torch_reference: bool = True):
         contexts, (q, k_cache, v_cache, tables, lens) = decode_case(batch, lo, hi)
         ms = do_bench(lambda: tk.paged_decode_attention(q, k_cache, v_cache, lens, tables, SCALE),
                       return_mode="median")
-        splits = tk.decode_num_splits(batch, KV_HEADS, tables.shape[1] * BLOCK, tk.DECODE_BLOCK_N, q.device)
+        splits = tk.decode_num_splits(batch, KV_HEADS, tables.shape[1] * BLOCK, tk.decode_launch(k_cache.dtype)[0],
+                                      q.device)
         rows.append((f"{name} (triton, {splits} splits)", ms, f"{kv_bytes(contexts) / ms / 1e9:.2f} TB/s KV read",
                      f"~{DECODE_TARGET_TBS[batch]} TB/s"))
         if torch_reference and batch == 64:
@@ -182,7 +183,8 @@ def time_prefill(rows: list):
 
 def sweep(rows: list):
     """Time a few alternative launch parameters (module constants of paged_attention_triton), then restore them."""
-    decode = [dict(DECODE_BLOCK_N=n, DECODE_WARPS=w, DECODE_STAGES=s, DECODE_PROGRAMS_PER_SM=p)
+    # DECODE_LAUNCH[2]: (tile, warps, stages) of a 16-bit cache
+    decode = [dict(DECODE_LAUNCH={**tk.DECODE_LAUNCH, 2: (n, w, s)}, DECODE_PROGRAMS_PER_SM=p)
               for n, w, s, p in ((64, 4, 2, 4), (64, 4, 3, 4), (64, 4, 4, 4), (128, 4, 2, 4), (128, 8, 2, 4),
                                  (128, 4, 3, 4), (64, 4, 3, 2), (64, 4, 3, 8))]
     prefill = [dict(PREFILL_BLOCK_M=m, PREFILL_BLOCK_N=n, PREFILL_WARPS=w, PREFILL_STAGES=s)
@@ -193,7 +195,8 @@ def sweep(rows: list):
                                        ("prefill", prefill, time_prefill, "TFLOP/s (16x1024 | chunk)")):
         for config in configs:
             defaults = {name: getattr(tk, name) for name in config}
-            label = f"  {kind} " + " ".join(f"{name.split('_', 1)[1]}={value}" for name, value in config.items())
+            label = f"  {kind} " + " ".join(f"{name.split('_', 1)[1]}={value[2] if isinstance(value, dict) else value}"
+                                            for name, value in config.items())
             try:
                 for name, value in config.items():
                     setattr(tk, name, value)

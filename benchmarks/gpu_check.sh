@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call (device time is scarce).
-# Stages: tests | kernels | bench | nooverlap | startup | old | fp8 | eager | all
+# Stages: tests | kernels | bench | nooverlap | startup | coldstart | tokenizer | gemv | batch1 | sweep | old | fp8 | eager | all
+# coldstart makes the anchor's checkpoint (.anchor carried) and times start-up loading it, first on this machine.
 #   bash benchmarks/gpu_check.sh tests kernels bench
 # "old" runs bench.py of another tree copied to .old/ (git-ignored, carried), in the same call, for before/after.
 set -uo pipefail
@@ -10,6 +11,26 @@ stages=" ${*:-all} "
 has() { [[ $stages == *" $1 "* || $stages == *" all "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+if has coldstart && [ -f .anchor/make_ckpt.py ]; then     # first: the machine's caches are cold
+  MODEL=$HOME/huggingface/Qwen3-0.6B
+  python .anchor/make_ckpt.py "$MODEL" nanovllm/configs/qwen3-0.6b/config.json > "$OUT/make_ckpt.log" 2>&1
+  for i in 1 2; do python benchmarks/startup_profile.py --model "$MODEL" 2>&1 | tee -a "$OUT/coldstart.log" | tail -1; done
+fi
+if has tokenizer && [ -f .anchor/make_ckpt.py ]; then   # why does loading the checkpoint's tokenizer take seconds?
+  MODEL=$HOME/huggingface/Qwen3-0.6B
+  [ -f "$MODEL/config.json" ] || python .anchor/make_ckpt.py "$MODEL" nanovllm/configs/qwen3-0.6b/config.json > /dev/null 2>&1
+  for offline in 0 1; do
+    HF_HUB_OFFLINE=$offline python -c "
+import cProfile, pstats, sys, time
+t = time.perf_counter(); from transformers import AutoTokenizer; print('import transformers', round(time.perf_counter() - t, 2))
+p = cProfile.Profile(); t = time.perf_counter(); p.enable(); AutoTokenizer.from_pretrained(sys.argv[1]); p.disable()
+print('HF_HUB_OFFLINE=$offline from_pretrained', round(time.perf_counter() - t, 2), 's')
+pstats.Stats(p).sort_stats('cumtime').print_stats(18)" "$MODEL" 2>&1 | tee -a "$OUT/tokenizer.log" | head -40
+  done
+fi
+if has gemv; then
+  python benchmarks/gemv_sweep.py 2>&1 | tee "$OUT/gemv.log"
+fi
 if has tests; then
   python -m pytest -q -rs -p no:logging tests/test_triton_kernels.py tests/test_cuda.py tests/test_engine_edges.py \
     tests/test_overlap.py \
@@ -29,6 +50,13 @@ if has nooverlap; then
 fi
 if has startup; then
   python benchmarks/startup_profile.py 2>&1 | tee "$OUT/startup.log" | tail -3
+fi
+if has batch1; then
+  python benchmarks/overlap_profile.py --batches 1 --steps 200 --kernels --cprofile 1 2>&1 | tee "$OUT/batch1.log" \
+    | head -120
+fi
+if has sweep; then
+  python benchmarks/decode_sweep.py 2>&1 | tee "$OUT/decode_sweep.log"
 fi
 if has old && [ -d .old ]; then
   (cd .old && PYTHONPATH=. python bench.py --dummy --attention-backend triton --repeat 2) 2>&1 | tee "$OUT/bench_old.log"

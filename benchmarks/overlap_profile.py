@@ -7,6 +7,7 @@ step N+1 ran inside step N's GPU time.
 
 --workload also profiles bench.py's whole workload (its second run): GPU busy share and the top kernels.
 --cprofile B: the host's Python functions over 200 decode steps at batch B (cProfile), to see what the host does.
+--kernels: per batch (overlap on), the GPU kernels of a step: count and microseconds per step, largest first.
 """
 import cProfile
 import pstats
@@ -52,7 +53,18 @@ def host_profile(llm: LLM, batch: int, steps: int = 200):
     llm._book(0)
 
 
-def measure(llm: LLM, batch: int, steps: int, overlap: bool) -> tuple[float, float, float]:
+def kernel_totals(prof) -> list[tuple[str, float, int]]:
+    """(kernel name, total us, count) over a profile, largest total first."""
+    totals: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(e.name[:60], [0.0, 0])
+            entry[0] += e.time_range.end - e.time_range.start
+            entry[1] += 1
+    return sorted(((name, us, n) for name, (us, n) in totals.items()), key=lambda t: -t[1])
+
+
+def measure(llm: LLM, batch: int, steps: int, overlap: bool, kernels: bool = False) -> tuple[float, float, float]:
     llm._steps_ahead = 1 if overlap else 0
     seed(batch)
     sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=3 * steps + 8)
@@ -88,6 +100,11 @@ def measure(llm: LLM, batch: int, steps: int, overlap: bool) -> tuple[float, flo
     for seq in list(llm.scheduler.running):
         llm.scheduler.abort(seq)
     llm._book(0)
+    if kernels:
+        rows = kernel_totals(prof)
+        print(f"  batch {batch}: {sum(n for _, _, n in rows) / steps:.0f} kernels and copies per step")
+        for name, us, n in rows[:22]:
+            print(f"  {us / steps:8.1f} us/step  x{n / steps:5.1f}  {name}")
     return wall / steps * 1e3, busy_time_us(prof) / steps / 1e3, (wall - waited[0]) / steps * 1e3
 
 
@@ -104,13 +121,7 @@ def profile_workload(llm: LLM):
         wall = time.perf_counter() - t
     busy = busy_time_us(prof) / 1e6
     print(f"workload: wall {wall:.2f} s (under the profiler), GPU busy {busy:.2f} s ({100 * busy / wall:.1f}%)")
-    totals: dict[str, list] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            entry = totals.setdefault(e.name[:60], [0.0, 0])
-            entry[0] += e.time_range.end - e.time_range.start
-            entry[1] += 1
-    for name, (us, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:18]:
+    for name, us, n in kernel_totals(prof)[:18]:
         print(f"  {us / 1e6:6.3f} s {100 * us / 1e6 / wall:5.1f}%  x{n:6d}  {name}")
 
 
@@ -120,12 +131,13 @@ def main():
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--workload", action="store_true")
     p.add_argument("--cprofile", type=int, default=0)
+    p.add_argument("--kernels", action="store_true")
     args = p.parse_args()
     llm = LLM(QWEN3_0_6B, load_format="dummy", max_model_len=4096, attention_backend="triton")
     print(f"{'batch':>5} {'overlap':>7} {'wall ms/step':>12} {'GPU busy ms':>11} {'busy %':>6} {'host ms':>8}")
     for batch in args.batches:
         for overlap in (False, True):
-            wall, busy, host = measure(llm, batch, args.steps, overlap)
+            wall, busy, host = measure(llm, batch, args.steps, overlap, args.kernels and overlap)
             print(f"{batch:5d} {'on' if overlap else 'off':>7} {wall:12.3f} {busy:11.3f} {100 * busy / wall:5.1f}% "
                   f"{host:8.3f}")
     if args.cprofile:

@@ -556,6 +556,8 @@ def test_kernels_compile_for_h100_with_16_byte_loads(kernel, fp8):
         assert scalar_load not in ptx and ("cp.async.cg.shared.global" in ptx or "ld.global.v4" in ptx)
     if fp8 and kernel == "store":
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    if fp8 and kernel in ("prefill", "decode"):    # widened straight to float16, not on through float32 to bf16
+        assert "cvt.rn.f16x2.e4m3x2" in ptx and "cvt.bf16.f16" not in ptx
 
 
 # ---- real sizes on the GPU ------------------------------------------------------------------------------------

@@ -23,13 +23,12 @@ LOG2E = 1.4426950408889634
 # Launch parameters, chosen for head_dim 128 / bf16 on an H100; benchmarks/attention_kernels.py times alternatives.
 # Prefill is compute-bound: 64x64 tiles keep short prompts from wasting rows and fit 3 pipeline stages.
 PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_WARPS, PREFILL_STAGES = 64, 64, 4, 3
-# Decode is bandwidth-bound. A 16-bit cache: 128-token K/V tiles (32 KiB each at head_dim 128), 2 stages (the next
-# tile loads during the current one): 2.82 TB/s at batch 256 on the H100, against 2.78 with 64-token tiles and 3
-# stages (2.33 vs 2.26 at batch 64; benchmarks/decode_sweep.py). An fp8 cache was fastest with 64-token tiles and
-# 3 stages (1.96 TB/s of fp8 bytes at batch 256, its 128-token tiles 1.83-1.88), and a float32 one needs the
-# smaller tiles to fit shared memory: `decode_launch` picks by element size.
-DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 128, 4, 2
-DECODE_SMALL_TILE = (64, 4, 3)      # (tile, warps, stages) for fp8 and float32 caches
+# Decode is bandwidth-bound; (KV tile, warps, stages) by the cache's element size, from benchmarks/decode_sweep.py
+# on the H100 at batch 256: a 16-bit cache 128-token tiles, 2 stages (the next tile loads during the current one),
+# 2.82 TB/s against 2.78 with 64-token tiles and 3 stages; an fp8 cache (widened to float16) 128-token tiles,
+# 3 stages, 2.19 TB/s of fp8 bytes against 2.11 with 64-token tiles; float32 needs the smaller tiles to fit
+# shared memory.
+DECODE_LAUNCH = {2: (128, 4, 2), 1: (128, 4, 3), 4: (64, 4, 3)}
 DECODE_PROGRAMS_PER_SM = 4      # split decode until batch * kv_heads * splits covers this many programs per SM
 DECODE_MAX_SPLITS = 32
 
@@ -114,7 +113,7 @@ def _num_sms(device: torch.device) -> int:
 
 def decode_launch(kv_dtype: torch.dtype) -> tuple[int, int, int]:
     """(KV tile, warps, stages) of the decode kernel for a cache of `kv_dtype`."""
-    return (DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES) if kv_dtype.itemsize == 2 else DECODE_SMALL_TILE
+    return DECODE_LAUNCH[kv_dtype.itemsize]
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
