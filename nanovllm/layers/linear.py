@@ -10,6 +10,16 @@ from nanovllm.utils.loader import copy_shard
 from nanovllm.utils.parallel import tp_rank, tp_size
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, or on CUDA the Triton GEMV where it beats cuBLAS (a batch-1 or -2 decode step's row-parallel
+    layers, see kernels/gemv.py)."""
+    if x.is_cuda and bias is None:  # imported here: Triton is installed only on Linux, and only CUDA needs it
+        from nanovllm.kernels import gemv
+        if gemv.gemv_is_faster(x, weight):
+            return gemv.gemv(x, weight)
+    return F.linear(x, weight, bias)
+
+
 class LinearBase(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int):
         super().__init__()
@@ -30,7 +40,7 @@ class LinearBase(nn.Module):
         copy_shard(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -78,7 +88,7 @@ class RowParallelLinear(LinearBase):
             super().weight_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y
