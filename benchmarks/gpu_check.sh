@@ -19,7 +19,9 @@ fi
 if has tokenizer && [ -f .anchor/make_ckpt.py ]; then   # why does loading the checkpoint's tokenizer take seconds?
   MODEL=$HOME/huggingface/Qwen3-0.6B
   [ -f "$MODEL/config.json" ] || python .anchor/make_ckpt.py "$MODEL" nanovllm/configs/qwen3-0.6b/config.json > /dev/null 2>&1
-  for offline in 0 1; do
+  python -X importtime -c "from transformers import AutoTokenizer" 2> "$OUT/importtime.log"
+  sort -t'|' -k2 -n -r "$OUT/importtime.log" | head -30
+  for offline in 1; do
     HF_HUB_OFFLINE=$offline python -c "
 import cProfile, pstats, sys, time
 t = time.perf_counter(); from transformers import AutoTokenizer; print('import transformers', round(time.perf_counter() - t, 2))
@@ -33,7 +35,7 @@ if has gemv; then
 fi
 if has tests; then
   python -m pytest -q -rs -p no:logging tests/test_triton_kernels.py tests/test_cuda.py tests/test_engine_edges.py \
-    tests/test_overlap.py \
+    tests/test_overlap.py tests/test_gemv.py tests/test_sampling.py \
     $(ls tests/test_fused_layers.py tests/test_fp8_kv_cache.py 2>/dev/null) -m "" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -12
   python -m pytest -q -rs -p no:logging tests -m cuda 2>&1 | tee "$OUT/pytest_cuda_marked.log" | tail -6
 fi

@@ -71,6 +71,32 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(qwen3_dir, backend):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
+@pytest.mark.parametrize("overlap", [True, False])
+def test_graphs_that_sample_hand_ids_across_every_path(qwen3_dir, overlap):
+    """On one GPU a decode graph samples the temperature-only path itself and the next replay reads its ids from
+    the graph's buffer; ids sampled elsewhere (a prefill, a batch where a row wants logprobs or min_tokens) are
+    copied in. Prompts arrive in chunks while others decode and rows with extras come and go, so every hand-over
+    happens: greedy tokens (and logprobs) must equal the eager engine's."""
+    batch = prompts(5, (3, 50, 8, 90, 20, 33, 7, 61))
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=2 if i % 3 == 1 else None,
+                             min_tokens=4 if i == 5 else 0)
+              for i, n in enumerate((30, 9, 25, 14, 30, 6, 22, 17))]
+    outs = {}
+    for eager in (True, False):
+        llm = LLM(qwen3_dir, attention_backend="triton", kvcache_block_size=16, max_model_len=256,
+                  enforce_eager=eager, overlap_scheduling=overlap, gpu_memory_utilization=0.3,
+                  max_num_batched_tokens=64, max_num_seqs=8)
+        assert (llm.executor.runner.graphs is None) == eager
+        outs[eager] = llm.generate(batch, params, use_tqdm=False)
+        llm.exit()
+        del llm     # its KV cache must be gone before the next engine sizes its own
+    for graph, eager in zip(outs[False], outs[True], strict=True):
+        assert graph["token_ids"] == eager["token_ids"]
+        for lg, le in zip(graph.get("logprobs") or [], eager.get("logprobs") or [], strict=True):
+            assert lg.keys() == le.keys() and all(abs(lg[t] - le[t]) < 1e-3 for t in lg)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
 def test_triton_and_torch_logits_close_on_dummy_qwen3_0_6b():
     """Real shapes in bfloat16: the Triton kernels' logits stay close to the PyTorch reference's."""
     from nanovllm.utils.context import reset_context

@@ -10,17 +10,35 @@ from nanovllm.utils.context import reset_context, set_context
 class CUDAGraphs:
     """Decode captured as CUDA graphs, one per batch size on a ladder; a step replays the smallest that fits,
     padded. The graphs read their inputs from `inputs`, a static DecodeInputs that the runner fills before a replay
-    (padding rows: slot -1 and context length 0, so they write nowhere and attend to nothing)."""
+    (padding rows: slot -1, context length 0 and temperature 0, so they write nowhere and attend to nothing).
 
-    def __init__(self, model: nn.Module, inputs: DecodeInputs, hidden_size: int, dtype: torch.dtype):
-        self.model, self.inputs = model, inputs
-        max_bs = inputs.rows
+    With `sampled` (one GPU) a graph is the whole step: it takes the input id of each row whose last token the host
+    has not seen from `sampled` (the previous step's ids, sample_rows), runs the model and the LM head into
+    `logits`, and samples the temperature-only path into `sampled`, so a step costs the host one launch. The
+    logits stay for the sampler's other paths. Without (tensor parallelism: the LM head gathers to rank 0, which
+    broadcasts the ids), a graph stops at the hidden states and the runner does the rest."""
+
+    def __init__(self, model: nn.Module, inputs: DecodeInputs, hidden_size: int, dtype: torch.dtype,
+                 sampled: torch.Tensor | None = None, vocab_size: int = 0):
+        self.model, self.inputs, self.sampled = model, inputs, sampled
+        max_bs, device = inputs.rows, inputs.buffer.device
         self.batch_sizes = [bs for bs in (1, 2, 4, 8) if bs < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
-        self.outputs = torch.zeros(max_bs, hidden_size, dtype=dtype, device=inputs.buffer.device)
+        self.outputs = (torch.zeros(max_bs, vocab_size, dtype=dtype, device=device) if sampled is not None
+                        else torch.zeros(max_bs, hidden_size, dtype=dtype, device=device))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _forward(self, bs: int):
-        self.outputs[:bs] = self.model(self.inputs.input_ids[:bs], self.inputs.positions[:bs])
+        inputs = self.inputs
+        input_ids = inputs.input_ids[:bs]
+        if self.sampled is None:
+            self.outputs[:bs] = self.model(input_ids, inputs.positions[:bs])
+            return
+        from nanovllm.kernels.sampling import gumbel_sample    # imported here: Triton only runs on CUDA
+        rows = inputs.sample_rows[:bs]
+        input_ids = torch.where(rows >= 0, self.sampled[rows.clamp(min=0)], input_ids)
+        hidden = self.model(input_ids, inputs.positions[:bs])
+        logits = self.model.compute_logits(hidden, out=self.outputs[:bs])
+        gumbel_sample(logits, inputs.temperatures[:bs], out=self.sampled[:bs])
 
     @torch.inference_mode()
     def capture(self):
@@ -56,7 +74,8 @@ class CUDAGraphs:
         return next(bs for bs in self.batch_sizes if bs >= batch)
 
     def replay(self, batch: int) -> torch.Tensor:
-        """The model's hidden states for the `batch` rows the runner wrote into `inputs`."""
+        """Run the step for the `batch` rows the runner wrote into `inputs`: returns their logits (with `sampled`,
+        whose rows then hold the sampled ids) or their hidden states."""
         self.graphs[self.padded_size(batch)].replay()
         return self.outputs[:batch]
 

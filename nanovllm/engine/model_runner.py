@@ -82,8 +82,16 @@ class ModelRunner:
         if config.device == "cuda" and not config.enforce_eager and self.attention_backend != "torch":
             inputs = DecodeInputs.empty(min(config.max_num_seqs, 512), -(-self.max_model_len // self.block_size),
                                         self.device)
-            self.graphs = CUDAGraphs(self.model, inputs, hf.hidden_size, hf.dtype)
+            # One GPU: the graphs sample too, into a buffer that any step's rows index (a prefill has up to
+            # max_num_seqs), and from which the next replay takes its pending input ids.
+            sampled = (torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device) if tp_size() == 1
+                       else None)
+            self.graphs = CUDAGraphs(self.model, inputs, hf.hidden_size, hf.dtype, sampled, hf.vocab_size)
             self.graphs.capture()
+            # Two pinned host copies of the graphs' inputs, used in turn: the one filled now was last copied two
+            # steps ago (an event says when that copy is done), so filling never races a queued copy.
+            self._staging = [(DecodeInputs.empty(inputs.rows, inputs.width, torch.device("cpu"), True),
+                              torch.cuda.Event()) for _ in range(2)]
 
     def exit(self, synchronize: bool = True):
         """Free the CUDA graphs (NCCL will not destroy a communicator while a graph that captured its
@@ -222,17 +230,29 @@ class ModelRunner:
         """One host array, one copy: straight into the CUDA graphs' static inputs when a graph will run the step."""
         n = len(seqs)
         graphs = self.graphs if self.graphs is not None and self.graphs.can_run(n) else None
-        width = graphs.inputs.width if graphs else max(len(seq.block_table) for seq in seqs)
-        inputs = graphs.inputs if graphs else DecodeInputs.empty(n, width, self.device)
-        host = DecodeInputs.empty(inputs.rows, width, torch.device("cpu"), self.device.type == "cuda")
         pending = [seq.input_is_pending for seq in seqs]
+        if graphs is not None:
+            inputs = graphs.inputs
+            self._staging.reverse()
+            host, copied = self._staging[0]
+            copied.synchronize()
+        else:
+            inputs = DecodeInputs.empty(n, max(len(seq.block_table) for seq in seqs), self.device)
+            host = DecodeInputs.empty(n, inputs.width, torch.device("cpu"), self.device.type == "cuda")
         self._fill_decode_inputs(host, seqs, pending, graphs.padded_size(n) if graphs else n)
         inputs.buffer.copy_(host.buffer, non_blocking=True)
+        if graphs is not None:
+            copied.record()
         if any(pending):
-            # Rows whose last token the host has not seen take it from the previous step's samples on the GPU.
+            # Rows whose last token the host has not seen take it from the previous step's samples on the GPU:
+            # the graphs that sample read them from their own buffer (copied there if another path sampled them).
             rows = inputs.sample_rows[:n]
-            inputs.input_ids[:n] = (self.last_sampled[rows] if all(pending) else
-                                    torch.where(rows >= 0, self.last_sampled[rows.clamp(min=0)], inputs.input_ids[:n]))
+            if graphs is not None and graphs.sampled is not None:
+                if self.last_sampled.data_ptr() != graphs.sampled.data_ptr():
+                    graphs.sampled[:len(self.last_sampled)].copy_(self.last_sampled)
+            else:
+                inputs.input_ids[:n] = (self.last_sampled[rows] if all(pending) else torch.where(
+                    rows >= 0, self.last_sampled[rows.clamp(min=0)], inputs.input_ids[:n]))
         set_context(is_prefill=False, slot_mapping=inputs.slot_mapping[:n], context_lens=inputs.context_lens[:n],
                     block_tables=inputs.block_tables[:n])
         return inputs.input_ids[:n], inputs.positions[:n]
@@ -246,18 +266,23 @@ class ModelRunner:
         context_lens[:n], positions[:n] = lens, lens - 1
         sample_rows[:n] = [self.last_rows[seq.seq_id] if p else -1 for seq, p in zip(seqs, pending)]
         ids[:n] = [0 if p else seq.last_token for seq, p in zip(seqs, pending)]
+        # Read only where a graph samples (rank 0): the other ranks' sequences come without sampling parameters.
+        host.temperatures.numpy()[:n] = [seq.sampling_params.temperature for seq in seqs] if self.rank == 0 else 0.0
         width = max(len(seq.block_table) for seq in seqs)
         tables = host.block_tables.numpy()
         tables[:n, :width] = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
         slots[:n] = tables[np.arange(n), positions[:n] // bs] * bs + positions[:n] % bs
         ids[n:padded], sample_rows[n:padded], positions[n:padded] = 0, -1, 0
-        slots[n:padded], context_lens[n:padded] = -1, 0
+        slots[n:padded], context_lens[n:padded], host.temperatures.numpy()[n:padded] = -1, 0, 0.0
 
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, is_prefill: bool) -> torch.Tensor:
+        """The logits of a prepared step (None on ranks other than 0); a graph that samples leaves its ids in
+        graphs.sampled."""
         if is_prefill or self.graphs is None or not self.graphs.can_run(input_ids.size(0)):
             return self.model.compute_logits(self.model(input_ids, positions))
-        return self.model.compute_logits(self.graphs.replay(input_ids.size(0)))   # inputs from prepare_decode
+        out = self.graphs.replay(input_ids.size(0))     # inputs from prepare_decode
+        return out if self.graphs.sampled is not None else self.model.compute_logits(out)
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> "SampledTokens | None":
         """Launch one scheduled step: the forward and the sampling are queued on the GPU and the sampled ids are
@@ -265,14 +290,18 @@ class ModelRunner:
         head gathers the logits there): the other ranks return None."""
         input_ids, positions = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
         params = [seq.sampling_params for seq in seqs] if self.rank == 0 else None
-        if params is not None:
-            # Each row samples output token number len(seq) - prompt: a pending, unbooked one counts.
-            temperatures, extras = prepare_sampling(params, [len(seq) - seq.num_prompt_tokens for seq in seqs],
-                                                    self.eos_token_ids, self.config.hf_config.vocab_size, self.device)
+        graph_sampled = (not is_prefill and self.graphs is not None and self.graphs.sampled is not None
+                         and self.graphs.can_run(len(seqs)))
         try:
             logits = self.run_model(input_ids, positions, is_prefill)
             token_ids = logprobs = None
-            if logits is not None:
+            if graph_sampled and not any(p.needs_sampler_extras for p in params):
+                token_ids = self.graphs.sampled[:len(seqs)]     # the graph's draw is the answer
+            elif logits is not None:
+                # Each row samples output token number len(seq) - prompt: a pending, unbooked one counts.
+                temperatures, extras = prepare_sampling(params, [len(seq) - seq.num_prompt_tokens for seq in seqs],
+                                                        self.eos_token_ids, self.config.hf_config.vocab_size,
+                                                        self.device)
                 token_ids, logprobs = self.sampler(logits, temperatures, extras)
             if self.share_sampled:      # every rank embeds these ids in the next step
                 if token_ids is None:

@@ -5,7 +5,8 @@ exponential race as the torch path, argmax p / E with E ~ Exp(1), in log space),
 the logits are read once, each program keeping a running argmax over a chunk of a row, and a small second kernel
 picks each row's best chunk. T = 0 rows take the plain argmax. Ties go to the smallest index, as torch.argmax does,
 so greedy rows equal the torch path exactly. (One program per row made a batch-1 step ~60 us slower on the H100:
-a single SM walking 152k logits.)
+a single SM walking 152k logits.) The seed is drawn on the device and read through a pointer, so a CUDA graph that
+captures the sampler draws fresh noise at every replay.
 """
 import torch
 import triton
@@ -15,13 +16,14 @@ SAMPLE_BLOCK = 2048     # logits per loop iteration of a program
 SAMPLE_CHUNK = 8192     # logits per program: a row is cut into chunks, so that one row still fills many SMs
 
 
-# `seed` changes every call: unspecialised, so that one compilation serves every call.
-@triton.jit(do_not_specialize=["seed"])
-def gumbel_argmax_kernel(logits_ptr, temperatures_ptr, chunk_best_ptr, chunk_index_ptr, seed, vocab_size,
+@triton.jit
+def gumbel_argmax_kernel(logits_ptr, temperatures_ptr, chunk_best_ptr, chunk_index_ptr, seed_ptr, vocab_size,
                          row_stride, num_chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid (rows, chunks): the best score in one chunk of a row, and its index (the first of equal scores)."""
+    """Grid (rows, chunks): the best score in one chunk of a row, and its index (the first of equal scores).
+    Temperatures may be of any float type (the CUDA graphs' inputs hold float64)."""
     row, chunk = tl.program_id(0), tl.program_id(1)
-    temperature = tl.load(temperatures_ptr + row)
+    seed = tl.load(seed_ptr)
+    temperature = tl.load(temperatures_ptr + row).to(tl.float32)
     inv_t = 1.0 / tl.maximum(temperature, 1e-5)
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -55,17 +57,18 @@ def argmax_of_chunks_kernel(chunk_best_ptr, chunk_index_ptr, out_ptr, num_chunks
     tl.store(out_ptr + row, tl.min(tl.where(best == top, index, 2**31 - 1), axis=0).to(tl.int64))
 
 
-def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-    """One token id per row of `logits` ([rows, vocab], last dimension contiguous): argmax at temperature 0, else
-    a draw from softmax(logits / temperature). The noise is seeded from torch's CPU generator, so
-    torch.manual_seed makes a run repeatable."""
+def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """One token id per row of `logits` ([rows, vocab], last dimension contiguous) into `out` (int64 [rows]; new if
+    None): argmax at temperature 0, else a draw from softmax(logits / temperature). The seed comes from torch's
+    generator of the logits' device, so torch.manual_seed makes a run repeatable; no host sync."""
     assert logits.stride(-1) == 1
     rows, vocab_size = logits.shape
     num_chunks = triton.cdiv(vocab_size, SAMPLE_CHUNK)
     chunk_best = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
     chunk_index = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    seed = int(torch.randint(2**31 - 1, ()))
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device) if out is None else out
+    seed = torch.randint(2**31 - 1, (1,), dtype=torch.int32, device=logits.device)
     gumbel_argmax_kernel[(rows, num_chunks)](logits, temperatures, chunk_best, chunk_index, seed, vocab_size,
                                              logits.stride(0), num_chunks, CHUNK=SAMPLE_CHUNK, BLOCK=SAMPLE_BLOCK)
     argmax_of_chunks_kernel[(rows,)](chunk_best, chunk_index, out, num_chunks,

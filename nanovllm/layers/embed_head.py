@@ -43,13 +43,14 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocabulary, split like the embedding; rank 0 gathers the full logits."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The logits of the rows to sample (rank 0; None on the others), written into `out` if given (one GPU)."""
         ctx = get_context()
         if ctx.is_prefill:      # only each sequence's last token is sampled
             x = x[ctx.cu_seqlens_q[1:] - 1].contiguous()
-        logits = F.linear(x, self.weight)
         if self.tp_size == 1:
-            return logits
+            return torch.matmul(x, self.weight.t(), out=out)
+        logits = F.linear(x, self.weight)
         parts = [torch.empty_like(logits) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
         dist.gather(logits, parts, 0)
         return torch.cat(parts, -1)[:, :self.num_embeddings] if self.tp_rank == 0 else None   # drop the padding
