@@ -40,7 +40,7 @@ def main():
             for bn, bk, warps, stages in CONFIGS:
                 if n % bn or k % bk:
                     continue
-                fn = lambda x, w, c=(bn, bk, warps, stages): gemv(x, w, *c)  # noqa: E731
+                fn = lambda x, w, c=(bn, bk, warps, stages): gemv(x, w, False, *c)  # noqa: E731
                 err = ((fn(x, weights[0]).float() - F.linear(x, weights[0]).float()).abs().max()
                        / F.linear(x, weights[0]).float().abs().max()).item()
                 results.append((bench(fn), f"gemv n{bn} k{bk} w{warps} s{stages}", err))

@@ -123,6 +123,43 @@ def check_qk_norm_rotary(tokens, heads, kv_heads, head_dim, dtype, with_norm, ma
     assert_matches(k_out, k_expected)
 
 
+def check_qk_norm_rotary_store(tokens, dtype, kv_dtype):
+    """With a KVStore the kernel also writes the rotated k and v to the paged cache: what the attention backend's
+    own store (the Triton kernel, itself checked against torch in test_triton_kernels) writes from the returned k,
+    to the same slots; a slot of -1 writes nothing and other slots keep what they held."""
+    from nanovllm.kernels import paged_attention_triton
+    from nanovllm.layers.attention import KVStore
+    torch.manual_seed(tokens)
+    heads, kv_heads, head_dim, blocks, block_size = 4, 2, 32, 3, 16
+    rotary = RotaryEmbedding(head_dim, 64, 10000.0).to(DEVICE)
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, scale=2)
+    q, k, v = (t.view(tokens, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                                 kv_heads * head_dim], dim=-1))
+    positions = torch.randint(0, 64, (tokens,), device=DEVICE)
+    slots = torch.randperm(blocks * block_size, device=DEVICE)[:tokens]
+    slots[0] = -1       # a padding row
+    scales = torch.tensor([0.02, 0.03], device=DEVICE)      # fp8: K / 0.02, V / 0.03
+    norm = dict(q_weight=randn(head_dim, dtype=dtype, shift=1), k_weight=randn(head_dim, dtype=dtype, shift=1),
+                eps=EPS)
+    caches = [torch.full((blocks, block_size, kv_heads, head_dim), 7.0, device=DEVICE).to(kv_dtype)
+              for _ in range(4)]
+    q_out, k_out = fused_layers.qk_norm_rotary(positions, q, k, rotary.cos, rotary.sin, **norm,
+                                               kv_store=KVStore(v, *caches[:2], slots, *scales))
+    q_plain, k_plain = fused_layers.qk_norm_rotary(positions, q, k, rotary.cos, rotary.sin, **norm)
+    assert torch.equal(q_out, q_plain) and torch.equal(k_out, k_plain)
+    paged_attention_triton.store_kvcache(k_out, v, *caches[2:], slots, *scales)
+    for fused, separate in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(fused.view(torch.uint8), separate.view(torch.uint8))
+    untouched = torch.ones(blocks * block_size, dtype=torch.bool, device=DEVICE)
+    untouched[slots[1:]] = False
+    assert (caches[0].view(-1, kv_heads, head_dim)[untouched].float() == 7.0).all()
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_qk_norm_rotary_stores_k_and_v(kv_dtype):
+    run_check(check_qk_norm_rotary_store, 9, torch.float32 if kv_dtype == torch.float32 else torch.bfloat16, kv_dtype)
+
+
 # ---- small sizes: the interpreter without a GPU, compiled on one -----------------------------------------------
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -201,17 +238,23 @@ def h100_launches():
     """The kernels as the layers launch them for Qwen3-0.6B in bf16."""
     bf16 = lambda *names: dict.fromkeys(names, "*bf16")     # noqa: E731
     rms = bf16("x_ptr", "weight_ptr", "out_ptr", "residual_ptr", "residual_out_ptr")
+    rotary = dict(bf16("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "q_weight_ptr", "k_weight_ptr", "v_ptr"),
+                  positions_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", eps="fp32", slot_mapping_ptr="*i64",
+                  k_scale_ptr="*fp32", v_scale_ptr="*fp32", **bf16("k_cache_ptr", "v_cache_ptr"),
+                  **dict.fromkeys(["q_stride_t", "q_stride_h", "k_stride_t", "k_stride_h", "v_stride_t",
+                                   "v_stride_h"], "i32"))
+    rotary_sizes = dict(HEADS=HEADS, KV_HEADS=KV_HEADS, HEADS_PAD=HEADS, KV_HEADS_PAD=KV_HEADS, HALF=HEAD_DIM // 2,
+                        NORM=True)
     return {
         "rms_norm": (fused_layers.rms_norm_kernel, dict(rms, eps="fp32"), dict(N=HIDDEN, BLOCK=HIDDEN,
                                                                               ADD_RESIDUAL=True)),
         "silu_and_mul": (fused_layers.silu_and_mul_kernel, bf16("x_ptr", "out_ptr"),
                          dict(D=INTERMEDIATE, BLOCK=fused_layers.SILU_BLOCK)),
-        "qk_norm_rotary": (fused_layers.qk_norm_rotary_kernel,
-                           dict(bf16("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "q_weight_ptr", "k_weight_ptr"),
-                                positions_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", eps="fp32",
-                                **dict.fromkeys(["q_stride_t", "q_stride_h", "k_stride_t", "k_stride_h"], "i32")),
-                           dict(HEADS=HEADS, KV_HEADS=KV_HEADS, HEADS_PAD=HEADS, KV_HEADS_PAD=KV_HEADS,
-                                HALF=HEAD_DIM // 2, NORM=True)),
+        "qk_norm_rotary": (fused_layers.qk_norm_rotary_kernel, rotary,
+                           dict(rotary_sizes, STORE_KV=False, KV_FP8=False)),
+        # ... also writing K and V to a bf16 cache (the decode and prefill steps' launch)
+        "qk_norm_rotary_store": (fused_layers.qk_norm_rotary_kernel, rotary,
+                                 dict(rotary_sizes, STORE_KV=True, KV_FP8=False)),
     }
 
 
@@ -219,7 +262,7 @@ def h100_launches():
 @pytest.mark.skipif(INTERPRETING, reason="this process runs Triton's interpreter, which cannot compile")
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("kernel", ["rms_norm", "silu_and_mul", "qk_norm_rotary"])
+@pytest.mark.parametrize("kernel", ["rms_norm", "silu_and_mul", "qk_norm_rotary", "qk_norm_rotary_store"])
 def test_kernels_compile_for_h100_with_16_byte_loads(kernel):
     """Catches what the interpreter cannot (lowering errors), and scalar loads: these kernels only move bytes,
     so they need 16-byte vector loads and stores to approach the memory bandwidth."""

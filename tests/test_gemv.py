@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.kernels import gemv
+from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.linear import RowParallelLinear
 from tests.test_fused_layers import _PTXAS, compile_for_h100, nan_allocations
 from tests.triton_interpreter import CUDA, INTERPRETING, run_check, stop_worker
@@ -24,24 +25,26 @@ def _stop_worker():
     stop_worker()
 
 
-def check_gemv(m, n, k, dtype):
+def check_gemv(m, n, k, dtype, gated=False):
+    """gated: x is [gate | up] and the reference multiplies silu_and_mul(x), computed by torch in x's dtype."""
     torch.manual_seed(m * n + k)
-    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    x = torch.randn(m, 2 * k if gated else k, device=DEVICE).to(dtype)
     weight = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
     with nan_allocations() as made:
-        out = gemv.gemv(x, weight)
+        out = gemv.gemv(x, weight, gated)
     assert len(made) == 1 and out.dtype == dtype and out.shape == (m, n)
     assert torch.isfinite(out).all(), "an output element was left unwritten (NaN)"
-    expected = F.linear(x.float(), weight.float())
+    expected = F.linear((silu_and_mul(x) if gated else x).float(), weight.float())
     # float32 sums in another order; bf16 rounds the float32 result once (cuBLAS does the same)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=1.6e-2)
     torch.testing.assert_close(out.float(), expected, **tol)
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 2])
-def test_gemv_matches_linear(m, dtype):
-    run_check(check_gemv, m, 6, 2 * gemv.GEMV_BLOCK_K, dtype)
+def test_gemv_matches_linear(m, dtype, gated):
+    run_check(check_gemv, m, 6, 2 * gemv.GEMV_BLOCK_K, dtype, gated)
 
 
 def test_only_small_row_parallel_shapes_go_to_the_gemv():
@@ -51,34 +54,42 @@ def test_only_small_row_parallel_shapes_go_to_the_gemv():
     assert not gemv.gemv_is_faster(torch.empty(1, 1024), torch.empty(4096, 1024))  # many columns: cuBLAS
     assert not gemv.gemv_is_faster(torch.empty(1, 1000), torch.empty(1024, 1000))  # K off the tile
     assert not gemv.gemv_is_faster(torch.empty(1, 6144)[:, ::2], w)                # strided rows
+    assert gemv.gemv_is_faster(torch.empty(1, 6144), w, gated=True)                # [gate | up] of 3072 each
+    assert not gemv.gemv_is_faster(torch.empty(1, 3072), w, gated=True)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the layer would launch an interpreted kernel on CUDA tensors")
-def test_row_parallel_layer_uses_the_gemv_on_cuda_only(monkeypatch):
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_row_parallel_layer_uses_the_gemv_on_cuda_only(monkeypatch, gated):
+    """Both paths compute the same function: the layer (gated: of silu(gate) * up) through the GEMV at 1-2 rows
+    on CUDA, through the activation and F.linear otherwise."""
     calls = []
     real = gemv.gemv
     monkeypatch.setattr(gemv, "gemv", lambda *args: calls.append(args[0].shape) or real(*args))
+    width = 4096 if gated else 2048
     for device in ["cpu"] + (["cuda"] if CUDA else []):
         calls.clear()
-        layer = RowParallelLinear(2048, 1024).to(device)
+        layer = RowParallelLinear(2048, 1024, gated_input=gated).to(device)
         torch.nn.init.normal_(layer.weight, std=2048 ** -0.5)
         for rows in (1, 2, 5):
-            x = torch.randn(rows, 2048, device=device)
-            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), atol=1e-4, rtol=1e-4)
-        assert calls == ([torch.Size([1, 2048]), torch.Size([2, 2048])] if device == "cuda" else [])
+            x = torch.randn(rows, width, device=device)
+            expected = F.linear(silu_and_mul(x) if gated else x, layer.weight)
+            torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
+        assert calls == ([torch.Size([1, width]), torch.Size([2, width])] if device == "cuda" else [])
 
 
 @pytest.mark.skipif(CUDA, reason="with CUDA the other tests compile and run the kernel for real")
 @pytest.mark.skipif(INTERPRETING, reason="this process runs Triton's interpreter, which cannot compile")
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("m_pad", [1, 2])
-def test_gemv_compiles_for_h100_with_16_byte_weight_loads(m_pad):
+def test_gemv_compiles_for_h100_with_16_byte_weight_loads(m_pad, gated):
     """The kernel only streams the weight: it must load it 16 bytes at a time, and not spill."""
     signature = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M="i32", K="i32", stride_xm="i32",
                      stride_wn="i32", stride_om="i32")
     ptx = compile_for_h100(gemv.gemv_kernel, signature, dict(M_PAD=m_pad, BLOCK_N=gemv.GEMV_BLOCK_N,
-                                                             BLOCK_K=gemv.GEMV_BLOCK_K))
+                                                             BLOCK_K=gemv.GEMV_BLOCK_K, GATED=gated))
     assert "ld.global.v4.b32" in set(re.findall(r"ld\.global(?:\.\w+)*", ptx))
     assert "ld.local" not in ptx and "st.local" not in ptx, "registers spilled"
 
@@ -89,6 +100,7 @@ def test_gemv_compiles_for_h100_with_16_byte_weight_loads(m_pad):
 def test_real_sizes_eager_and_in_a_cuda_graph(n, k):
     for m in (1, 2):
         check_gemv(m, n, k, torch.bfloat16)
+        check_gemv(m, n, k, torch.bfloat16, gated=True)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
     eager = gemv.gemv(x, weight)

@@ -1,3 +1,4 @@
+import gc
 import warnings
 
 import numpy as np
@@ -106,6 +107,9 @@ class ModelRunner:
     @torch.inference_mode()
     def warmup_model(self):
         """Run the largest prefill and sampling batch once, so the cache is sized after peak activation memory."""
+        # An engine dropped just before (`del llm`) may still be waiting for the cycle collector: free its KV cache
+        # before measuring what is left, or this engine would size its own from the memory that one still holds.
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         cfg = self.config

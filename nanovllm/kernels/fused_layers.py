@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.triton_attention_kernels import store_token_kv
+
 SILU_BLOCK = 1024   # columns per silu program: several programs per row keep a 1-token decode from using one SM
 
 
@@ -62,17 +64,29 @@ def _norm_rotate_heads(x_ptr, out_ptr, stride_t, stride_h, weight_ptr, cos, sin,
 
 @triton.jit
 def qk_norm_rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_ptr, sin_ptr, q_weight_ptr,
-                          k_weight_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h, eps, HEADS: tl.constexpr,
-                          KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
-                          HALF: tl.constexpr, NORM: tl.constexpr):
-    """One program per token: its q and k heads, normed (Qwen3) and rotated by its position's float32 cos/sin."""
+                          k_weight_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h, eps,
+                          v_ptr, v_stride_t, v_stride_h, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr,
+                          v_scale_ptr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+                          KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
+                          STORE_KV: tl.constexpr, KV_FP8: tl.constexpr):
+    """Program (token, 0): the token's q heads, (token, 1): its k heads, normed (Qwen3) and rotated by its position's
+    float32 cos/sin. (Two programs a token, not one: a batch-1 decode step then spreads over two SMs.)
+    STORE_KV: the k program also writes the rotated k and v to the paged cache (the attention backend's store,
+    saving its kernel launch: one kernel a layer less)."""
     token = tl.program_id(0).to(tl.int64)
     table = tl.load(positions_ptr + token) * HALF + tl.arange(0, HALF)[None, :]
     cos, sin = tl.load(cos_ptr + table), tl.load(sin_ptr + table)
-    _norm_rotate_heads(q_ptr, q_out_ptr, q_stride_t, q_stride_h, q_weight_ptr, cos, sin, eps, token,
-                       HEADS, HEADS_PAD, HALF, NORM)
-    _norm_rotate_heads(k_ptr, k_out_ptr, k_stride_t, k_stride_h, k_weight_ptr, cos, sin, eps, token,
-                       KV_HEADS, KV_HEADS_PAD, HALF, NORM)
+    if tl.program_id(1) == 0:
+        _norm_rotate_heads(q_ptr, q_out_ptr, q_stride_t, q_stride_h, q_weight_ptr, cos, sin, eps, token,
+                           HEADS, HEADS_PAD, HALF, NORM)
+    else:
+        _norm_rotate_heads(k_ptr, k_out_ptr, k_stride_t, k_stride_h, k_weight_ptr, cos, sin, eps, token,
+                           KV_HEADS, KV_HEADS_PAD, HALF, NORM)
+        if STORE_KV:
+            tl.debug_barrier()      # the rotated k rows just stored by other threads of this program
+            store_token_kv(k_out_ptr + token * (KV_HEADS * 2 * HALF), 2 * HALF, v_ptr + token * v_stride_t,
+                           v_stride_h, k_cache_ptr, v_cache_ptr, tl.load(slot_mapping_ptr + token), k_scale_ptr,
+                           v_scale_ptr, KV_HEADS, KV_HEADS_PAD, 2 * HALF, KV_FP8)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -94,14 +108,20 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def qk_norm_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
-                   eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float = 0.0, kv_store: "KVStore | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] (views of the packed qkv:
     any token and head strides, the last dimension contiguous, a power of two) at `positions`, from float32 cos/sin
-    tables [max_position, head_dim / 2]; with q_weight/k_weight each head is RMS-normed first."""
+    tables [max_position, head_dim / 2]; with q_weight/k_weight each head is RMS-normed first. With `kv_store`
+    the rotated k and kv_store.v are also written to the paged KV cache (layers/attention.py, KVStore)."""
     q_out, k_out = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k))
     (tokens, heads, head_dim), kv_heads = q.shape, k.shape[1]
-    qk_norm_rotary_kernel[(tokens,)](
+    store = (None, 0, 0, None, None, None, None, None) if kv_store is None else (
+        kv_store.v, kv_store.v.stride(0), kv_store.v.stride(1), kv_store.k_cache, kv_store.v_cache,
+        kv_store.slot_mapping, kv_store.k_scale, kv_store.v_scale)
+    qk_norm_rotary_kernel[(tokens, 2)](
         q, k, q_out, k_out, positions, cos, sin, q_weight, k_weight, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), eps, HEADS=heads, KV_HEADS=kv_heads, HEADS_PAD=triton.next_power_of_2(heads),
-        KV_HEADS_PAD=triton.next_power_of_2(kv_heads), HALF=head_dim // 2, NORM=q_weight is not None)
+        k.stride(1), eps, *store, HEADS=heads, KV_HEADS=kv_heads, HEADS_PAD=triton.next_power_of_2(heads),
+        KV_HEADS_PAD=triton.next_power_of_2(kv_heads), HALF=head_dim // 2, NORM=q_weight is not None,
+        STORE_KV=kv_store is not None,
+        KV_FP8=kv_store is not None and kv_store.k_cache.dtype == torch.float8_e4m3fn)
     return q_out, k_out

@@ -18,37 +18,45 @@ GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_STAGES = 2, 1024, 4, 3
 
 @triton.jit
 def gemv_kernel(x_ptr, w_ptr, out_ptr, M, K, stride_xm, stride_wn, stride_om,
-                M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False):
     """Program n: out[:M, n * BLOCK_N : (n + 1) * BLOCK_N] = x[:M] @ W[those rows].T, accumulated in float32.
+    GATED: x holds [gate | up] (2K columns) and the input is silu(gate) * up, rounded where the torch code and
+    fused_layers.silu_and_mul round it, so the MLP needs no separate activation kernel.
     K must be a multiple of BLOCK_K and N of BLOCK_N (checked by the caller)."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, M_PAD)
+    dtype = out_ptr.dtype.element_ty
     acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]).to(tl.float32)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=rows[:, None] < M, other=0.0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+        x = x.to(tl.float32)
+        if GATED:
+            up = tl.load(x_ptr + rows[:, None] * stride_xm + K + ks[None, :], mask=rows[:, None] < M, other=0.0)
+            silu = (x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32)
+            x = (silu * up.to(tl.float32)).to(dtype).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=rows[:, None] < M)
 
 
-def gemv_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `gemv` computes F.linear(x, weight) faster than cuBLAS: one or two rows, few output columns,
-    tile-aligned shapes and contiguous rows."""
+def gemv_is_faster(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> bool:
+    """Whether `gemv` computes F.linear(x, weight) (gated: of silu_and_mul(x)) faster than cuBLAS: one or two rows,
+    few output columns, tile-aligned shapes and contiguous rows."""
     n, k = weight.shape
-    return (x.dim() == 2 and x.size(0) <= GEMV_MAX_ROWS and n <= GEMV_MAX_COLUMNS and x.stride(-1) == 1
-            and weight.stride(-1) == 1 and n % GEMV_BLOCK_N == 0 and k % GEMV_BLOCK_K == 0)
+    return (x.dim() == 2 and x.size(0) <= GEMV_MAX_ROWS and x.size(1) == (2 * k if gated else k)
+            and n <= GEMV_MAX_COLUMNS and x.stride(-1) == 1 and weight.stride(-1) == 1 and n % GEMV_BLOCK_N == 0
+            and k % GEMV_BLOCK_K == 0)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int = GEMV_BLOCK_N, block_k: int = GEMV_BLOCK_K,
-         num_warps: int = GEMV_WARPS, num_stages: int = GEMV_STAGES) -> torch.Tensor:
-    """F.linear(x, weight) for x [M, K] (a few rows), weight [N, K], without a bias; N % block_n == 0 and
-    K % block_k == 0."""
-    m, k = x.shape
-    n = weight.size(0)
+def gemv(x: torch.Tensor, weight: torch.Tensor, gated: bool = False, block_n: int = GEMV_BLOCK_N,
+         block_k: int = GEMV_BLOCK_K, num_warps: int = GEMV_WARPS, num_stages: int = GEMV_STAGES) -> torch.Tensor:
+    """F.linear(x, weight) for x [M, K] (a few rows), weight [N, K], without a bias; with `gated`, x is [M, 2K]
+    (gate | up) and the input is silu(gate) * up. N % block_n == 0 and K % block_k == 0."""
+    m, n, k = x.size(0), weight.size(0), weight.size(1)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     gemv_kernel[(n // block_n,)](x, weight, out, m, k, x.stride(0), weight.stride(0), out.stride(0),
-                                 M_PAD=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
+                                 M_PAD=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated,
                                  num_warps=num_warps, num_stages=num_stages)
     return out

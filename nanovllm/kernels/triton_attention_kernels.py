@@ -37,18 +37,28 @@ def store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapp
                          HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, KV_FP8: tl.constexpr):
     """One program per token: copy (KV_FP8: quantize) its K and V rows to cache slot slot_mapping[token]."""
     token = tl.program_id(0)
-    slot = tl.load(slot_mapping_ptr + token)
-    if slot < 0:        # a padding row: write nothing
+    store_token_kv(key_ptr + token * key_stride_n, key_stride_h, value_ptr + token * value_stride_n, value_stride_h,
+                   k_cache_ptr, v_cache_ptr, tl.load(slot_mapping_ptr + token), k_scale_ptr, v_scale_ptr,
+                   NUM_KV_HEADS, HEADS_PAD, HEAD_DIM, KV_FP8)
+
+
+@triton.jit
+def store_token_kv(key_ptr, key_stride_h, value_ptr, value_stride_h, k_cache_ptr, v_cache_ptr, slot, k_scale_ptr,
+                   v_scale_ptr, NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   KV_FP8: tl.constexpr):
+    """Copy (KV_FP8: quantize) one token's K and V rows (key_ptr, value_ptr: its head 0) to cache slot `slot`;
+    a slot < 0 (a padding row) writes nothing. Also called by the fused q/k-norm + rotary kernel."""
+    if slot < 0:
         return
     heads = tl.arange(0, HEADS_PAD)[:, None]
     dims = tl.arange(0, HEAD_DIM)[None, :]
     mask = heads < NUM_KV_HEADS
-    key = tl.load(key_ptr + token * key_stride_n + heads * key_stride_h + dims, mask=mask)
-    value = tl.load(value_ptr + token * value_stride_n + heads * value_stride_h + dims, mask=mask)
+    key = tl.load(key_ptr + heads * key_stride_h + dims, mask=mask)
+    value = tl.load(value_ptr + heads * value_stride_h + dims, mask=mask)
     if KV_FP8:  # IEEE division (not the approximate default), as torch divides; clamped, so outliers saturate
         key = tl.clamp(tl.math.div_rn(key.to(tl.float32), tl.load(k_scale_ptr)), -FP8_MAX, FP8_MAX)
         value = tl.clamp(tl.math.div_rn(value.to(tl.float32), tl.load(v_scale_ptr)), -FP8_MAX, FP8_MAX)
-    dst = slot * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
+    dst = slot.to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
     tl.store(k_cache_ptr + dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 

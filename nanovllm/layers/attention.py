@@ -1,4 +1,5 @@
 import importlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,6 +50,18 @@ def load_attention_backend(name: str):
     return importlib.import_module(BACKEND_MODULES[name])
 
 
+@dataclass(slots=True)
+class KVStore:
+    """What a kernel needs to write one step's K and V (rotated K, and v) to a layer's paged cache: slot
+    slot_mapping[i] for token i (-1: none); an fp8 cache holds K / k_scale and V / v_scale."""
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+
+
 class Attention(nn.Module):
     """Attention over the paged KV cache: stores this step's K/V, then attends through the block tables."""
 
@@ -64,14 +77,23 @@ class Attention(nn.Module):
         self.k_scale, self.v_scale = self.kv_scales.unbind()
         self.kv_amax = torch.zeros(2, dtype=torch.float32)      # of K and V, as measured by warm-up forwards
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]."""
+    def kv_store(self, v: torch.Tensor) -> "KVStore | None":
+        """Where the rotary kernel may write this step's K and V itself (saving the store's launch): on CUDA, with
+        a cache, for the backends whose store is our Triton kernel. None: `forward` stores them."""
+        if not v.is_cuda or self.k_cache.numel() == 0 or self.backend is paged_attention_torch:
+            return None
+        return KVStore(v, self.k_cache, self.v_cache, get_context().slot_mapping, self.k_scale, self.v_scale)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stored: bool = False) -> torch.Tensor:
+        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]. `stored`: K and V are in the cache
+        already (written through `kv_store`)."""
         ctx = get_context()
         if self.k_cache.numel() == 0:   # the warm-up that measures activation memory runs before the cache exists
             self.kv_amax = torch.maximum(self.kv_amax, torch.stack([k.abs().amax(), v.abs().amax()]).float())
             return paged_attention_torch.varlen_causal_attention(q, k, v, ctx.cu_seqlens_q, self.scale)
         scales = self.k_scale, self.v_scale
-        self.backend.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, *scales)
+        if not stored:
+            self.backend.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, *scales)
         if ctx.is_prefill:
             return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, ctx, self.scale, *scales)
         return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale, *scales)

@@ -6,18 +6,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.layers.activation import SiluAndMul
 from nanovllm.utils.loader import copy_shard
 from nanovllm.utils.parallel import tp_rank, tp_size
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, or on CUDA the Triton GEMV where it beats cuBLAS (a batch-1 or -2 decode step's row-parallel
-    layers, see kernels/gemv.py)."""
+SWIGLU = SiluAndMul()     # stateless: the Triton kernel on CUDA, the torch code elsewhere
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
+    """F.linear of x (gated: of silu(gate) * up, x holding [gate | up]), or on CUDA the Triton GEMV where it beats
+    cuBLAS (a batch-1 or -2 decode step's row-parallel layers, see kernels/gemv.py), the gate fused into it."""
     if x.is_cuda and bias is None:  # imported here: Triton is installed only on Linux, and only CUDA needs it
         from nanovllm.kernels import gemv
-        if gemv.gemv_is_faster(x, weight):
-            return gemv.gemv(x, weight)
-    return F.linear(x, weight, bias)
+        if gemv.gemv_is_faster(x, weight, gated):
+            return gemv.gemv(x, weight, gated)
+    return F.linear(SWIGLU(x) if gated else x, weight, bias)
 
 
 class LinearBase(nn.Module):
@@ -76,10 +80,14 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+    """With `gated_input` the layer's input arrives as [gate | up] and is silu(gate) * up (SwiGLU): the MLP's down
+    projection takes the gate in, so that at batch 1-2 one kernel does both."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, gated_input: bool = False):
         if input_size % tp_size():
             raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size {tp_size()}")
         super().__init__(input_size // tp_size(), output_size, bias, 1)
+        self.gated_input = gated_input
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor):
         if param.dim() == 1:        # the bias is added once, on rank 0, after the all-reduce would double it
@@ -88,7 +96,7 @@ class RowParallelLinear(LinearBase):
             super().weight_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias, self.gated_input)
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y

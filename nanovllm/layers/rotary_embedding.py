@@ -25,12 +25,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None = None,
-                k_norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k: [tokens, heads, head_dim]; positions: [tokens]; q_norm/k_norm (Qwen3): per-head RMSNorms run first."""
+                k_norm: nn.Module | None = None, kv_store=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: [tokens, heads, head_dim]; positions: [tokens]; q_norm/k_norm (Qwen3): per-head RMSNorms run first.
+        kv_store (CUDA only, from Attention.kv_store): the same kernel also writes the rotated k and v to the cache."""
         if q.is_cuda:   # one kernel for norm and rotation; imported here: Triton is installed only on Linux
             from nanovllm.kernels import fused_layers
             norm = {} if q_norm is None else dict(q_weight=q_norm.weight, k_weight=k_norm.weight, eps=q_norm.eps)
-            return fused_layers.qk_norm_rotary(positions, q, k, self.cos, self.sin, **norm)
+            return fused_layers.qk_norm_rotary(positions, q, k, self.cos, self.sin, kv_store=kv_store, **norm)
+        assert kv_store is None, "only the CUDA kernel stores K/V"
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)
         return apply_rotary(positions, q, k, self.cos, self.sin)

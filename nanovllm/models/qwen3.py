@@ -3,7 +3,6 @@ import torch
 from torch import nn
 
 from nanovllm.config import ModelConfig
-from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
@@ -28,19 +27,20 @@ class Qwen3Attention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
-        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
-        return self.o_proj(self.attn(q, k, v).flatten(1, -1))
+        store = self.attn.kv_store(v)   # on CUDA the rotary kernel writes K and V to the cache too
+        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm, store)
+        return self.o_proj(self.attn(q, k, v, stored=store is not None).flatten(1, -1))
 
 
 class Qwen3MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
-        self.act_fn = SiluAndMul()
+        # SwiGLU's silu(gate) * up is applied by down_proj to its input: fused into its kernel at batch 1-2.
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, gated_input=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class Qwen3DecoderLayer(nn.Module):
