@@ -83,13 +83,16 @@ def compare(logits: torch.Tensor, reference: torch.Tensor) -> dict:
 
 @contextlib.contextmanager
 def kv_rounded_to_bf16():
-    """Every Attention layer rounds K and V to bfloat16 before using them: a float32 model with a bf16 cache."""
-    forward = Attention.forward
-    Attention.forward = lambda self, q, k, v: forward(self, q, k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype))
+    """Every Attention layer rounds K and V to bfloat16 before using them: a float32 model with a bf16 cache.
+    (The store is then left to Attention.forward, not fused into the rotary kernel, which would store them unrounded.)"""
+    forward, kv_store = Attention.forward, Attention.kv_store
+    Attention.forward = lambda self, q, k, v, stored=False: forward(self, q, k.bfloat16().to(k.dtype),
+                                                                    v.bfloat16().to(v.dtype), stored)
+    Attention.kv_store = lambda self, v: None
     try:
         yield
     finally:
-        Attention.forward = forward
+        Attention.forward, Attention.kv_store = forward, kv_store
 
 
 def random_sequences(contexts: list[int], vocab_size: int, seed: int) -> list[list[int]]:
