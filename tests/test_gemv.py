@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from nanovllm.kernels import gemv
 from nanovllm.layers.activation import silu_and_mul
-from nanovllm.layers.linear import RowParallelLinear
+from nanovllm.layers.layernorm import RMSNorm, rms_norm
+from nanovllm.layers.linear import QKVParallelLinear, RowParallelLinear, norm_and_linear
 from tests.test_fused_layers import _PTXAS, compile_for_h100, nan_allocations
 from tests.triton_interpreter import CUDA, INTERPRETING, run_check, stop_worker
 
@@ -45,6 +46,56 @@ def check_gemv(m, n, k, dtype, gated=False):
 @pytest.mark.parametrize("m", [1, 2])
 def test_gemv_matches_linear(m, dtype, gated):
     run_check(check_gemv, m, 6, 2 * gemv.GEMV_BLOCK_K, dtype, gated)
+
+
+def check_norm_gemv(n, k, dtype, with_residual):
+    """One row: RMSNorm(x + residual) then x @ W.T in one kernel, against the torch RMSNorm and F.linear; the new
+    residual (x + residual, rounded once) exactly as torch adds it."""
+    torch.manual_seed(n + k + with_residual)
+    x, residual = (torch.randn(1, k, device=DEVICE) * 3).to(dtype), (torch.randn(1, k, device=DEVICE) * 3).to(dtype)
+    norm_weight = (torch.randn(k, device=DEVICE) * 0.5 + 1).to(dtype)
+    weight = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+    with nan_allocations():
+        out, new_residual = gemv.norm_gemv(x, residual if with_residual else None, norm_weight, 1e-6, weight)
+    assert torch.isfinite(out).all(), "an output element was left unwritten (NaN)"
+    if with_residual:
+        normed, expected_residual = rms_norm(x, norm_weight, 1e-6, residual)
+        if CUDA or dtype == torch.float32:
+            assert torch.equal(new_residual, expected_residual)
+        else:   # the interpreter truncates float32 -> bf16 where a GPU rounds (tests/test_fused_layers.py)
+            torch.testing.assert_close(new_residual.float(), expected_residual.float(), atol=5e-2, rtol=4e-2)
+    else:
+        normed = rms_norm(x, norm_weight, 1e-6)
+        assert new_residual is x
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=1.6e-2)
+    torch.testing.assert_close(out.float(), F.linear(normed.float(), weight.float()), **tol)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["first layer", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_gemv_matches_rms_norm_then_linear(dtype, with_residual):
+    run_check(check_norm_gemv, 6, 2 * gemv.GEMV_BLOCK_K, dtype, with_residual)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the layer would launch an interpreted kernel on CUDA tensors")
+def test_norm_and_linear_fuses_on_cuda_for_one_row_only(monkeypatch):
+    calls = []
+    real = gemv.norm_gemv
+    monkeypatch.setattr(gemv, "norm_gemv", lambda *args: calls.append(args[0].shape) or real(*args))
+    for device in ["cpu"] + (["cuda"] if CUDA else []):
+        calls.clear()
+        norm, layer = RMSNorm(1024).to(device), QKVParallelLinear(1024, 64, 4, 2).to(device)
+        torch.nn.init.normal_(layer.weight, std=1024 ** -0.5)
+        torch.nn.init.normal_(norm.weight, 1, 0.5)
+        for rows in (1, 3):
+            x, residual = torch.randn(rows, 1024, device=device), torch.randn(rows, 1024, device=device)
+            for res in (None, residual):
+                y, new_residual = norm_and_linear(norm, layer, x, res)
+                normed, expected_residual = (rms_norm(x, norm.weight, norm.eps), x) if res is None else \
+                    rms_norm(x, norm.weight, norm.eps, res)
+                torch.testing.assert_close(y, F.linear(normed, layer.weight), atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(new_residual, expected_residual)
+        assert calls == ([torch.Size([1, 1024])] * 2 if device == "cuda" else [])
 
 
 def test_only_small_row_parallel_shapes_go_to_the_gemv():
@@ -82,14 +133,16 @@ def test_row_parallel_layer_uses_the_gemv_on_cuda_only(monkeypatch, gated):
 @pytest.mark.skipif(INTERPRETING, reason="this process runs Triton's interpreter, which cannot compile")
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("variant", ["plain", "gated", "norm"])
 @pytest.mark.parametrize("m_pad", [1, 2])
-def test_gemv_compiles_for_h100_with_16_byte_weight_loads(m_pad, gated):
+def test_gemv_compiles_for_h100_with_16_byte_weight_loads(m_pad, variant):
     """The kernel only streams the weight: it must load it 16 bytes at a time, and not spill."""
     signature = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M="i32", K="i32", stride_xm="i32",
-                     stride_wn="i32", stride_om="i32")
-    ptx = compile_for_h100(gemv.gemv_kernel, signature, dict(M_PAD=m_pad, BLOCK_N=gemv.GEMV_BLOCK_N,
-                                                             BLOCK_K=gemv.GEMV_BLOCK_K, GATED=gated))
+                     stride_wn="i32", stride_om="i32", residual_ptr="*bf16", norm_weight_ptr="*bf16",
+                     residual_out_ptr="*bf16", eps="fp32")
+    ptx = compile_for_h100(gemv.gemv_kernel, signature, dict(
+        M_PAD=m_pad, BLOCK_N=gemv.GEMV_BLOCK_N, BLOCK_K=gemv.GEMV_BLOCK_K, GATED=variant == "gated",
+        NORM=variant == "norm", ADD_RESIDUAL=variant == "norm"))
     assert "ld.global.v4.b32" in set(re.findall(r"ld\.global(?:\.\w+)*", ptx))
     assert "ld.local" not in ptx and "st.local" not in ptx, "registers spilled"
 
@@ -101,6 +154,8 @@ def test_real_sizes_eager_and_in_a_cuda_graph(n, k):
     for m in (1, 2):
         check_gemv(m, n, k, torch.bfloat16)
         check_gemv(m, n, k, torch.bfloat16, gated=True)
+    for n_wide in (4096, 6144):     # qkv_proj and gate_up_proj behind their RMSNorms
+        check_norm_gemv(n_wide, 1024, torch.bfloat16, with_residual=True)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
     eager = gemv.gemv(x, weight)

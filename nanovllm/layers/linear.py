@@ -24,6 +24,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gat
     return F.linear(SWIGLU(x) if gated else x, weight, bias)
 
 
+def norm_and_linear(norm: nn.Module, layer: "LinearBase", x: torch.Tensor, residual: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer(norm(x + residual)), x + residual): a block's pre-norm and first projection (residual None: x alone).
+    In a batch-1 step on CUDA one GEMV kernel does both (kernels/gemv.py): one launch a block less."""
+    if x.is_cuda and layer.bias is None and (residual is None or residual.is_contiguous()):
+        from nanovllm.kernels import gemv   # imported here: Triton is installed only on Linux
+        if gemv.gemv_fuses_norm(x, layer.weight):
+            return gemv.norm_gemv(x, residual, norm.weight, norm.eps, layer.weight)
+    normed, residual = (norm(x), x) if residual is None else norm(x, residual)
+    return layer(normed), residual
+
+
 class LinearBase(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int):
         super().__init__()

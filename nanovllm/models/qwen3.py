@@ -6,7 +6,8 @@ from nanovllm.config import ModelConfig
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
-from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                    norm_and_linear)
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
 
@@ -24,12 +25,15 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden_states).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention block with its pre-norm `norm` over hidden_states + residual: (output, new residual)."""
+        qkv, residual = norm_and_linear(norm, self.qkv_proj, hidden_states, residual)
+        qkv = qkv.view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         store = self.attn.kv_store(v)   # on CUDA the rotary kernel writes K and V to the cache too
         q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm, store)
-        return self.o_proj(self.attn(q, k, v, stored=store is not None).flatten(1, -1))
+        return self.o_proj(self.attn(q, k, v, stored=store is not None).flatten(1, -1)), residual
 
 
 class Qwen3MLP(nn.Module):
@@ -39,8 +43,10 @@ class Qwen3MLP(nn.Module):
         # SwiGLU's silu(gate) * up is applied by down_proj to its input: fused into its kernel at batch 1-2.
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, gated_input=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP block with its pre-norm `norm` over x + residual: (output, new residual)."""
+        gate_up, residual = norm_and_linear(norm, self.gate_up_proj, x, residual)
+        return self.down_proj(gate_up), residual
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -52,13 +58,9 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, positions, hidden_states, residual):
-        if residual is None:
-            hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        # Each block applies its pre-norm (adding the residual stream) together with its first projection.
+        hidden_states, residual = self.self_attn(positions, hidden_states, residual, self.input_layernorm)
+        return self.mlp(hidden_states, residual, self.post_attention_layernorm)
 
 
 class Qwen3Model(nn.Module):
