@@ -1,11 +1,12 @@
 """Decode attention's bandwidth for a bf16 and an fp8 cache over launch parameters (tile, warps, stages), at
 bench.py-like batches: Qwen3-0.6B shapes, 256-token pages, contexts uniform in 100..2048.
 
-    python benchmarks/decode_sweep.py
+    python benchmarks/decode_sweep.py [--kv fp8] [--configs 128,4,3 256,4,2] [--batches 256]
 
 Bytes counted: each sequence's K and V (context * kv_heads * head_dim * element size * 2). Each configuration's
 output is compared with the default one's (max abs difference), so a fast wrong configuration shows.
 """
+import argparse
 import random
 
 import torch
@@ -30,14 +31,22 @@ def inputs(batch: int, kv_dtype: torch.dtype):
 
 
 def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--kv", choices=["both", "bf16", "fp8"], default="both")
+    p.add_argument("--configs", nargs="+", help="tile,warps,stages triples (default: a fixed list)")
+    p.add_argument("--batches", type=int, nargs="+", default=[256, 64])
+    args = p.parse_args()
+    configs = [tuple(map(int, c.split(","))) for c in args.configs] if args.configs else CONFIGS
+    kv_dtypes = {"both": (torch.bfloat16, torch.float8_e4m3fn), "bf16": (torch.bfloat16,),
+                 "fp8": (torch.float8_e4m3fn,)}[args.kv]
     scale = torch.ones(1, device="cuda")
     defaults = tk.decode_launch
-    for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
-        for batch in (256, 64):
+    for kv_dtype in kv_dtypes:
+        for batch in args.batches:
             q, k, v, lens, tables, nbytes = inputs(batch, kv_dtype)
             scales = dict(k_scale=scale, v_scale=scale) if kv_dtype == torch.float8_e4m3fn else {}
             reference = None
-            for block_n, warps, stages in CONFIGS:
+            for block_n, warps, stages in configs:
                 tk.decode_launch = lambda dtype, config=(block_n, warps, stages): config
                 try:
                     run = lambda: tk.paged_decode_attention(q, k, v, lens, tables, HEAD_DIM ** -0.5, **scales)  # noqa
