@@ -1,7 +1,11 @@
 """Decode attention's bandwidth for a bf16 and an fp8 cache over launch parameters (tile, warps, stages), at
 bench.py-like batches: Qwen3-0.6B shapes, 256-token pages, contexts uniform in 100..2048.
 
-    python benchmarks/decode_sweep.py [--kv fp8] [--configs 128,4,3 256,4,2] [--batches 256]
+    python benchmarks/decode_sweep.py [--kv fp8] [--configs 128,4,3 128,4,3,v] [--batches 256]
+
+A configuration is tile,warps,stages[,widen][,pN]: widen names the fp8 tiles ("k", "v", "kv") widened in
+registers (DecodeLaunch.widen), pN splits for N programs per SM (DecodeLaunch.programs_per_sm), rN caps the
+registers per thread at N (DecodeLaunch.max_registers).
 
 Bytes counted: each sequence's K and V (context * kv_heads * head_dim * element size * 2). Each configuration's
 output is compared with the default one's (max abs difference), so a fast wrong configuration shows.
@@ -15,7 +19,8 @@ from triton.testing import do_bench
 from nanovllm.kernels import paged_attention_triton as tk
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, WIDTH = 16, 8, 128, 256, 16
-CONFIGS = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 4, 2), (128, 8, 2), (32, 4, 4), (256, 8, 2)]
+CONFIGS = [tk.DecodeLaunch(*c) for c in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 4, 2), (128, 8, 2),
+                                          (32, 4, 4), (256, 8, 2), (128, 4, 3, "v"), (128, 4, 3, "k")]]
 
 
 def inputs(batch: int, kv_dtype: torch.dtype):
@@ -30,13 +35,27 @@ def inputs(batch: int, kv_dtype: torch.dtype):
     return q, k.to(kv_dtype), v.to(kv_dtype), torch.tensor(lens, device="cuda"), tables, nbytes
 
 
+def describe(c: tk.DecodeLaunch) -> str:
+    return (f"tile {c.block_n:3d} warps {c.warps} stages {c.stages}" + (f" widen {c.widen}" if c.widen else "")
+            + f" p{c.programs_per_sm}" + (f" r{c.max_registers}" if c.max_registers else ""))
+
+
+def parse_config(text: str) -> tk.DecodeLaunch:
+    fields = text.split(",")
+    per_sm = [int(f[1:]) for f in fields[3:] if f.startswith("p")]
+    registers = [int(f[1:]) for f in fields[3:] if f.startswith("r")]
+    return tk.DecodeLaunch(*map(int, fields[:3]), widen="".join(f for f in fields[3:] if f in ("k", "v", "kv")),
+                           programs_per_sm=per_sm[0] if per_sm else tk.DECODE_PROGRAMS_PER_SM,
+                           max_registers=registers[0] if registers else None)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kv", choices=["both", "bf16", "fp8"], default="both")
-    p.add_argument("--configs", nargs="+", help="tile,warps,stages triples (default: a fixed list)")
+    p.add_argument("--configs", nargs="+", help="tile,warps,stages[,widen][,pN][,rN] (default: a fixed list)")
     p.add_argument("--batches", type=int, nargs="+", default=[256, 64])
     args = p.parse_args()
-    configs = [tuple(map(int, c.split(","))) for c in args.configs] if args.configs else CONFIGS
+    configs = [parse_config(c) for c in args.configs] if args.configs else CONFIGS
     kv_dtypes = {"both": (torch.bfloat16, torch.float8_e4m3fn), "bf16": (torch.bfloat16,),
                  "fp8": (torch.float8_e4m3fn,)}[args.kv]
     scale = torch.ones(1, device="cuda")
@@ -46,18 +65,18 @@ def main():
             q, k, v, lens, tables, nbytes = inputs(batch, kv_dtype)
             scales = dict(k_scale=scale, v_scale=scale) if kv_dtype == torch.float8_e4m3fn else {}
             reference = None
-            for block_n, warps, stages in configs:
-                tk.decode_launch = lambda dtype, config=(block_n, warps, stages): config
+            for config in configs:
+                tk.decode_launch = lambda dtype, config=config: config
                 try:
                     run = lambda: tk.paged_decode_attention(q, k, v, lens, tables, HEAD_DIM ** -0.5, **scales)  # noqa
                     out = run()
                     reference = out if reference is None else reference
                     ms = do_bench(run, warmup=10, rep=50)
                     err = (out.float() - reference.float()).abs().max().item()
-                    print(f"{str(kv_dtype).split('.')[1]:14} B={batch:3d} tile {block_n:3d} warps {warps} stages {stages}:"
+                    print(f"{str(kv_dtype).split('.')[1]:14} B={batch:3d} {describe(config)}:"
                           f" {ms * 1e3:7.1f} us  {nbytes / ms / 1e9:5.2f} TB/s  diff {err:.1e}")
                 except Exception as e:      # a configuration may not fit (shared memory): say so, go on
-                    print(f"{kv_dtype} B={batch} tile {block_n} warps {warps} stages {stages}: {type(e).__name__}")
+                    print(f"{kv_dtype} B={batch} {describe(config)}: {type(e).__name__}")
     tk.decode_launch = defaults
 
 

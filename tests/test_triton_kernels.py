@@ -331,11 +331,23 @@ def test_chunked_prefill_equals_one_shot(kv_dtype):
 
 # ---- decode ---------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def decode_launch_changed(kv_dtype, changes):
+    """Launch the decode kernel over a kv_dtype cache with these DecodeLaunch fields changed (None: as is)."""
+    saved = dict(backend.DECODE_LAUNCH)
+    if changes:
+        backend.DECODE_LAUNCH[kv_dtype.itemsize] = backend.DECODE_LAUNCH[kv_dtype.itemsize]._replace(**changes)
+    try:
+        yield
+    finally:
+        backend.DECODE_LAUNCH.update(saved)
+
+
 def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, dtype=torch.float32, scale=0.3,
-               kv_dtype=None):
+               kv_dtype=None, launch=None):
     """Decode with stale garbage in block-table entries past each context (as CUDA-graph replay leaves them) and
     an out-of-range table for the context_len 0 rows, over a cache of kv_dtype (default: dtype); returns (output,
-    reference, rows with a context)."""
+    reference, rows with a context). launch: DecodeLaunch fields to change (decode_launch_changed)."""
     torch.manual_seed(0)
     kv_dtype = kv_dtype or dtype
     k_cache, v_cache, tables = paged_cache(context_lens, block_size, kv_heads, head_dim, kv_dtype)
@@ -346,16 +358,17 @@ def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, 
     lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
     stale[lens == 0] = 10**6            # would fault (GPU) or raise (interpreter) if a padded row were read
     q = torch.randn(len(context_lens), heads, head_dim, device=DEVICE).to(dtype)
-    out = backend.paged_decode_attention(q, k_cache, v_cache, lens, stale, scale, out=poisoned_like(q),
-                                         num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+    with decode_launch_changed(kv_dtype, launch):
+        out = backend.paged_decode_attention(q, k_cache, v_cache, lens, stale, scale, out=poisoned_like(q),
+                                             num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
     expected = ref.paged_decode_attention(q.float(), clean(k_cache), clean(v_cache), lens, tables, scale,
                                           k_scale, v_scale)
     return out, expected, lens > 0
 
 
-def check_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, kv_dtype=None):
+def check_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, kv_dtype=None, launch=None):
     out, expected, real = run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits,
-                                     kv_dtype=kv_dtype)
+                                     kv_dtype=kv_dtype, launch=launch)
     assert_matches(out[real], expected[real])
     assert torch.isfinite(out[~real]).all(), "padded rows should come out as zeros"
 
@@ -376,12 +389,17 @@ def test_decode_with_two_tiles_per_page(num_splits):
     run_check("check_decode", DECODE_CONTEXTS_128, 4, 1, 16, 128, num_splits)
 
 
+# fp8 tiles widened by Triton or in registers (inline PTX; the interpreter runs the plain conversion).
+LAUNCH_VARIANTS = [None, dict(widen="kv"), dict(widen="v")]
+
+
 @fp8_capable
+@pytest.mark.parametrize("launch", LAUNCH_VARIANTS)
 @pytest.mark.parametrize("contexts,heads,kv_heads,head_dim,block_size,num_splits", [
     (DECODE_CONTEXTS_16, 4, 2, 32, 16, 1), (DECODE_CONTEXTS_16, 4, 2, 32, 16, 3),
     (DECODE_CONTEXTS_128, 4, 1, 16, 128, 2)])
-def test_decode_fp8_cache_matches_reference(contexts, heads, kv_heads, head_dim, block_size, num_splits):
-    run_check("check_decode", contexts, heads, kv_heads, head_dim, block_size, num_splits, FP8)
+def test_decode_fp8_cache_matches_reference(contexts, heads, kv_heads, head_dim, block_size, num_splits, launch):
+    run_check("check_decode", contexts, heads, kv_heads, head_dim, block_size, num_splits, FP8, launch)
 
 
 def test_decode_split_heuristic_depends_on_shapes_only():
@@ -492,7 +510,7 @@ H100_SHARED_MEMORY = 227 * 1024
 _PTXAS = os.path.join(os.path.dirname(importlib.util.find_spec("triton").origin), "backends", "nvidia", "bin", "ptxas")
 
 
-def compile_for_h100(fn, constexprs, pointer_dtypes, num_warps, num_stages):
+def compile_for_h100(fn, constexprs, pointer_dtypes, num_warps, num_stages, maxnreg=None):
     """Compile a kernel for sm_90 without a GPU, specialised as a real launch would be: pointers and strides
     divisible by 16, other ints i32, pointers bf16 unless pointer_dtypes says otherwise."""
     import triton
@@ -510,7 +528,7 @@ def compile_for_h100(fn, constexprs, pointer_dtypes, num_warps, num_stages):
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
 
 
 def qwen3_kernel_configs(fp8: bool):
@@ -518,7 +536,7 @@ def qwen3_kernel_configs(fp8: bool):
     over a bf16 or an fp8 cache."""
     k = backend.kernels
     tables = dict(context_lens_ptr="i32", block_tables_ptr="i32")
-    decode_tile, decode_warps, decode_stages = backend.decode_launch(torch.float8_e4m3fn if fp8 else torch.bfloat16)
+    decode = backend.decode_launch(torch.float8_e4m3fn if fp8 else torch.bfloat16)
     cache = dict(k_cache_ptr="fp8e4nv", v_cache_ptr="fp8e4nv", k_scale_ptr="fp32", v_scale_ptr="fp32") if fp8 else {}
     return {
         "store": (k.store_kvcache_kernel, dict(NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128, KV_FP8=fp8),
@@ -528,10 +546,11 @@ def qwen3_kernel_configs(fp8: bool):
                     dict(cu_seqlens_q_ptr="i32", **tables, **cache), backend.PREFILL_WARPS, backend.PREFILL_STAGES,
                     True),
         "decode": (k.decode_split_kernel, dict(GROUP=2, GROUP_PAD=16, BLOCK_SIZE=256, HEAD_DIM=128,
-                                               BLOCK_N=decode_tile, DOT_PRECISION="tf32", KV_FP8=fp8),
+                                               BLOCK_N=decode.block_n, DOT_PRECISION="tf32", KV_FP8=fp8,
+                                               WIDEN_K="k" in decode.widen, WIDEN_V="v" in decode.widen),
                    # the runner's decode inputs are one int64 buffer (engine/decode_inputs.py)
                    dict(part_out_ptr="fp32", part_lse_ptr="fp32", context_lens_ptr="i64", block_tables_ptr="i64",
-                        **cache), decode_warps, decode_stages, True),
+                        **cache), decode.warps, decode.stages, True),
         "merge": (k.decode_merge_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128),
                   dict(part_out_ptr="fp32", part_lse_ptr="fp32"), 4, 1, False),
     }
@@ -548,8 +567,13 @@ def test_kernels_compile_for_h100_with_16_byte_loads(kernel, fp8):
     (the cache must be streamed with 16-byte vector loads to approach full bandwidth). An fp8 store must round
     with the hardware's nearest-even, saturating conversion (the interpreter's rounding is patched, see above)."""
     fn, constexprs, pointer_dtypes, warps, stages, streams_kv = qwen3_kernel_configs(fp8)[kernel]
-    compiled = compile_for_h100(fn, constexprs, pointer_dtypes, warps, stages)
+    launch = backend.decode_launch(FP8 if fp8 else torch.bfloat16)
+    registers = launch.max_registers if kernel == "decode" else None
+    compiled = compile_for_h100(fn, constexprs, pointer_dtypes, warps, stages, registers)
     assert compiled.metadata.shared <= H100_SHARED_MEMORY
+    if registers:   # the cap is there so that more programs fit an SM: their shared memory must fit too
+        programs = 64 * 1024 // (registers * 32 * warps)
+        assert programs * compiled.metadata.shared <= H100_SHARED_MEMORY, (programs, compiled.metadata.shared)
     ptx = compiled.asm["ptx"]
     if streams_kv:
         scalar_load = "ld.global.b8" if fp8 and kernel != "store" else "ld.global.b16"
@@ -582,12 +606,13 @@ def test_real_size_prefill(kv_dtype):
 @cuda_only
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("num_splits", [None, 1, 5])
-def test_real_size_decode(num_splits, kv_dtype):
+@pytest.mark.parametrize("launch", LAUNCH_VARIANTS)
+def test_real_size_decode(num_splits, kv_dtype, launch):
     torch.manual_seed(1)
     contexts = [1, 63, 64, 65, 255, 256, 257, 511, 512, 513, 4096, 0, 0]
     contexts += torch.randint(1, 3000, (40,)).tolist()
     out, expected, real = run_decode(contexts, **QWEN3_0_6B, num_splits=num_splits, dtype=torch.bfloat16,
-                                     scale=128 ** -0.5, kv_dtype=kv_dtype)
+                                     scale=128 ** -0.5, kv_dtype=kv_dtype, launch=launch)
     assert_matches(out[real], expected[real], **BF16_TOL)
 
 

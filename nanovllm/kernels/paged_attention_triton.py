@@ -11,6 +11,7 @@ Rules the kernels rely on (checked here, with a ValueError that says which):
 - An fp8 (float8_e4m3fn) cache needs k_scale and v_scale, float32 device tensors; the other caches ignore them.
 """
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -23,13 +24,26 @@ LOG2E = 1.4426950408889634
 # Launch parameters, chosen for head_dim 128 / bf16 on an H100; benchmarks/attention_kernels.py times alternatives.
 # Prefill is compute-bound: 64x64 tiles keep short prompts from wasting rows and fit 3 pipeline stages.
 PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_WARPS, PREFILL_STAGES = 64, 64, 4, 3
-# Decode is bandwidth-bound; (KV tile, warps, stages) by the cache's element size, from benchmarks/decode_sweep.py
-# on the H100 at batch 256: a 16-bit cache 128-token tiles, 2 stages (the next tile loads during the current one),
-# 2.82 TB/s against 2.78 with 64-token tiles and 3 stages; an fp8 cache (widened to float16) 128-token tiles,
-# 3 stages, 2.19 TB/s of fp8 bytes against 2.11 with 64-token tiles; float32 needs the smaller tiles to fit
-# shared memory.
-DECODE_LAUNCH = {2: (128, 4, 2), 1: (128, 4, 3), 4: (64, 4, 3)}
 DECODE_PROGRAMS_PER_SM = 4      # split decode until batch * kv_heads * splits covers this many programs per SM
+
+
+class DecodeLaunch(NamedTuple):
+    block_n: int                    # KV tile, tokens
+    warps: int
+    stages: int                     # Triton's shared-memory pipeline depth
+    widen: str = ""                 # fp8: which of "k", "v" are widened in registers (kernels._widen)
+    programs_per_sm: int = DECODE_PROGRAMS_PER_SM   # see decode_num_splits
+    max_registers: int | None = None    # a thread's registers (Triton's maxnreg): below Triton's choice, values
+                                        # spill, but more programs fit an SM's 64K registers
+
+
+# Decode is bandwidth-bound; launch by the cache's element size, from benchmarks/decode_sweep.py on the H100 at
+# batches 256..32 (docs/BENCHMARKS.md): a 16-bit cache 128-token tiles, 2 stages (the next tile loads during the
+# current one), 2.81 TB/s at batch 256. An fp8 cache: 128-token tiles whose V is widened in registers, 168
+# registers a thread so that three programs share an SM (two at the 180-207 Triton picks; a few spill), 2.34 TB/s
+# of fp8 bytes at batch 256 against 2.17-2.20 without. float32 needs the smaller tiles to fit shared memory.
+DECODE_LAUNCH = {2: DecodeLaunch(128, 4, 2), 1: DecodeLaunch(128, 4, 2, widen="v", max_registers=168),
+                 4: DecodeLaunch(64, 4, 3)}
 DECODE_MAX_SPLITS = 32
 
 
@@ -111,19 +125,20 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_launch(kv_dtype: torch.dtype) -> tuple[int, int, int]:
-    """(KV tile, warps, stages) of the decode kernel for a cache of `kv_dtype`."""
+def decode_launch(kv_dtype: torch.dtype) -> DecodeLaunch:
+    """How the decode kernel is launched over a cache of `kv_dtype`."""
     return DECODE_LAUNCH[kv_dtype.itemsize]
 
 
-def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
+def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device,
+                      programs_per_sm: int = DECODE_PROGRAMS_PER_SM) -> int:
     """How many programs share each sequence's KV range, from shapes only (so a CUDA graph can capture it).
 
     One program per (sequence, KV head) leaves most SMs idle at small batch (8 x 8 = 64 programs on 132 SMs);
-    splitting until about DECODE_PROGRAMS_PER_SM programs per SM exist keeps memory busy, and costs only a small
+    splitting until about programs_per_sm programs per SM exist keeps memory busy, and costs only a small
     merge. No more splits than KV tiles in the longest possible context, so a split is never empty by shape.
     """
-    target = DECODE_PROGRAMS_PER_SM * _num_sms(device)
+    target = programs_per_sm * _num_sms(device)
     splits = triton.cdiv(target, batch * num_kv_heads)
     return max(1, min(splits, triton.cdiv(max_context, block_n), DECODE_MAX_SPLITS))
 
@@ -142,10 +157,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
-    block_n, warps, stages = decode_launch(k_cache.dtype)
-    block_n = min(block_n, block_size)
+    launch = decode_launch(k_cache.dtype)
+    block_n = min(launch.block_n, block_size)
     if num_splits is None:
-        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, block_n, q.device)
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, block_n, q.device,
+                                       launch.programs_per_sm)
     q = _last_dim_contiguous(q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if num_splits == 1:     # the single split's normalised output is the answer: write it in place, skip the merge
@@ -159,7 +175,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0), part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0),
         part_lse.stride(1), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps, num_stages=stages)
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, WIDEN_K="k" in launch.widen, WIDEN_V="v" in launch.widen,
+        num_warps=launch.warps, num_stages=launch.stages,
+        **({"maxnreg": launch.max_registers} if launch.max_registers else {}))
     if num_splits > 1:
         kernels.decode_merge_kernel[(batch, num_heads)](
             part_out, part_lse, out, num_splits, part_out.stride(0), part_out.stride(1), part_out.stride(2),

@@ -12,6 +12,8 @@ Conventions shared by every kernel:
 - Every load that could reach past a sequence's context is masked: cache rows beyond it may hold anything
   (stale tokens, uninitialised memory, NaN), and block-table entries beyond it may be stale (CUDA-graph replay).
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -63,28 +65,53 @@ def store_token_kv(key_ptr, key_stride_h, value_ptr, value_stride_h, k_cache_ptr
     tl.store(v_cache_ptr + dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
+# A plain fp8 -> float16 conversion before tl.dot is moved by Triton past the shared-memory staging of the dot's
+# operand, so the tensor cores are fed by 8-bit scalar shared loads. That hurts most for V, whose dot pairs
+# elements along tokens, 1 KB apart in the cache (decode, sm_90: 181 LDS + 136 F2FP against the bf16 kernel's 48
+# ldmatrix; benchmarks/decode_sass.py). The same conversion as opaque inline PTX stays where it is written: the
+# tile is widened in registers, staged as float16 and read with ldmatrix. Done for V only, since K's tile then
+# loses Triton's cp.async pipeline (both: 1.9 TB/s, V only: 2.2, plain: 2.2, and V only leaves the room for
+# three programs an SM; paged_attention_triton.DECODE_LAUNCH). The interpreter cannot run PTX: plain conversion.
+WIDEN_FP8_IN_REGISTERS = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
 @triton.jit
-def _attend_kv_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, start, kv_len, kv_head, q_pos, qk_scale,
-                    stride_page, stride_row, stride_head,
-                    CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """Fold the KV tile of tokens [start, start + BLOCK_N) of one sequence into a running online softmax.
+def _widen(x, dtype: tl.constexpr, IN_REGISTERS: tl.constexpr):
+    """x (a K or V tile) in `dtype` for tl.dot. IN_REGISTERS: an e4m3 tile is widened to float16 by inline PTX
+    (cvt.rn.f16x2.e4m3x2, four bytes a call), which Triton cannot move past the operand's shared-memory staging."""
+    if IN_REGISTERS and WIDEN_FP8_IN_REGISTERS and x.dtype == tl.float8e4nv and dtype == tl.float16:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
+    return x.to(dtype)
+
+
+@triton.jit
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, start, kv_len, kv_head, stride_page, stride_row, stride_head,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The K and V tiles (cache dtype, [BLOCK_N, HEAD_DIM]) of tokens [start, start + BLOCK_N) of one sequence,
+    start < kv_len; rows at or beyond kv_len read as 0."""
+    page = tl.load(table_ptr + start // BLOCK_SIZE).to(tl.int64)     # int64: a layer's cache can pass 2**31 elements
+    rows = start % BLOCK_SIZE + tl.arange(0, BLOCK_N)
+    key_valid = (start + tl.arange(0, BLOCK_N)) < kv_len
+    offsets = page * stride_page + rows[:, None] * stride_row + kv_head * stride_head + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(k_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_kv_tile(acc, m_i, l_i, q, k, v, start, kv_len, q_pos, qk_scale,
+                    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold the K/V tile (in q's dtype) of tokens [start, start + BLOCK_N) of one sequence into an online softmax.
 
     q: [M, HEAD_DIM] query rows; acc [M, HEAD_DIM], m_i and l_i [M]: running output, max and sum (log2 domain).
     Keys at or beyond kv_len are masked out; with CAUSAL, so are keys after each row's position q_pos [M].
     The caller guarantees start < kv_len, so every row sees at least one finite score once key 0 was seen.
     """
-    page = tl.load(table_ptr + start // BLOCK_SIZE).to(tl.int64)     # int64: a layer's cache can pass 2**31 elements
     keys = start + tl.arange(0, BLOCK_N)
-    key_valid = keys < kv_len
-    rows = start % BLOCK_SIZE + tl.arange(0, BLOCK_N)
-    offsets = page * stride_page + rows[:, None] * stride_row + kv_head * stride_head + tl.arange(0, HEAD_DIM)[None, :]
-    # An fp8 cache is widened to q's dtype (exact; float16 for a 16-bit model) for tl.dot; else .to is a no-op.
-    k = tl.load(k_cache_ptr + offsets, mask=key_valid[:, None], other=0.0).to(q.dtype)
-    v = tl.load(v_cache_ptr + offsets, mask=key_valid[:, None], other=0.0).to(q.dtype)
-
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    allowed = key_valid[None, :]
+    allowed = (keys < kv_len)[None, :]
     if CAUSAL:
         allowed = allowed & (keys[None, :] <= q_pos[:, None])
     qk = tl.where(allowed, qk, float("-inf"))
@@ -134,15 +161,18 @@ def prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, c
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Keys before first_pos + 1 are visible to every row of the tile: those tiles skip the causal mask.
     unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    # An fp8 cache is widened to q's dtype (exact; float16 for a 16-bit model) for tl.dot; else it is a no-op.
     for start in range(0, unmasked_end, BLOCK_N):
-        acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, start, context_len,
-                                        kv_head, q_pos, qk_scale, stride_page, stride_row, stride_head,
-                                        False, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, start, context_len, kv_head, stride_page,
+                             stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+        acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, k.to(q.dtype), v.to(q.dtype), start, context_len, q_pos,
+                                        qk_scale, False, BLOCK_N, DOT_PRECISION)
     causal_end = tl.minimum(context_len, first_pos + BLOCK_M)
     for start in range(unmasked_end, causal_end, BLOCK_N):
-        acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, start, context_len,
-                                        kv_head, q_pos, qk_scale, stride_page, stride_row, stride_head,
-                                        True, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, start, context_len, kv_head, stride_page,
+                             stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+        acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, k.to(q.dtype), v.to(q.dtype), start, context_len, q_pos,
+                                        qk_scale, True, BLOCK_N, DOT_PRECISION)
 
     out = acc / l_i[:, None]
     if KV_FP8:
@@ -157,7 +187,8 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
                         stride_page, stride_row, stride_head, table_stride,
                         part_stride_b, part_stride_h, part_stride_s, lse_stride_b, lse_stride_h,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
+                        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+                        WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False):
     """Grid (sequences, KV heads, splits): all query heads of one KV group against one split of the KV range.
 
     Each sequence's own context is cut into num_splits equal runs of whole tiles, so every program of a sequence
@@ -188,9 +219,10 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     for tile_start in range(start, end, BLOCK_N):
-        acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table_ptr, tile_start,
-                                        context_len, kv_head, group_rows, qk_scale, stride_page, stride_row,
-                                        stride_head, False, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, tile_start, context_len, kv_head, stride_page,
+                             stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+        acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, _widen(k, q.dtype, WIDEN_K), _widen(v, q.dtype, WIDEN_V),
+                                        tile_start, context_len, group_rows, qk_scale, False, BLOCK_N, DOT_PRECISION)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)       # no keys: acc is 0, m_i is -inf, so out = 0 and lse = -inf
     out = acc / l_safe[:, None]
