@@ -250,11 +250,11 @@ class ModelRunner:
         if any(pending):
             # Rows whose last token the host has not seen take it from the previous step's samples on the GPU:
             # the graphs that sample read them from their own buffer (copied there if another path sampled them).
-            rows = inputs.sample_rows[:n]
             if graphs is not None and graphs.sampled is not None:
                 if self.last_sampled.data_ptr() != graphs.sampled.data_ptr():
                     graphs.sampled[:len(self.last_sampled)].copy_(self.last_sampled)
             else:
+                rows = inputs.sample_rows[:n]
                 inputs.input_ids[:n] = (self.last_sampled[rows] if all(pending) else torch.where(
                     rows >= 0, self.last_sampled[rows.clamp(min=0)], inputs.input_ids[:n]))
         set_context(is_prefill=False, slot_mapping=inputs.slot_mapping[:n], context_lens=inputs.context_lens[:n],
