@@ -96,9 +96,8 @@ def time_decode(rows: list, torch_reference: bool = True):
         contexts, (q, k_cache, v_cache, tables, lens) = decode_case(batch, lo, hi)
         ms = do_bench(lambda: tk.paged_decode_attention(q, k_cache, v_cache, lens, tables, SCALE),
                       return_mode="median")
-        launch = tk.decode_launch(k_cache.dtype)
-        splits = tk.decode_num_splits(batch, KV_HEADS, tables.shape[1] * BLOCK, launch.block_n, q.device,
-                                      launch.programs_per_sm)
+        splits = tk.decode_num_splits(batch, KV_HEADS, tables.shape[1] * BLOCK, tk.decode_launch(k_cache.dtype).block_n,
+                                      q.device)
         rows.append((f"{name} (triton, {splits} splits)", ms, f"{kv_bytes(contexts) / ms / 1e9:.2f} TB/s KV read",
                      f"~{DECODE_TARGET_TBS[batch]} TB/s"))
         if torch_reference and batch == 64:
@@ -184,8 +183,8 @@ def time_prefill(rows: list):
 
 def sweep(rows: list):
     """Time a few alternative launch parameters (module constants of paged_attention_triton), then restore them."""
-    # DECODE_LAUNCH[2]: (tile, warps, stages, programs per SM) of a 16-bit cache
-    decode = [dict(DECODE_LAUNCH={**tk.DECODE_LAUNCH, 2: tk.DecodeLaunch(n, w, s, programs_per_sm=p)})
+    # DECODE_LAUNCH[2]: (tile, warps, stages) of a 16-bit cache, and DECODE_PROGRAMS_PER_SM
+    decode = [dict(DECODE_LAUNCH={**tk.DECODE_LAUNCH, 2: tk.DecodeLaunch(n, w, s)}, DECODE_PROGRAMS_PER_SM=p)
               for n, w, s, p in ((64, 4, 2, 4), (64, 4, 3, 4), (64, 4, 4, 4), (128, 4, 2, 4), (128, 8, 2, 4),
                                  (128, 4, 3, 4), (64, 4, 3, 2), (64, 4, 3, 8))]
     prefill = [dict(PREFILL_BLOCK_M=m, PREFILL_BLOCK_N=n, PREFILL_WARPS=w, PREFILL_STAGES=s)

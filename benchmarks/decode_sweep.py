@@ -4,7 +4,7 @@ bench.py-like batches: Qwen3-0.6B shapes, 256-token pages, contexts uniform in 1
     python benchmarks/decode_sweep.py [--kv fp8] [--configs 128,4,3 128,4,3,v] [--batches 256]
 
 A configuration is tile,warps,stages[,widen][,pN]: widen names the fp8 tiles ("k", "v", "kv") widened in
-registers (DecodeLaunch.widen), pN splits for N programs per SM (DecodeLaunch.programs_per_sm), rN caps the
+registers (DecodeLaunch.widen), pN splits for N programs per SM (DECODE_PROGRAMS_PER_SM), rN caps the
 registers per thread at N (DecodeLaunch.max_registers).
 
 Bytes counted: each sequence's K and V (context * kv_heads * head_dim * element size * 2). Each configuration's
@@ -37,22 +37,20 @@ def inputs(batch: int, kv_dtype: torch.dtype):
 
 def describe(c: tk.DecodeLaunch) -> str:
     return (f"tile {c.block_n:3d} warps {c.warps} stages {c.stages}" + (f" widen {c.widen}" if c.widen else "")
-            + f" p{c.programs_per_sm}" + (f" r{c.max_registers}" if c.max_registers else ""))
+            + (f" r{c.max_registers}" if c.max_registers else ""))
 
 
 def parse_config(text: str) -> tk.DecodeLaunch:
     fields = text.split(",")
-    per_sm = [int(f[1:]) for f in fields[3:] if f.startswith("p")]
     registers = [int(f[1:]) for f in fields[3:] if f.startswith("r")]
     return tk.DecodeLaunch(*map(int, fields[:3]), widen="".join(f for f in fields[3:] if f in ("k", "v", "kv")),
-                           programs_per_sm=per_sm[0] if per_sm else tk.DECODE_PROGRAMS_PER_SM,
                            max_registers=registers[0] if registers else None)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kv", choices=["both", "bf16", "fp8"], default="both")
-    p.add_argument("--configs", nargs="+", help="tile,warps,stages[,widen][,pN][,rN] (default: a fixed list)")
+    p.add_argument("--configs", nargs="+", help="tile,warps,stages[,widen][,rN] (default: a fixed list)")
     p.add_argument("--batches", type=int, nargs="+", default=[256, 64])
     args = p.parse_args()
     configs = [parse_config(c) for c in args.configs] if args.configs else CONFIGS

@@ -24,7 +24,6 @@ LOG2E = 1.4426950408889634
 # Launch parameters, chosen for head_dim 128 / bf16 on an H100; benchmarks/attention_kernels.py times alternatives.
 # Prefill is compute-bound: 64x64 tiles keep short prompts from wasting rows and fit 3 pipeline stages.
 PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_WARPS, PREFILL_STAGES = 64, 64, 4, 3
-DECODE_PROGRAMS_PER_SM = 4      # split decode until batch * kv_heads * splits covers this many programs per SM
 
 
 class DecodeLaunch(NamedTuple):
@@ -32,7 +31,6 @@ class DecodeLaunch(NamedTuple):
     warps: int
     stages: int                     # Triton's shared-memory pipeline depth
     widen: str = ""                 # fp8: which of "k", "v" are widened in registers (kernels._widen)
-    programs_per_sm: int = DECODE_PROGRAMS_PER_SM   # see decode_num_splits
     max_registers: int | None = None    # a thread's registers (Triton's maxnreg): below Triton's choice, values
                                         # spill, but more programs fit an SM's 64K registers
 
@@ -44,6 +42,7 @@ class DecodeLaunch(NamedTuple):
 # of fp8 bytes at batch 256 against 2.17-2.20 without. float32 needs the smaller tiles to fit shared memory.
 DECODE_LAUNCH = {2: DecodeLaunch(128, 4, 2), 1: DecodeLaunch(128, 4, 2, widen="v", max_registers=168),
                  4: DecodeLaunch(64, 4, 3)}
+DECODE_PROGRAMS_PER_SM = 4      # split decode until batch * kv_heads * splits covers this many programs per SM
 DECODE_MAX_SPLITS = 32
 
 
@@ -130,15 +129,14 @@ def decode_launch(kv_dtype: torch.dtype) -> DecodeLaunch:
     return DECODE_LAUNCH[kv_dtype.itemsize]
 
 
-def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device,
-                      programs_per_sm: int = DECODE_PROGRAMS_PER_SM) -> int:
+def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
     """How many programs share each sequence's KV range, from shapes only (so a CUDA graph can capture it).
 
     One program per (sequence, KV head) leaves most SMs idle at small batch (8 x 8 = 64 programs on 132 SMs);
-    splitting until about programs_per_sm programs per SM exist keeps memory busy, and costs only a small
+    splitting until about DECODE_PROGRAMS_PER_SM programs per SM exist keeps memory busy, and costs only a small
     merge. No more splits than KV tiles in the longest possible context, so a split is never empty by shape.
     """
-    target = programs_per_sm * _num_sms(device)
+    target = DECODE_PROGRAMS_PER_SM * _num_sms(device)
     splits = triton.cdiv(target, batch * num_kv_heads)
     return max(1, min(splits, triton.cdiv(max_context, block_n), DECODE_MAX_SPLITS))
 
@@ -160,8 +158,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     launch = decode_launch(k_cache.dtype)
     block_n = min(launch.block_n, block_size)
     if num_splits is None:
-        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, block_n, q.device,
-                                       launch.programs_per_sm)
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, block_n, q.device)
     q = _last_dim_contiguous(q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if num_splits == 1:     # the single split's normalised output is the answer: write it in place, skip the merge
