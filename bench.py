@@ -3,17 +3,36 @@
     python bench.py --dummy            # the shipped Qwen3-0.6B config with random weights, no download
     python bench.py --model ~/huggingface/Qwen3-0.6B
     python bench.py --dummy --kv-cache-dtype fp8   # K/V stored in 8 bits: half the bytes decode reads
+
+Other scripts that need this workload import it (`from bench import make_workload`, run from the repository root
+with PYTHONPATH=.), so it is written once.
 """
 import argparse
 import os
 import statistics
 import time
-from random import randint, seed
+from random import Random
 
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.config import ATTENTION_BACKENDS
 from nanovllm.configs import QWEN3_0_6B
+
+MAX_INPUT_LEN = MAX_OUTPUT_LEN = 1024
+
+
+def make_workload(num_seqs: int = 256, seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
+    """nano-vllm's bench workload: random token ids, prompt and output lengths uniform in 100..1024.
+
+    The draws, and their order (all prompts, then all output lengths), are upstream bench.py's under
+    random.seed(seed), so both benchmarks run the same requests."""
+    rng = Random(seed)
+    prompt_token_ids = [[rng.randint(0, 10000) for _ in range(rng.randint(100, MAX_INPUT_LEN))]
+                        for _ in range(num_seqs)]
+    sampling_params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, MAX_OUTPUT_LEN))
+                       for _ in range(num_seqs)]
+    return prompt_token_ids, sampling_params
 
 
 def parse_args():
@@ -21,7 +40,7 @@ def parse_args():
     p.add_argument("--model", default="~/huggingface/Qwen3-0.6B")
     p.add_argument("--dummy", action="store_true", help="random weights in the shipped Qwen3-0.6B shapes")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "flash_attn", "triton", "torch"])
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--no-overlap", action="store_true", help="book each step before launching the next")
     p.add_argument("--num-seqs", type=int, default=256)
@@ -55,11 +74,7 @@ def main():
           f"(backend {llm.executor.runner.attention_backend}, {llm.executor.runner.num_kvcache_blocks} KV blocks, "
           f"kv_cache_dtype {args.kv_cache_dtype}, overlap {'off' if args.no_overlap else 'on'})")
 
-    seed(0)
-    num_seqs, max_input_len, max_output_len = args.num_seqs, 1024, 1024
-    prompt_token_ids = [[randint(0, 10000) for _ in range(randint(100, max_input_len))] for _ in range(num_seqs)]
-    sampling_params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_output_len))
-                       for _ in range(num_seqs)]
+    prompt_token_ids, sampling_params = make_workload(args.num_seqs)
 
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)     # warm-up
     cuda = torch.cuda.is_available()
@@ -78,7 +93,8 @@ def main():
 
     if not args.skip_batch1:
         t = time.perf_counter()
-        out = llm.generate([[randint(0, 10000) for _ in range(16)]],
+        rng = Random(1)
+        out = llm.generate([[rng.randint(0, 10000) for _ in range(16)]],
                            SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1024), use_tqdm=False)
         t = time.perf_counter() - t
         print(f"Batch-1 decode: {len(out[0]['token_ids']) / t:.2f}tok/s (1024 tokens after a 16-token prompt)")
