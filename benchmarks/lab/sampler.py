@@ -1,6 +1,7 @@
 """Time the sampler on the GPU at bench.py's batch and Qwen3's vocabulary: the fast path, and what each
-control adds. Run `python benchmarks/sampler.py [batch]`; compare the fast path's time with a bench.py decode
-step (the sampler runs once per step, outside the CUDA graph).
+control adds. Run `python benchmarks/lab/sampler.py [batch]`; compare the fast path's time with a bench.py decode
+step. The sampler runs once per step; on one GPU its temperature-only path runs inside the decode CUDA graph (so
+there it costs GPU time, not launches), and rows that need the other controls are sampled from the graph's logits.
 """
 import sys
 

@@ -1,7 +1,7 @@
 """Small-batch linear layers on the GPU: cuBLAS (F.linear) against the Triton GEMV (nanovllm/kernels/gemv.py) over
 launch parameters, for Qwen3-0.6B's decode shapes at 1, 2 and 4 rows.
 
-    python benchmarks/gemv_sweep.py
+    python benchmarks/lab/gemv_sweep.py
 
 Each measurement runs the layer over 28 distinct weights in a row, as the model's 28 layers do, inside a CUDA
 graph (do_bench_cudagraph: GPU time without Python launch costs), so the weights come from HBM rather than L2.

@@ -1,5 +1,5 @@
 """Put this folder first on PYTHONPATH to make every Python process (tensor-parallel workers too, which are
-spawned fresh) print all its threads' stacks on SIGUSR1: how benchmarks/tp_check.sh sees where a hang sits.
+spawned fresh) print all its threads' stacks on SIGUSR1: how benchmarks/lab/tp_check.sh sees where a hang sits.
 Only for those checks; the package never imports it."""
 import faulthandler
 import os

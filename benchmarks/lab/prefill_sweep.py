@@ -1,7 +1,7 @@
 """Prefill attention over a bf16 and an fp8 cache at bench.py-like steps: Qwen3-0.6B shapes, 256-token pages,
 fresh prompts of 100..1024 tokens filling 16,384 batched tokens, over launch parameters.
 
-    python benchmarks/prefill_sweep.py [--configs 64,64,4,3 128,64,8,3]     (block_m,block_n,warps,stages)
+    python benchmarks/lab/prefill_sweep.py [--configs 64,64,4,3 128,64,8,3]     (block_m,block_n,warps,stages)
 
 TFLOP/s counts causal work only (4 * head_dim * heads * attended keys, summed over query rows). Each variant's
 output is compared with the first one's (max abs difference), so a fast wrong variant shows.

@@ -2,12 +2,12 @@
 # Tensor parallelism on two GPUs, in one device call: NCCL itself, the CUDA TP tests one by one, then
 # bench.py --dummy at tp=1 and tp=2. Every stage has a time limit; a stage that runs over it gets every
 # Python process's stacks printed into its log (SIGUSR1, see stack_dumps/sitecustomize.py) and is killed.
-#   [TP_SIZES="1 2"] bash benchmarks/tp_check.sh [nccl] [tests] [bench] [dead] [single]    # logs go to $OUT
+#   [TP_SIZES="1 2"] bash benchmarks/lab/tp_check.sh [nccl] [tests] [bench] [dead] [single]    # logs go to $OUT
 # No argument: all but single (the one-GPU CUDA tests).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 # No NVLink multicast on shared machines (it can take the host's GPUs out of service).
-export PYTHONPATH=benchmarks/stack_dumps:. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+export PYTHONPATH=benchmarks/lab/stack_dumps:. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
   NVSHMEM_DISABLE_NVLS=1 NCCL_DEBUG=WARN
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpus.txt"
@@ -33,11 +33,11 @@ bounded() {
 
 if [[ $stages == *" nccl "* ]]; then
   # First the hang we saw: destroying the group while a graph that captured its all-reduce still exists.
-  bounded 30 nccl.log python benchmarks/nccl_graph_check.py --keep-graph
-  NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P,SHM bounded 45 nccl.log python benchmarks/nccl_graph_check.py
+  bounded 30 nccl.log python benchmarks/lab/nccl_graph_check.py --keep-graph
+  NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P,SHM bounded 45 nccl.log python benchmarks/lab/nccl_graph_check.py
   # A dead peer: does aborting the group release a stuck replay, and does the abort return (graph alive/freed)?
-  bounded 35 nccl.log python benchmarks/nccl_graph_check.py --kill-peer
-  bounded 35 nccl.log python benchmarks/nccl_graph_check.py --kill-peer-drop-graph
+  bounded 35 nccl.log python benchmarks/lab/nccl_graph_check.py --kill-peer
+  bounded 35 nccl.log python benchmarks/lab/nccl_graph_check.py --kill-peer-drop-graph
   grep -E "^== |rank [01]:|exit codes|via|Error|error" "$OUT/nccl.log" | grep -v "Channel [0-9][1-9]" | head -60
 fi
 run_tests() {   # the -k expression, its limit

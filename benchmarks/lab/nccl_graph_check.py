@@ -1,6 +1,6 @@
 """NCCL as the tensor-parallel engine uses it, in isolation: two processes, one GPU each, per-step times.
 
-    python benchmarks/nccl_graph_check.py [MODE]    (NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT: the transport)
+    python benchmarks/lab/nccl_graph_check.py [MODE]    (NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT: the transport)
 
 (no MODE)      an all-reduce eagerly, captured in a CUDA graph and replayed between eager gathers, then the
                graph is freed and the group destroyed: what a healthy engine does.
