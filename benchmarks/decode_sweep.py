@@ -1,16 +1,18 @@
 """Decode attention's bandwidth for a bf16 and an fp8 cache over launch parameters (tile, warps, stages), at
 bench.py-like batches: Qwen3-0.6B shapes, 256-token pages, contexts uniform in 100..2048.
 
-    python benchmarks/decode_sweep.py [--kv fp8] [--configs 128,4,3 128,4,3,v] [--batches 256]
+    python benchmarks/decode_sweep.py [--kv fp8] [--configs 128,4,2 128,4,2,v,r168] [--batches 256]
 
-A configuration is tile,warps,stages[,widen][,pN]: widen names the fp8 tiles ("k", "v", "kv") widened in
-registers (DecodeLaunch.widen), pN splits for N programs per SM (DECODE_PROGRAMS_PER_SM), rN caps the
-registers per thread at N (DecodeLaunch.max_registers).
+A configuration is tile,warps,stages[,widen][,rN] (a DecodeLaunch): widen names the fp8 tiles ("k", "v", "kv")
+widened in registers, rN caps the registers per thread at N. Each cache's sweep starts with its shipped launch
+(paged_attention_triton.DECODE_LAUNCH, marked "shipped"); a configuration replaces that launch while it is timed,
+and the shipped one is put back after.
 
 Bytes counted: each sequence's K and V (context * kv_heads * head_dim * element size * 2). Each configuration's
-output is compared with the default one's (max abs difference), so a fast wrong configuration shows.
+output is compared with the shipped one's (max abs difference), so a fast wrong configuration shows.
 """
 import argparse
+import contextlib
 import random
 
 import torch
@@ -20,7 +22,8 @@ from nanovllm.kernels import paged_attention_triton as tk
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, WIDTH = 16, 8, 128, 256, 16
 CONFIGS = [tk.DecodeLaunch(*c) for c in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 4, 2), (128, 8, 2),
-                                          (32, 4, 4), (256, 8, 2), (128, 4, 3, "v"), (128, 4, 3, "k")]]
+                                          (32, 4, 4), (256, 8, 2), (128, 4, 3, "v"), (128, 4, 3, "k"),
+                                          (128, 4, 2, "v", 168)]]
 
 
 def inputs(batch: int, kv_dtype: torch.dtype):
@@ -47,6 +50,17 @@ def parse_config(text: str) -> tk.DecodeLaunch:
                            max_registers=registers[0] if registers else None)
 
 
+@contextlib.contextmanager
+def launched_as(kv_dtype: torch.dtype, config: tk.DecodeLaunch):
+    """paged_decode_attention launches a cache of `kv_dtype` with `config` inside the block."""
+    shipped = tk.DECODE_LAUNCH[kv_dtype.itemsize]
+    tk.DECODE_LAUNCH[kv_dtype.itemsize] = config
+    try:
+        yield
+    finally:
+        tk.DECODE_LAUNCH[kv_dtype.itemsize] = shipped
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kv", choices=["both", "bf16", "fp8"], default="both")
@@ -57,25 +71,25 @@ def main():
     kv_dtypes = {"both": (torch.bfloat16, torch.float8_e4m3fn), "bf16": (torch.bfloat16,),
                  "fp8": (torch.float8_e4m3fn,)}[args.kv]
     scale = torch.ones(1, device="cuda")
-    defaults = tk.decode_launch
     for kv_dtype in kv_dtypes:
+        shipped = tk.decode_launch(kv_dtype)
         for batch in args.batches:
             q, k, v, lens, tables, nbytes = inputs(batch, kv_dtype)
             scales = dict(k_scale=scale, v_scale=scale) if kv_dtype == torch.float8_e4m3fn else {}
             reference = None
-            for config in configs:
-                tk.decode_launch = lambda dtype, config=config: config
+            for config in [shipped] + [c for c in configs if c != shipped]:
                 try:
                     run = lambda: tk.paged_decode_attention(q, k, v, lens, tables, HEAD_DIM ** -0.5, **scales)  # noqa
-                    out = run()
-                    reference = out if reference is None else reference
-                    ms = do_bench(run, warmup=10, rep=50)
+                    with launched_as(kv_dtype, config):
+                        out = run()
+                        reference = out if reference is None else reference
+                        ms = do_bench(run, warmup=10, rep=50)
                     err = (out.float() - reference.float()).abs().max().item()
                     print(f"{str(kv_dtype).split('.')[1]:14} B={batch:3d} {describe(config)}:"
-                          f" {ms * 1e3:7.1f} us  {nbytes / ms / 1e9:5.2f} TB/s  diff {err:.1e}")
+                          f" {ms * 1e3:7.1f} us  {nbytes / ms / 1e9:5.2f} TB/s  diff {err:.1e}"
+                          + ("  (shipped)" if config == shipped else ""))
                 except Exception as e:      # a configuration may not fit (shared memory): say so, go on
                     print(f"{kv_dtype} B={batch} {describe(config)}: {type(e).__name__}")
-    tk.decode_launch = defaults
 
 
 if __name__ == "__main__":
