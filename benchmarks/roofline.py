@@ -60,8 +60,8 @@ def main():
     params = params_of(c)
     if a.batch1:
         t = params * a.weight_bytes / bw
-        print(f"{params / 1e6:.0f}M parameters: a decode step reads {params * a.weight_bytes / 1e9:.2f} GB of weights "
-              f"-> at least {t * 1e3:.3f} ms a token, at most {1 / t:,.0f} tok/s for one sequence")
+        print(f"{params / 1e6:.0f}M parameters: a decode step reads {params * a.weight_bytes / 1e9:.2f} GB of "
+              f"weights -> at least {t * 1e3:.3f} ms a token, at most {1 / t:,.0f} tok/s for one sequence")
         if a.measured:
             print(f"measured {a.measured:,.0f} tok/s = {a.measured * t:.0%} of that limit")
         return
@@ -77,10 +77,12 @@ def main():
     total_out = sum(outs)
     print(f"{params / 1e6:.0f}M parameters; output tokens {total_out}, prompt tokens {sum(ins)}; "
           f"{bw / 1e12:.2f} TB/s, {flops / 1e12:.0f} TFLOP/s")
-    print(f"decode reads: KV {kv_bytes / 1e12:.2f} TB + weights {weight_bytes / 1e12:.2f} TB; prefill {prefill_flops / 1e12:.0f} TFLOP")
+    print(f"decode reads: KV {kv_bytes / 1e12:.2f} TB + weights {weight_bytes / 1e12:.2f} TB; "
+          f"prefill {prefill_flops / 1e12:.0f} TFLOP")
     print(f"floor {floor:.2f} s -> at most {total_out / floor:,.0f} tok/s")
     if a.measured:
-        print(f"measured {a.measured:.2f} s = {total_out / a.measured:,.0f} tok/s = {floor / a.measured:.0%} of the floor")
+        print(f"measured {a.measured:.2f} s = {total_out / a.measured:,.0f} tok/s = "
+              f"{floor / a.measured:.0%} of the floor")
 
 
 if __name__ == "__main__":
