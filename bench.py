@@ -16,7 +16,7 @@ from random import Random
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.config import ATTENTION_BACKENDS
+from nanovllm.layers.attention_backends import BACKEND_CHOICES as ATTENTION_BACKENDS
 from nanovllm.configs import QWEN3_0_6B
 
 MAX_INPUT_LEN = MAX_OUTPUT_LEN = 1024
@@ -71,7 +71,7 @@ def main():
               tensor_parallel_size=args.tensor_parallel_size, load_format="dummy" if args.dummy else "auto",
               kv_cache_dtype=args.kv_cache_dtype, overlap_scheduling=not args.no_overlap)
     print(f"Startup: {time.perf_counter() - start:.2f}s "
-          f"(backend {llm.executor.runner.attention_backend}, {llm.executor.runner.num_kvcache_blocks} KV blocks, "
+          f"(backend {llm.executor.runner.attention_backend.name}, {llm.executor.runner.num_kvcache_blocks} KV blocks, "
           f"kv_cache_dtype {args.kv_cache_dtype}, overlap {'off' if args.no_overlap else 'on'})")
 
     prompt_token_ids, sampling_params = make_workload(args.num_seqs)

@@ -12,7 +12,7 @@ DEMO_DIR = os.path.join(os.path.expanduser("~/.cache"), "nanovllm", "demo-qwen3"
 
 
 def demo_checkpoint() -> str:
-    from nanovllm.utils.tiny_checkpoint import build_tiny_checkpoint
+    from tests.tiny_checkpoint import build_tiny_checkpoint
     if not os.path.isfile(os.path.join(DEMO_DIR, "config.json")):
         build_tiny_checkpoint(DEMO_DIR)
     return DEMO_DIR

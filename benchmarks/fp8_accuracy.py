@@ -25,7 +25,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.configs import QWEN3_0_6B
-from nanovllm.utils.tiny_checkpoint import build_tiny_checkpoint
+from tests.tiny_checkpoint import build_tiny_checkpoint
 
 
 def read_config(model: str) -> dict:

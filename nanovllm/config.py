@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 import torch
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM")
-ATTENTION_BACKENDS = ("auto", "flash_attn", "triton", "torch")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -128,7 +127,6 @@ _OPTIONS = (
     ("enforce_eager", bool, None, "True or False"),
     ("num_kvcache_blocks", int, lambda v: v == -1 or v >= 1, "-1 (size from memory) or a positive integer"),
     ("device", str, lambda v: v in ("auto", "cuda", "cpu"), "'auto', 'cuda' or 'cpu'"),
-    ("attention_backend", str, lambda v: v in ATTENTION_BACKENDS, f"one of {ATTENTION_BACKENDS}"),
     ("load_format", str, lambda v: v in ("auto", "dummy"), "'auto' or 'dummy'"),
     ("cpu_kvcache_space_gib", (int, float), lambda v: 0 < v < math.inf, "a positive, finite number of GiB"),
     ("kv_cache_dtype", str, lambda v: v in ("auto", "fp8"), "'auto' (the model's dtype) or 'fp8' (float8_e4m3fn)"),
@@ -149,12 +147,12 @@ class Config:
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
     device: str = "auto"
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"   # a name of layers/attention_backends.py's BACKENDS, checked there
     load_format: str = "auto"
     cpu_kvcache_space_gib: float = 1.0
     kv_cache_dtype: str = "auto"      # vLLM's name: "auto" is the model's dtype, "fp8" float8_e4m3fn
     overlap_scheduling: bool = True   # schedule step N+1 while step N runs (vLLM's async_scheduling)
-    hf_config: ModelConfig = field(init=False)
+    model_config: ModelConfig = field(init=False)   # the checkpoint's architecture
 
     def __post_init__(self):
         for name, types, ok, allowed in _OPTIONS:
@@ -164,13 +162,13 @@ class Config:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU")
-        self.hf_config = ModelConfig.from_model_dir(self.model)
-        self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        self.model_config = ModelConfig.from_model_dir(self.model)
+        self.max_model_len = min(self.max_model_len, self.model_config.max_position_embeddings)
         # Refuse a tensor-parallel split the model or the machine cannot take, before any worker is spawned.
         # The vocabulary needs no check: each rank's share is padded (VocabParallelEmbedding).
-        tp, hf = self.tensor_parallel_size, self.hf_config
-        for what, n in (("attention heads", hf.num_attention_heads), ("KV heads", hf.num_key_value_heads),
-                        ("intermediate size", hf.intermediate_size)):
+        tp, model = self.tensor_parallel_size, self.model_config
+        for what, n in (("attention heads", model.num_attention_heads), ("KV heads", model.num_key_value_heads),
+                        ("intermediate size", model.intermediate_size)):
             if n % tp:
                 raise ValueError(f"tensor_parallel_size={tp} must divide the model's {what} ({n})")
         if self.device == "cuda" and tp > torch.cuda.device_count():

@@ -99,9 +99,9 @@ class LLM(LLMEngine):
         with tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
             while num_left:
                 start = perf_counter()
-                advanced, num_tokens = self._step()     # num_tokens: > 0 for prefill, < 0 for decode
-                rate = f"{abs(num_tokens) / (perf_counter() - start):.0f}tok/s"
-                throughput["prefill" if num_tokens > 0 else "decode"] = rate
+                advanced, num_prefill_tokens, num_decode_tokens = self._step()
+                rate = f"{(num_prefill_tokens or num_decode_tokens) / (perf_counter() - start):.0f}tok/s"
+                throughput["prefill" if num_prefill_tokens else "decode"] = rate
                 done = sum(seq.is_finished and seq in mine for seq in advanced)
                 num_left -= done
                 bar.set_postfix(throughput, refresh=False)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from nanovllm.engine.decode_inputs import DecodeInputs
-from nanovllm.utils.context import reset_context, set_context
+from nanovllm.utils.context import Context, reset_context, set_context
 
 
 class CUDAGraphs:
@@ -18,9 +18,10 @@ class CUDAGraphs:
     logits stay for the sampler's other paths. Without (tensor parallelism: the LM head gathers to rank 0, which
     broadcasts the ids), a graph stops at the hidden states and the runner does the rest."""
 
-    def __init__(self, model: nn.Module, inputs: DecodeInputs, hidden_size: int, dtype: torch.dtype,
+    def __init__(self, model: nn.Module, inputs: DecodeInputs, backend, hidden_size: int, dtype: torch.dtype,
                  sampled: torch.Tensor | None = None, vocab_size: int = 0):
-        self.model, self.inputs, self.sampled = model, inputs, sampled
+        """`backend`: the attention backend, whose per-step `prepare` is captured with each graph."""
+        self.model, self.inputs, self.backend, self.sampled = model, inputs, backend, sampled
         max_bs, device = inputs.rows, inputs.buffer.device
         self.batch_sizes = [bs for bs in (1, 2, 4, 8) if bs < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
         self.outputs = (torch.zeros(max_bs, vocab_size, dtype=dtype, device=device) if sampled is not None
@@ -29,6 +30,9 @@ class CUDAGraphs:
 
     def _forward(self, bs: int):
         inputs = self.inputs
+        set_context(Context(is_prefill=False, slot_mapping=inputs.slot_mapping[:bs],
+                            context_lens=inputs.context_lens[:bs], block_tables=inputs.block_tables[:bs],
+                            backend=self.backend))
         input_ids = inputs.input_ids[:bs]
         if self.sampled is None:
             self.outputs[:bs] = self.model(input_ids, inputs.positions[:bs])
@@ -49,8 +53,6 @@ class CUDAGraphs:
         inputs.slot_mapping.fill_(-1)
         try:
             for bs in reversed(self.batch_sizes):
-                set_context(is_prefill=False, slot_mapping=inputs.slot_mapping[:bs],
-                            context_lens=inputs.context_lens[:bs], block_tables=inputs.block_tables[:bs])
                 self._forward(bs)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):

@@ -1,7 +1,9 @@
 from contextlib import nullcontext
+from dataclasses import replace
 
 from nanovllm.config import Config
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.step_batch import StepBatch
 from nanovllm.engine.workers import WorkerPool
 
 
@@ -16,13 +18,18 @@ class Executor:
         with self.pool.guard() if self.pool is not None else nullcontext():    # a failure stops the workers
             self.runner = ModelRunner(config, eos_token_ids)
 
-    def call(self, name: str, *args):
-        """Run ModelRunner method `name` on every rank (the ranks meet in the model's collectives)."""
+    def call(self, name: str, *args, worker_args: tuple | None = None):
+        """Run ModelRunner method `name` on every rank (the ranks meet in the model's collectives); the workers
+        get `worker_args` where given."""
         if self.pool is None:
             return getattr(self.runner, name)(*args)
         with self.pool.guard():
-            self.pool.send(name, args)
+            self.pool.send(name, args if worker_args is None else worker_args)
             return getattr(self.runner, name)(*args)
+
+    def run(self, batch: StepBatch):
+        """Launch one step on every rank; only rank 0 samples, so the workers' copy leaves the sampling rows out."""
+        return self.call("run", batch, worker_args=(replace(batch, sampling=None),))
 
     def _drop_cuda_graphs(self):
         if self.runner is not None and self.runner.graphs is not None:

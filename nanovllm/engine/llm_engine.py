@@ -3,14 +3,25 @@ from collections import deque
 from collections.abc import Sequence as SequenceABC
 from dataclasses import fields
 from numbers import Integral
+from typing import NamedTuple
 
 from nanovllm.config import Config
 from nanovllm.engine.detokenizer import Detokenizer
 from nanovllm.engine.executor import Executor
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step_batch import StepBatch
+from nanovllm.layers.attention_backends import select_attention_backend
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.loader import load_tokenizer
+
+
+class StepOutput(NamedTuple):
+    """`step()`'s (seq_id, completion ids) of the requests it finished (`_step`: every sequence that got a token),
+    and the tokens it launched."""
+    finished: list
+    num_prefill_tokens: int
+    num_decode_tokens: int
 
 
 class LLMEngine:
@@ -27,8 +38,11 @@ class LLMEngine:
             raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
                             f"valid ones: {', '.join(sorted(names - {'model'}))}")
         self.config = config = Config(model, **kwargs)
+        # Refused here, before any worker starts; every rank's runner selects the same backend again.
+        select_attention_backend(config.attention_backend, config.device, config.kvcache_block_size,
+                                 config.kv_cache_dtype)
         self.tokenizer = load_tokenizer(config.model)
-        eos = config.hf_config.eos_token_ids
+        eos = config.model_config.eos_token_ids
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = (self.tokenizer.eos_token_id,)
         self.executor = Executor(config, frozenset(eos))
@@ -36,7 +50,7 @@ class LLMEngine:
             atexit.register(self.exit)
         runner = self.executor.runner
         self.scheduler = Scheduler(config, runner.num_kvcache_blocks, runner.max_model_len, eos)
-        # Launched steps not booked yet: (sequences, token_indices from Scheduler.launched, the runner's output).
+        # Launched steps not booked yet: (sequences, token_indices from reserve_output_tokens, the runner's output).
         self._unbooked: deque[tuple[list[Sequence], list[int], object]] = deque()
         self._steps_ahead = 1 if config.overlap_scheduling else 0
 
@@ -51,10 +65,12 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq.seq_id
 
-    def step(self) -> tuple[list[tuple[int, list[int]]], int]:
-        """Run one scheduled step. Returns (finished (seq_id, completion ids), tokens processed: +prefill, -decode)."""
-        advanced, num_tokens = self._step()
-        return [(seq.seq_id, seq.completion_token_ids) for seq in advanced if seq.is_finished], num_tokens
+    def step(self) -> StepOutput:
+        """Run one scheduled step: returns the requests it finished, as (seq_id, completion token ids), and the
+        prefill and decode tokens it launched."""
+        advanced, num_prefill_tokens, num_decode_tokens = self._step()
+        return StepOutput([(seq.seq_id, seq.completion_token_ids) for seq in advanced if seq.is_finished],
+                          num_prefill_tokens, num_decode_tokens)
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished()
@@ -65,22 +81,26 @@ class LLMEngine:
         atexit.unregister(self.exit)
         self.executor.exit()
 
-    def _step(self) -> tuple[list[Sequence], int]:
+    def _step(self) -> StepOutput:
         """One step: launch a batch, then book what is older than the overlap allows. Returns the sequences that
-        got a token (finished ones included) and the tokens launched: +prefill, -decode."""
-        advanced = self._book(self._steps_ahead)    # normally nothing: a step interrupted while it waited
+        got a token (finished ones included) and the tokens launched."""
+        advanced = self._book_results(self._steps_ahead)    # normally nothing: a step interrupted while it waited
         seqs, is_prefill = self.scheduler.schedule()
         if seqs:
-            output = self.executor.call("run", seqs, is_prefill)
-            self._unbooked.append((seqs, self.scheduler.launched(seqs), output))
+            previous_step = self._unbooked[-1][0] if self._unbooked else []
+            batch = StepBatch.build(seqs, is_prefill, self.config.kvcache_block_size, previous_step)
+            output = self.executor.run(batch)
+            self._unbooked.append((seqs, self.scheduler.reserve_output_tokens(seqs), output))
         elif not self._unbooked:
             raise RuntimeError("the scheduler found nothing to run while requests are pending; this is a bug")
         # With nothing launched (every running request awaits its last token), book all that is in flight.
-        advanced += self._book(self._steps_ahead if seqs else 0)
-        return advanced, sum(seq.num_scheduled_tokens for seq in seqs) if is_prefill else -len(seqs)
+        advanced += self._book_results(self._steps_ahead if seqs else 0)
+        num_prefill_tokens = sum(seq.num_scheduled_tokens for seq in seqs) if is_prefill else 0
+        return StepOutput(advanced, num_prefill_tokens, 0 if is_prefill else len(seqs))
 
-    def _book(self, keep: int) -> list[Sequence]:
-        """Book the oldest launched steps until `keep` remain; a step leaves the queue only once booked."""
+    def _book_results(self, keep: int) -> list[Sequence]:
+        """Wait for the oldest launched steps' sampled tokens and book them, until `keep` steps remain in flight;
+        a step leaves the queue only once booked. Returns the sequences that got a token."""
         advanced = []
         while len(self._unbooked) > keep:
             seqs, token_indices, output = self._unbooked[0]
@@ -108,7 +128,7 @@ class LLMEngine:
             raise ValueError(f"a prompt must be a string or a list of token ids (ints), got {type(prompt).__name__}")
         if not token_ids:
             raise ValueError("empty prompt: a prompt needs at least one token")
-        vocab = self.config.hf_config.vocab_size
+        vocab = self.config.model_config.vocab_size
         if bad := [t for t in token_ids if not 0 <= t < vocab]:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if len(token_ids) > self.max_model_len:

@@ -1,5 +1,6 @@
 import gc
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -9,18 +10,31 @@ from nanovllm.config import Config
 from nanovllm.engine.cuda_graph import CUDAGraphs
 from nanovllm.engine.decode_inputs import DecodeInputs
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.attention import (Attention, kv_cache_torch_dtype, load_attention_backend,
-                                       resolve_attention_backend, set_kv_scales)
+from nanovllm.engine.step_batch import StepBatch
+from nanovllm.kernels.paged_attention_torch import FP8
+from nanovllm.layers.attention import Attention, set_kv_scales
+from nanovllm.layers.attention_backends import select_attention_backend
 from nanovllm.layers.sampler import Sampler, SamplingTensors, logprob_dicts, prepare_sampling
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
-from nanovllm.utils.context import reset_context, set_context
+from nanovllm.utils.context import Context, reset_context, set_context
 from nanovllm.utils.loader import dummy_weights, load_model, safetensors_weights
 from nanovllm.utils.parallel import tp_rank, tp_size
 from nanovllm.utils.tensors import to_device
 
 
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """How one step runs, decided once (`ModelRunner.plan`): eagerly (graph_size 0), or by replaying the decode
+    graph of `graph_size` rows (padded); with `graph_samples` that graph's own draw is the step's answer."""
+    graph_size: int = 0
+    graph_samples: bool = False
+
+
+EAGER = StepPlan()
+
+
 class ModelRunner:
-    """Turns a scheduled batch into tensors, runs the model over the paged KV cache and samples.
+    """Turns a StepBatch into tensors, runs the model over the paged KV cache and samples.
 
     It owns the model, the KV cache and the CUDA graphs; it knows nothing of queues, requests or processes.
     With tensor parallelism every rank runs one, each holding its shard of the weights and its own KV heads;
@@ -29,49 +43,22 @@ class ModelRunner:
 
     def __init__(self, config: Config, eos_token_ids: frozenset[int] = frozenset()):
         self.config = config
-        hf = config.hf_config
-        self.rank = tp_rank()
         self.eos_token_ids = eos_token_ids      # masked while a request is under min_tokens
         self.block_size = config.kvcache_block_size
         self.device = torch.device(config.device)     # on CUDA the current device, which is cuda:rank
-        self.attention_backend = resolve_attention_backend(config.attention_backend, config.device,
-                                                           config.kv_cache_dtype)
-        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, hf.dtype, self.attention_backend)
-        backend = load_attention_backend(self.attention_backend)
-        backend.check_block_size(self.block_size)
-
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(hf.dtype)
-        try:
-            with torch.device(self.device):
-                self.model = Qwen3ForCausalLM(hf)
-            weights = (dummy_weights(hf, self.device) if config.load_format == "dummy"
-                       else safetensors_weights(config.model))
-            load_model(self.model, weights, config.model)
-        finally:
-            torch.set_default_dtype(default_dtype)
-        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        for layer in self.attention_layers:
-            layer.backend = backend
+        self.attention_backend = select_attention_backend(config.attention_backend, config.device, self.block_size,
+                                                          config.kv_cache_dtype)
+        self.kv_dtype = FP8 if config.kv_cache_dtype == "fp8" else config.model_config.dtype
         self.sampler = Sampler()
         # The last step's sampled ids, left on the device: with overlap scheduling the next decode step reads its
         # input ids from here before the host has seen them (other ranks get them by broadcast).
         self.last_sampled: torch.Tensor | None = None
-        self.last_rows: dict[int, int] = {}     # seq_id -> its row in last_sampled
-        self.share_sampled = config.overlap_scheduling and tp_size() > 1
+        self.broadcast_sampled_ids = config.overlap_scheduling and tp_size() > 1
         self.graphs: CUDAGraphs | None = None
-        if self.device.type == "cuda":
-            try:
-                self.warmup_model()
-            except torch.cuda.OutOfMemoryError as e:
-                raise RuntimeError(
-                    f"CUDA ran out of memory in the warm-up forward over max_num_batched_tokens="
-                    f"{config.max_num_batched_tokens} tokens; lower max_num_batched_tokens (or max_num_seqs), "
-                    f"or free GPU memory / lower gpu_memory_utilization if another process shares the GPU") from e
-        elif self.kv_dtype == torch.float8_e4m3fn:   # no memory warm-up on CPU: a short one measures K/V
-            self.warmup_forward(min(config.max_num_batched_tokens, 1024))
-        set_kv_scales(self.attention_layers)
-        self.num_kvcache_blocks = self.allocate_kv_cache()
+        self.model = self._load_model()
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self._calibrate()
+        self.num_kvcache_blocks = self._allocate_kv_cache()
         self.max_model_len = min(config.max_model_len, self.num_kvcache_blocks * self.block_size)
         if self.max_model_len < config.max_model_len:
             warnings.warn(f"the KV cache holds {self.max_model_len} tokens ({self.num_kvcache_blocks} blocks of "
@@ -79,20 +66,8 @@ class ModelRunner:
                           f"lowering max_model_len to {self.max_model_len}")
         if self.device.type == "cuda":
             self.warmup_kernels()
-        # The portable torch backend syncs with the host, so it is never captured.
-        if config.device == "cuda" and not config.enforce_eager and self.attention_backend != "torch":
-            inputs = DecodeInputs.empty(min(config.max_num_seqs, 512), -(-self.max_model_len // self.block_size),
-                                        self.device)
-            # One GPU: the graphs sample too, into a buffer that any step's rows index (a prefill has up to
-            # max_num_seqs), and from which the next replay takes its pending input ids.
-            sampled = (torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device) if tp_size() == 1
-                       else None)
-            self.graphs = CUDAGraphs(self.model, inputs, hf.hidden_size, hf.dtype, sampled, hf.vocab_size)
-            self.graphs.capture()
-            # Two pinned host copies of the graphs' inputs, used in turn: the one filled now was last copied two
-            # steps ago (an event says when that copy is done), so filling never races a queued copy.
-            self._staging = [(DecodeInputs.empty(inputs.rows, inputs.width, torch.device("cpu"), True),
-                              torch.cuda.Event()) for _ in range(2)]
+            if not config.enforce_eager and self.attention_backend.supports_cuda_graphs:
+                self._capture_cuda_graphs()
 
     def exit(self, synchronize: bool = True):
         """Free the CUDA graphs (NCCL will not destroy a communicator while a graph that captured its
@@ -102,7 +77,52 @@ class ModelRunner:
         if synchronize and self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    # ---- start-up -------------------------------------------------------------------------------------
+    # ---- start-up, in order: load, calibrate, size the cache, warm up, capture ------------------------------
+
+    def _load_model(self) -> Qwen3ForCausalLM:
+        config, model_config = self.config, self.config.model_config
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(model_config.dtype)
+        try:
+            with torch.device(self.device):
+                model = Qwen3ForCausalLM(model_config)
+            weights = (dummy_weights(model_config, self.device) if config.load_format == "dummy"
+                       else safetensors_weights(config.model))
+            load_model(model, weights, config.model)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        return model
+
+    def _calibrate(self):
+        """On CUDA, run the largest batch once so that the cache is sized after peak activation memory; on CPU with
+        an fp8 cache, a short forward. Either measures K and V for the fp8 scales."""
+        if self.device.type == "cuda":
+            try:
+                self.warmup_model()
+            except torch.cuda.OutOfMemoryError as e:
+                raise RuntimeError(
+                    f"CUDA ran out of memory in the warm-up forward over max_num_batched_tokens="
+                    f"{self.config.max_num_batched_tokens} tokens; lower max_num_batched_tokens (or max_num_seqs), "
+                    f"or free GPU memory / lower gpu_memory_utilization if another process shares the GPU") from e
+        elif self.kv_dtype == FP8:
+            self.warmup_forward(min(self.config.max_num_batched_tokens, 1024))
+        set_kv_scales(self.attention_layers)
+
+    def _capture_cuda_graphs(self):
+        config, model_config = self.config, self.config.model_config
+        inputs = DecodeInputs.empty(min(config.max_num_seqs, 512), -(-self.max_model_len // self.block_size),
+                                    self.device)
+        # One GPU: the graphs sample too, into a buffer that any step's rows index (a prefill has up to
+        # max_num_seqs), and from which the next replay takes its pending input ids.
+        sampled = (torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device) if tp_size() == 1
+                   else None)
+        self.graphs = CUDAGraphs(self.model, inputs, self.attention_backend, model_config.hidden_size,
+                                 model_config.dtype, sampled, model_config.vocab_size)
+        self.graphs.capture()
+        # Two pinned host copies of the graphs' inputs, used in turn: the one filled now was last copied two
+        # steps ago (an event says when that copy is done), so filling never races a queued copy.
+        self._staging = [(DecodeInputs.empty(inputs.rows, inputs.width, torch.device("cpu"), True),
+                          torch.cuda.Event()) for _ in range(2)]
 
     @torch.inference_mode()
     def warmup_model(self):
@@ -116,7 +136,7 @@ class ModelRunner:
         hidden = self.warmup_forward(cfg.max_num_batched_tokens)
         rows = hidden[:1].expand(cfg.max_num_seqs, -1)
         logits = self.model.compute_logits(rows)
-        if self.rank == 0:      # the other ranks get no logits
+        if logits is not None:      # rank 0: the other ranks get no logits
             temperatures = torch.ones(cfg.max_num_seqs, device=self.device)
             self.sampler(logits, temperatures)
             # The filtering path (a sort, seeded noise, logprobs) needs more memory: count its peak too.
@@ -134,8 +154,8 @@ class ModelRunner:
         cfg = self.config
         seq_lens = [min(cfg.max_model_len, num_tokens - i) for i in range(0, num_tokens, cfg.max_model_len)]
         cu = torch.tensor(np.cumsum([0] + seq_lens), dtype=torch.int32, device=self.device)
-        set_context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=max(seq_lens))
-        input_ids = torch.arange(num_tokens, device=self.device) % cfg.hf_config.vocab_size
+        set_context(Context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=max(seq_lens)))
+        input_ids = torch.arange(num_tokens, device=self.device) % cfg.model_config.vocab_size
         positions = torch.cat([torch.arange(n, device=self.device) for n in seq_lens])
         hidden = self.model(input_ids, positions)
         reset_context()
@@ -147,22 +167,22 @@ class ModelRunner:
         JIT compilation happens at start-up instead of stalling the first requests (seconds on a GPU).
 
         The cache holds nothing yet, so any blocks will do; the sampled tokens are thrown away."""
-        vocab = self.config.hf_config.vocab_size
+        vocab = self.config.model_config.vocab_size
         seq = Sequence([i % vocab for i in range(min(self.max_model_len - 1, 2 * self.block_size + 1))])
         seq.block_table = list(range(-(-len(seq) // self.block_size)))
         seq.num_scheduled_tokens = len(seq)
-        self.run([seq], True)
+        self.run(StepBatch.build([seq], True, self.block_size))
         seq.num_computed_tokens = len(seq)
         seq.append_token(0)     # booked: the decode below reads it from the host
         seq.block_table = list(range(-(-len(seq) // self.block_size)))
         seq.num_scheduled_tokens = 1
-        self.run([seq], False)
+        self.run(StepBatch.build([seq], False, self.block_size))
 
-    def allocate_kv_cache(self) -> int:
+    def _allocate_kv_cache(self) -> int:
         """Allocate the cache from what memory is left (or the configured block count); returns the block count."""
-        cfg, hf = self.config, self.config.hf_config
-        kv_heads = self.attention_layers[0].num_kv_heads
-        block_bytes = 2 * hf.num_hidden_layers * self.block_size * kv_heads * hf.head_dim * self.kv_dtype.itemsize
+        cfg, model_config = self.config, self.config.model_config
+        kv_heads, layers = self.attention_layers[0].num_kv_heads, model_config.num_hidden_layers
+        block_bytes = 2 * layers * self.block_size * kv_heads * model_config.head_dim * self.kv_dtype.itemsize
         if cfg.num_kvcache_blocks > 0:
             num_blocks = cfg.num_kvcache_blocks
         elif self.device.type == "cuda":
@@ -183,10 +203,10 @@ class ModelRunner:
                 raise ValueError(
                     f"cpu_kvcache_space_gib={cfg.cpu_kvcache_space_gib} holds no KV block "
                     f"({block_bytes / 2**20:.1f} MiB each); raise cpu_kvcache_space_gib or lower kvcache_block_size")
-        self.kv_cache = torch.empty(2, hf.num_hidden_layers, num_blocks, self.block_size, kv_heads, hf.head_dim,
+        self.kv_cache = torch.empty(2, layers, num_blocks, self.block_size, kv_heads, model_config.head_dim,
                                     dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            layer.set_cache(self.kv_cache[0, i], self.kv_cache[1, i])
         return num_blocks
 
     def _min_over_ranks(self, n: int) -> int:
@@ -199,133 +219,120 @@ class ModelRunner:
 
     # ---- per step -------------------------------------------------------------------------------------
 
+    def plan(self, batch: StepBatch) -> StepPlan:
+        """Eager for a prefill, without graphs or past the largest graph; else the graph that fits, whose own draw
+        (temperature only) is the answer unless a row needs the sampler's other paths."""
+        n = batch.num_seqs
+        if batch.is_prefill or self.graphs is None or not self.graphs.can_run(n):
+            return EAGER
+        samples = (self.graphs.sampled is not None and batch.sampling is not None
+                   and not any(p.needs_sampler_extras for p in batch.sampling.params))
+        return StepPlan(self.graphs.padded_size(n), samples)
+
     def _to_device(self, data, dtype) -> torch.Tensor:
         return to_device(data, dtype, self.device)
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(seq.block_table) for seq in seqs)
-        return self._to_device([seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs],
-                               torch.int32)
+    def prepare_prefill(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        query_lens = np.diff(batch.cu_seqlens_q)
+        set_context(Context(is_prefill=True, cu_seqlens_q=self._to_device(batch.cu_seqlens_q, torch.int32),
+                            max_seqlen_q=int(query_lens.max()), max_seqlen_k=int(batch.context_lens.max()),
+                            slot_mapping=self._to_device(batch.slot_mapping, torch.int64),
+                            context_lens=self._to_device(batch.context_lens, torch.int32),
+                            block_tables=self._to_device(batch.block_tables, torch.int32),
+                            has_cached_prefix=bool((batch.context_lens > query_lens).any()),
+                            backend=self.attention_backend))
+        return self._to_device(batch.input_ids, torch.int64), self._to_device(batch.positions, torch.int64)
 
-    def prepare_prefill(self, seqs: list[Sequence]):
-        input_ids, positions, slot_mapping, cu_seqlens_q, context_lens = [], [], [], [0], []
-        for seq in seqs:
-            start = seq.num_computed_tokens
-            end = start + seq.num_scheduled_tokens
-            input_ids.extend(seq.scheduled_token_ids)
-            pos = np.arange(start, end)
-            positions.append(pos)
-            slot_mapping.append(np.asarray(seq.block_table)[pos // self.block_size] * self.block_size
-                                + pos % self.block_size)
-            cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
-            context_lens.append(end)
-        set_context(is_prefill=True,
-                    cu_seqlens_q=self._to_device(cu_seqlens_q, torch.int32),
-                    max_seqlen_q=max(s.num_scheduled_tokens for s in seqs),
-                    max_seqlen_k=max(context_lens),
-                    slot_mapping=self._to_device(np.concatenate(slot_mapping), torch.int64),
-                    context_lens=self._to_device(context_lens, torch.int32),
-                    block_tables=self._block_tables(seqs),
-                    has_cached_prefix=any(s.num_computed_tokens > 0 for s in seqs))
-        return (self._to_device(input_ids, torch.int64),
-                self._to_device(np.concatenate(positions), torch.int64))
-
-    def prepare_decode(self, seqs: list[Sequence]):
-        """One host array, one copy: straight into the CUDA graphs' static inputs when a graph will run the step."""
-        n = len(seqs)
-        graphs = self.graphs if self.graphs is not None and self.graphs.can_run(n) else None
-        pending = [seq.input_is_pending for seq in seqs]
-        if graphs is not None:
-            inputs = graphs.inputs
+    def prepare_decode(self, batch: StepBatch, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """One host array, one copy: straight into the CUDA graphs' static inputs when a graph runs the step."""
+        n = batch.num_seqs
+        if plan.graph_size:
+            inputs = self.graphs.inputs
             self._staging.reverse()
             host, copied = self._staging[0]
             copied.synchronize()
         else:
-            inputs = DecodeInputs.empty(n, max(len(seq.block_table) for seq in seqs), self.device)
+            inputs = DecodeInputs.empty(n, batch.block_tables.shape[1], self.device)
             host = DecodeInputs.empty(n, inputs.width, torch.device("cpu"), self.device.type == "cuda")
-        self._fill_decode_inputs(host, seqs, pending, graphs.padded_size(n) if graphs else n)
+        _fill_decode_inputs(host, batch, plan.graph_size or n)
         inputs.buffer.copy_(host.buffer, non_blocking=True)
-        if graphs is not None:
+        if plan.graph_size:
             copied.record()
-        if any(pending):
+        if (batch.sample_rows >= 0).any():
             # Rows whose last token the host has not seen take it from the previous step's samples on the GPU:
             # the graphs that sample read them from their own buffer (copied there if another path sampled them).
-            if graphs is not None and graphs.sampled is not None:
-                if self.last_sampled.data_ptr() != graphs.sampled.data_ptr():
-                    graphs.sampled[:len(self.last_sampled)].copy_(self.last_sampled)
+            if plan.graph_size and self.graphs.sampled is not None:
+                if self.last_sampled.data_ptr() != self.graphs.sampled.data_ptr():
+                    self.graphs.sampled[:len(self.last_sampled)].copy_(self.last_sampled)
             else:
                 rows = inputs.sample_rows[:n]
-                inputs.input_ids[:n] = (self.last_sampled[rows] if all(pending) else torch.where(
+                inputs.input_ids[:n] = (self.last_sampled[rows] if (batch.sample_rows >= 0).all() else torch.where(
                     rows >= 0, self.last_sampled[rows.clamp(min=0)], inputs.input_ids[:n]))
-        set_context(is_prefill=False, slot_mapping=inputs.slot_mapping[:n], context_lens=inputs.context_lens[:n],
-                    block_tables=inputs.block_tables[:n])
+        if not plan.graph_size:     # a graph replays the metadata it captured
+            set_context(Context(is_prefill=False, slot_mapping=inputs.slot_mapping[:n],
+                                context_lens=inputs.context_lens[:n], block_tables=inputs.block_tables[:n],
+                                backend=self.attention_backend))
         return inputs.input_ids[:n], inputs.positions[:n]
 
-    def _fill_decode_inputs(self, host: DecodeInputs, seqs: list[Sequence], pending: list[bool], padded: int):
-        """Rows n..padded are graph padding: token 0 at position 0, writing to slot -1, attending to nothing."""
-        n, bs = len(seqs), self.block_size
-        ids, sample_rows, positions, slots, context_lens = (t.numpy() for t in (
-            host.input_ids, host.sample_rows, host.positions, host.slot_mapping, host.context_lens))
-        lens = np.fromiter(map(len, seqs), np.int64, n)
-        context_lens[:n], positions[:n] = lens, lens - 1
-        sample_rows[:n] = [self.last_rows[seq.seq_id] if p else -1 for seq, p in zip(seqs, pending)]
-        ids[:n] = [0 if p else seq.last_token for seq, p in zip(seqs, pending)]
-        # Read only where a graph samples (rank 0): the other ranks' sequences come without sampling parameters.
-        host.temperatures.numpy()[:n] = [seq.sampling_params.temperature for seq in seqs] if self.rank == 0 else 0.0
-        width = max(len(seq.block_table) for seq in seqs)
-        tables = host.block_tables.numpy()
-        tables[:n, :width] = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
-        slots[:n] = tables[np.arange(n), positions[:n] // bs] * bs + positions[:n] % bs
-        ids[n:padded], sample_rows[n:padded], positions[n:padded] = 0, -1, 0
-        slots[n:padded], context_lens[n:padded], host.temperatures.numpy()[n:padded] = -1, 0, 0.0
-
     @torch.inference_mode()
-    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, is_prefill: bool) -> torch.Tensor:
-        """The logits of a prepared step (None on ranks other than 0); a graph that samples leaves its ids in
-        graphs.sampled."""
-        if is_prefill or self.graphs is None or not self.graphs.can_run(input_ids.size(0)):
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """The logits of a prepared step (None on ranks other than 0); a graph with a sampler also leaves its
+        draw in graphs.sampled."""
+        if not plan.graph_size:
             return self.model.compute_logits(self.model(input_ids, positions))
         out = self.graphs.replay(input_ids.size(0))     # inputs from prepare_decode
         return out if self.graphs.sampled is not None else self.model.compute_logits(out)
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> "SampledTokens | None":
-        """Launch one scheduled step: the forward and the sampling are queued on the GPU and the sampled ids are
-        copied back without waiting; `result()` of what is returned waits for them. Only rank 0 samples (the lm
-        head gathers the logits there): the other ranks return None."""
-        input_ids, positions = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
-        params = [seq.sampling_params for seq in seqs] if self.rank == 0 else None
-        graph_sampled = (not is_prefill and self.graphs is not None and self.graphs.sampled is not None
-                         and self.graphs.can_run(len(seqs)))
+    def run(self, batch: StepBatch) -> "SampledTokens | None":
+        """Launch one step: the forward and the sampling are queued on the GPU and the sampled ids are copied back
+        without waiting; `result()` of what is returned waits for them. Only rank 0 samples (the lm head gathers
+        the logits there, and only its batch carries `sampling`): the other ranks return None."""
+        plan = self.plan(batch)
+        input_ids, positions = self.prepare_prefill(batch) if batch.is_prefill else self.prepare_decode(batch, plan)
         try:
-            logits = self.run_model(input_ids, positions, is_prefill)
+            logits = self.run_model(input_ids, positions, plan)
             token_ids = logprobs = None
-            if graph_sampled and not any(p.needs_sampler_extras for p in params):
-                token_ids = self.graphs.sampled[:len(seqs)]     # the graph's draw is the answer
+            if plan.graph_samples:
+                token_ids = self.graphs.sampled[:batch.num_seqs]
             elif logits is not None:
-                # Each row samples output token number len(seq) - prompt: a pending, unbooked one counts.
-                temperatures, extras = prepare_sampling(params, [len(seq) - seq.num_prompt_tokens for seq in seqs],
-                                                        self.eos_token_ids, self.config.hf_config.vocab_size,
-                                                        self.device)
+                sampling = batch.sampling
+                temperatures, extras = prepare_sampling(sampling.params, sampling.output_lens, self.eos_token_ids,
+                                                        self.config.model_config.vocab_size, self.device)
                 token_ids, logprobs = self.sampler(logits, temperatures, extras)
-            if self.share_sampled:      # every rank embeds these ids in the next step
+            if self.broadcast_sampled_ids:      # every rank embeds these ids in the next step
                 if token_ids is None:
-                    token_ids = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
+                    token_ids = torch.empty(batch.num_seqs, dtype=torch.int64, device=self.device)
                 dist.broadcast(token_ids, src=0)
-            self.last_sampled, self.last_rows = token_ids, {seq.seq_id: i for i, seq in enumerate(seqs)}
+            self.last_sampled = token_ids
             if logits is None:
                 return None
-            return SampledTokens(token_ids, logprobs, [p.logprobs for p in params])
+            return SampledTokens(token_ids, logprobs, [p.logprobs for p in batch.sampling.params])
         finally:
             reset_context()
 
-    def prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """The next-token logits of a scheduled prefill, unsampled (None on ranks other than 0): for checks that
-        greedy token ids would hide, such as bfloat16 tensor parallel against one GPU."""
-        input_ids, positions = self.prepare_prefill(seqs)
+    def prefill_logits(self, batch: StepBatch) -> torch.Tensor | None:
+        """The next-token logits of a prefill batch, unsampled (None on ranks other than 0): for checks that greedy
+        token ids would hide, such as bfloat16 tensor parallel against one GPU."""
+        input_ids, positions = self.prepare_prefill(batch)
         try:
-            return self.run_model(input_ids, positions, True)
+            return self.run_model(input_ids, positions, EAGER)
         finally:
             reset_context()
+
+
+def _fill_decode_inputs(host: DecodeInputs, batch: StepBatch, padded: int):
+    """Rows n..padded are graph padding: token 0 at position 0, writing to slot -1, attending to nothing."""
+    n, width = batch.num_seqs, batch.block_tables.shape[1]
+    for field, values in ((host.input_ids, batch.input_ids), (host.sample_rows, batch.sample_rows),
+                          (host.positions, batch.positions), (host.slot_mapping, batch.slot_mapping),
+                          (host.context_lens, batch.context_lens)):
+        array = field.numpy()
+        array[:n], array[n:padded] = values, 0
+    host.slot_mapping.numpy()[n:padded] = host.sample_rows.numpy()[n:padded] = -1
+    temperatures = host.temperatures.numpy()
+    temperatures[:n] = [p.temperature for p in batch.sampling.params] if batch.sampling is not None else 0.0
+    temperatures[n:padded] = 0.0
+    host.block_tables.numpy()[:n, :width] = batch.block_tables
 
 
 class SampledTokens:

@@ -103,7 +103,7 @@ class Scheduler:
         """Drop a request wherever it is and free its blocks."""
         self.finish(seq, "abort")
 
-    def launched(self, seqs: list[Sequence]) -> list[int]:
+    def reserve_output_tokens(self, seqs: list[Sequence]) -> list[int]:
         """Book a step the runner has launched: its tokens count as computed (their KV is written before any later
         step reads it) and each sequence it completes gets its next token reserved. Returns, per row, the index
         that row's sampled token will take in its sequence (-1 for a chunk mid-prompt: its sample means nothing)."""
@@ -119,7 +119,7 @@ class Scheduler:
 
     def postprocess(self, seqs: list[Sequence], token_indices: list[int], token_ids: list[int],
                     logprobs: list[dict[int, float] | None] | None = None) -> list[Sequence]:
-        """Book one step's sampled tokens (`token_indices` from `launched`). A sequence that finished or was aborted
+        """Book one step's sampled tokens (`token_indices` from `reserve_output_tokens`). A sequence that finished or was aborted
         since the step was launched drops its token. Returns the sequences that got a token (finished ones too)."""
         advanced = []
         for seq, index, token_id, token_logprobs in zip(seqs, token_indices, token_ids, logprobs or repeat(None)):

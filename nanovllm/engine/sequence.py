@@ -19,10 +19,7 @@ class Sequence:
 
     With overlap scheduling a step is launched before the previous one's tokens reach the host, so a sequence may
     have a token that is sampled (or being sampled) on the GPU but not booked yet: `len(seq)` counts it (it needs a
-    KV slot and the next step feeds it to the model), `token_ids` holds the booked tokens only.
-    Pickling (how rank 0 sends a batch to tensor-parallel workers) keeps only what the ModelRunner reads for this
-    step, so a decode step costs a few ints per sequence, not the whole token history."""
-    token_offset = 0    # token_ids[i] is token token_offset + i: 0 here, this step's first token in a worker's copy
+    KV slot and the next step feeds it to the model), `token_ids` holds the booked tokens only."""
 
     def __init__(self, token_ids: list[int], sampling_params: SamplingParams = SamplingParams()):
         self.seq_id = next(_seq_ids)
@@ -54,12 +51,12 @@ class Sequence:
     @property
     def num_completion_tokens(self):
         """Completion tokens booked so far (those the host has seen)."""
-        return self.token_offset + len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def input_is_pending(self) -> bool:
         """Whether the last token, the one a decode step feeds to the model, is still on the GPU (unbooked)."""
-        return self.token_offset + len(self.token_ids) < self.num_tokens
+        return len(self.token_ids) < self.num_tokens
 
     @property
     def prompt_token_ids(self):
@@ -77,22 +74,13 @@ class Sequence:
     @property
     def scheduled_token_ids(self) -> list[int]:
         """The tokens this step runs through the model."""
-        start = self.num_computed_tokens - self.token_offset
+        start = self.num_computed_tokens
         return self.token_ids[start:start + self.num_scheduled_tokens]
-
-    def __getstate__(self):
-        return (self.seq_id, self.num_tokens, self.num_computed_tokens, self.num_scheduled_tokens, self.block_table,
-                self.scheduled_token_ids)
-
-    def __setstate__(self, state):
-        (self.seq_id, self.num_tokens, self.num_computed_tokens, self.num_scheduled_tokens, self.block_table,
-         self.token_ids) = state
-        self.token_offset = self.num_computed_tokens    # empty token_ids: the decode input is pending on the GPU
 
     def append_token(self, token_id: int):
         """Book a token: it takes the place reserved for it by `reserve_token`, or extends the sequence."""
         self.token_ids.append(token_id)
-        self.num_tokens = max(self.num_tokens, self.token_offset + len(self.token_ids))
+        self.num_tokens = max(self.num_tokens, len(self.token_ids))
 
     def reserve_token(self):
         """The step just launched samples this sequence's next token; it is booked later by `append_token`."""
@@ -100,4 +88,4 @@ class Sequence:
 
     def drop_unbooked_tokens(self):
         """A finished sequence keeps its booked tokens only: what a speculative step sampled after it is dropped."""
-        self.num_tokens = self.token_offset + len(self.token_ids)
+        self.num_tokens = len(self.token_ids)

@@ -30,10 +30,11 @@ DEATH_GRACE_S = 2.0             # after a failed call, how long to wait for the 
 
 
 def _buffer_size(config: Config) -> int:
-    """An upper bound on one pickled step: its tokens, every block table, and per-sequence overhead."""
+    """An upper bound on one pickled StepBatch: ids, positions and slots of its tokens, every block table, and
+    per-sequence lengths, as int64 arrays."""
     max_blocks = -(-config.max_model_len // config.kvcache_block_size)
-    ints = config.max_num_batched_tokens + config.max_num_seqs * (max_blocks + 8)
-    return max(2**20, 5 * ints + 64 * config.max_num_seqs + 2**16)     # a pickled int takes at most 5 bytes
+    ints = 3 * config.max_num_batched_tokens + config.max_num_seqs * (max_blocks + 4)
+    return max(2**20, 8 * ints + 2**16)
 
 
 def _join_group(config: Config, rank: int, store: dist.Store):

@@ -108,20 +108,20 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def qk_norm_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
-                   eps: float = 0.0, kv_store: "KVStore | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float = 0.0, store: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] (views of the packed qkv:
     any token and head strides, the last dimension contiguous, a power of two) at `positions`, from float32 cos/sin
-    tables [max_position, head_dim / 2]; with q_weight/k_weight each head is RMS-normed first. With `kv_store`
-    the rotated k and kv_store.v are also written to the paged KV cache (layers/attention.py, KVStore)."""
+    tables [max_position, head_dim / 2]; with q_weight/k_weight each head is RMS-normed first. With `store`,
+    (v, kv, slot_mapping), the rotated k and v are also written to the paged cache `kv` (a PagedKV, see
+    layers/attention_backends.py) at slot_mapping[token] (-1: nowhere)."""
     q_out, k_out = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k))
     (tokens, heads, head_dim), kv_heads = q.shape, k.shape[1]
-    store = (None, 0, 0, None, None, None, None, None) if kv_store is None else (
-        kv_store.v, kv_store.v.stride(0), kv_store.v.stride(1), kv_store.k_cache, kv_store.v_cache,
-        kv_store.slot_mapping, kv_store.k_scale, kv_store.v_scale)
+    v, kv, slot_mapping = store if store is not None else (None, None, None)
+    cache_args = (None, 0, 0, None, None, None, None, None) if store is None else (
+        v, v.stride(0), v.stride(1), kv.k_cache, kv.v_cache, slot_mapping, kv.k_scale, kv.v_scale)
     qk_norm_rotary_kernel[(tokens, 2)](
         q, k, q_out, k_out, positions, cos, sin, q_weight, k_weight, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), eps, *store, HEADS=heads, KV_HEADS=kv_heads, HEADS_PAD=triton.next_power_of_2(heads),
+        k.stride(1), eps, *cache_args, HEADS=heads, KV_HEADS=kv_heads, HEADS_PAD=triton.next_power_of_2(heads),
         KV_HEADS_PAD=triton.next_power_of_2(kv_heads), HALF=head_dim // 2, NORM=q_weight is not None,
-        STORE_KV=kv_store is not None,
-        KV_FP8=kv_store is not None and kv_store.k_cache.dtype == torch.float8_e4m3fn)
+        STORE_KV=store is not None, KV_FP8=store is not None and kv.k_cache.dtype == torch.float8_e4m3fn)
     return q_out, k_out

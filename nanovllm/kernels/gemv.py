@@ -2,7 +2,7 @@
 
 At batch 1 the linear layers only stream their weights. For the row-parallel layers (o_proj, down_proj: 1024
 outputs from 2048 or 3072 inputs) cuBLAS picks 64x8 GEMM tiles with split-K and a separate reduction kernel,
-5.75 and 7.84 us a layer on the H100, where this kernel takes 4.39 and 5.57 (benchmarks/gemv_sweep.py; with 3 or
+5.75 and 7.84 us a layer on the H100, where this kernel takes 4.39 and 5.57 (benchmarks/lab/gemv_sweep.py; with 3 or
 more rows, or many output columns as in qkv_proj and gate_up_proj, cuBLAS is as fast or faster). Each program owns
 BLOCK_N output columns and walks K in BLOCK_K slices on the CUDA cores (no padding of one row to a 16-row
 tensor-core tile); 512 programs keep enough loads in flight.

@@ -6,7 +6,6 @@ position p of a sequence lives in block block_table[p // block_size], row p % bl
 import torch
 import torch.nn.functional as F
 
-from nanovllm.utils.context import Context
 
 # An fp8 cache holds K / k_scale and V / v_scale (per-layer float32 tensors, chosen by
 # nanovllm.layers.attention.set_kv_scales); readers multiply by the scale. Other caches ignore the scales.
@@ -53,8 +52,10 @@ def _attend(q, k, v, mask, scale):
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                            scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens (q: [N, heads, head_dim]) over its cached + new K/V."""
+                            scale: float, max_seqlen_q: int | None = None, *, k_scale=None,
+                            v_scale=None) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens (q: [N, heads, head_dim]) over its cached + new K/V.
+    (max_seqlen_q: unused, as the Triton version takes it.)"""
     out = torch.empty_like(q)
     starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
     for i, context_len in enumerate(lens):
@@ -68,7 +69,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, k_scale=None,
+                           context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, *, k_scale=None,
                            v_scale=None) -> torch.Tensor:
     """One query token per sequence (q: [B, heads, head_dim]) over its first context_lens[b] cached tokens.
 
@@ -96,18 +97,3 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
             q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
             is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
     return out
-
-
-# Backend interface used by nanovllm.layers.attention.
-
-def check_block_size(block_size: int) -> None:
-    pass
-
-
-def prefill(q, k, v, k_cache, v_cache, ctx: Context, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
-    return paged_prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale,
-                                   k_scale, v_scale)
-
-
-def decode(q, k_cache, v_cache, ctx: Context, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
-    return paged_decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale, k_scale, v_scale)

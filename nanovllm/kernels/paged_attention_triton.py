@@ -1,4 +1,4 @@
-"""Paged attention with our own Triton kernels: the default backend on a CUDA GPU without flash-attn.
+"""Paged attention with our own Triton kernels: the launch side of the "triton" backend (the default on CUDA).
 
 Same functions and cache layout as paged_attention_torch (the reference they are tested against); the device
 code is in triton_attention_kernels.py, this file chooses tiles, grids and the number of decode splits.
@@ -17,11 +17,10 @@ import torch
 import triton
 
 from nanovllm.kernels import triton_attention_kernels as kernels
-from nanovllm.utils.context import Context
 
 LOG2E = 1.4426950408889634
 
-# Launch parameters, chosen for head_dim 128 / bf16 on an H100; benchmarks/attention_kernels.py times alternatives.
+# Launch parameters, chosen for head_dim 128 / bf16 on an H100 (benchmarks/lab/prefill_sweep.py times prefill's).
 # Prefill is compute-bound: 64x64 tiles keep short prompts from wasting rows and fit 3 pipeline stages.
 PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_WARPS, PREFILL_STAGES = 64, 64, 4, 3
 
@@ -36,7 +35,7 @@ class DecodeLaunch(NamedTuple):
 
 
 # Decode is bandwidth-bound; launch by the cache's element size, from benchmarks/decode_sweep.py on the H100 at
-# batches 256..32 (docs/BENCHMARKS.md): a 16-bit cache 128-token tiles, 2 stages (the next tile loads during the
+# batches 256..32 (docs/BENCHMARK_LOG.md): a 16-bit cache 128-token tiles, 2 stages (the next tile loads during the
 # current one), 2.81 TB/s at batch 256. An fp8 cache: 128-token tiles whose V is widened in registers, 168
 # registers a thread so that three programs share an SM (two at the 180-207 Triton picks; a few spill), 2.34 TB/s
 # of fp8 bytes at batch 256 against 2.17-2.20 without. float32 needs the smaller tiles to fit shared memory.
@@ -95,7 +94,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             k_scale=None, v_scale=None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens (q: [N, heads, head_dim]) over its cached + new K/V.
 
-    max_seqlen_q (the longest q_len, which the ModelRunner's Context carries) sizes the grid; without it it is
+    max_seqlen_q (the longest q_len, which the step's Context carries) sizes the grid; without it it is
     read from cu_seqlens_q at the cost of one host sync. `out` ([N, heads, head_dim], contiguous) may be given.
     """
     _check_shapes(q, k_cache)
@@ -181,15 +180,3 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
             SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
     return out
-
-
-# Backend interface used by nanovllm.layers.attention.
-
-def prefill(q, k, v, k_cache, v_cache, ctx: Context, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
-    return paged_prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale,
-                                   max_seqlen_q=ctx.max_seqlen_q or None, k_scale=k_scale, v_scale=v_scale)
-
-
-def decode(q, k_cache, v_cache, ctx: Context, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
-    return paged_decode_attention(q, k_cache, v_cache, ctx.context_lens, ctx.block_tables, scale,
-                                  k_scale=k_scale, v_scale=v_scale)

@@ -68,7 +68,7 @@ def store_token_kv(key_ptr, key_stride_h, value_ptr, value_stride_h, k_cache_ptr
 # A plain fp8 -> float16 conversion before tl.dot is moved by Triton past the shared-memory staging of the dot's
 # operand, so the tensor cores are fed by 8-bit scalar shared loads. That hurts most for V, whose dot pairs
 # elements along tokens, 1 KB apart in the cache (decode, sm_90: 181 LDS + 136 F2FP against the bf16 kernel's 48
-# ldmatrix; benchmarks/decode_sass.py). The same conversion as opaque inline PTX stays where it is written: the
+# ldmatrix, read off the compiled SASS). The same conversion as opaque inline PTX stays where it is written: the
 # tile is widened in registers, staged as float16 and read with ldmatrix. Done for V only, since K's tile then
 # loses Triton's cp.async pipeline (both: 1.9 TB/s, V only: 2.2, plain: 2.2, and V only leaves the room for
 # three programs an SM; paged_attention_triton.DECODE_LAUNCH). The interpreter cannot run PTX: plain conversion.

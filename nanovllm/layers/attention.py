@@ -1,102 +1,63 @@
-import importlib
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from nanovllm.kernels import paged_attention_torch
-from nanovllm.kernels.paged_attention_torch import FP8, FP8_MAX
+from nanovllm.kernels.paged_attention_torch import FP8_MAX, varlen_causal_attention
+from nanovllm.layers.attention_backends import PagedKV
+from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.rotary_embedding import RotaryEmbedding
 from nanovllm.utils.context import get_context
-
-BACKEND_MODULES = {
-    "torch": "nanovllm.kernels.paged_attention_torch",
-    "triton": "nanovllm.kernels.paged_attention_triton",
-    "flash_attn": "nanovllm.kernels.paged_attention_flash",
-}
-
-
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def resolve_attention_backend(name: str, device: str, kv_cache_dtype: str = "auto") -> str:
-    """Turn `attention_backend="auto"` into a concrete backend and refuse one that cannot run here."""
-    if name == "auto":
-        if device != "cuda":
-            return "torch"
-        return "flash_attn" if flash_attn_available() and kv_cache_dtype != "fp8" else "triton"
-    if name in ("triton", "flash_attn") and device != "cuda":
-        raise ValueError(f"attention_backend={name!r} needs a CUDA GPU; on {device} use 'torch' or 'auto'")
-    if name == "flash_attn" and not flash_attn_available():
-        raise ValueError("attention_backend='flash_attn' needs the flash-attn package, which is not installed; "
-                         "use 'triton' or 'auto'")
-    return name
-
-
-def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, backend: str) -> torch.dtype:
-    """The KV cache's element type: the model's for "auto", float8_e4m3fn for "fp8" where the backend can run it."""
-    if kv_cache_dtype == "auto":
-        return model_dtype
-    if backend == "flash_attn":
-        raise ValueError("kv_cache_dtype='fp8' does not run on the flash_attn backend; use attention_backend='triton'")
-    if backend == "triton" and (capability := torch.cuda.get_device_capability()) < (8, 9):
-        raise ValueError(f"kv_cache_dtype='fp8' on the Triton backend needs a GPU of compute capability 8.9 or newer "
-                         f"(Ada, Hopper), this one is {capability}; use kv_cache_dtype='auto'")
-    return FP8
-
-
-def load_attention_backend(name: str):
-    """The module implementing `store_kvcache`, `prefill`, `decode` and `check_block_size` for a backend."""
-    return importlib.import_module(BACKEND_MODULES[name])
-
-
-@dataclass(slots=True)
-class KVStore:
-    """What a kernel needs to write one step's K and V (rotated K, and v) to a layer's paged cache: slot
-    slot_mapping[i] for token i (-1: none); an fp8 cache holds K / k_scale and V / v_scale."""
-    v: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    slot_mapping: torch.Tensor
-    k_scale: torch.Tensor
-    v_scale: torch.Tensor
 
 
 class Attention(nn.Module):
-    """Attention over the paged KV cache: stores this step's K/V, then attends through the block tables."""
+    """Self-attention over the paged KV cache, from q, k, v to the heads' outputs: q/k RMSNorm per head (Qwen3),
+    the rotary embedding, the store of this step's K/V, and attention through the step's backend. On CUDA one
+    kernel norms and rotates q and k, and also stores K/V where the backend's store is ours (`fuses_kv_store`)."""
 
-    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, rotary_emb: RotaryEmbedding,
+                 qk_norm_eps: float | None = None):
         super().__init__()
-        self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
-        self.scale = scale
-        self.backend = paged_attention_torch
-        self.k_cache = self.v_cache = torch.tensor([])
-        # An fp8 cache holds K / k_scale and V / v_scale (see set_kv_scales): device tensors, not Python floats,
-        # so that CUDA graphs read the calibrated values; two views of kv_scales, which one copy_ sets.
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.rotary_emb = rotary_emb
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.kv: PagedKV | None = None      # this layer's share of the cache, once the runner has allocated it
+        # An fp8 cache holds K / k_scale and V / v_scale (see set_kv_scales): two views of kv_scales, which one
+        # copy_ sets; kv_amax is what the warm-up forwards measured of K and V.
         self.kv_scales = torch.ones(2, dtype=torch.float32)
         self.k_scale, self.v_scale = self.kv_scales.unbind()
-        self.kv_amax = torch.zeros(2, dtype=torch.float32)      # of K and V, as measured by warm-up forwards
+        self.kv_amax = torch.zeros(2, dtype=torch.float32)
 
-    def kv_store(self, v: torch.Tensor) -> "KVStore | None":
-        """Where the rotary kernel may write this step's K and V itself (saving the store's launch): on CUDA, with
-        a cache, for the backends whose store is our Triton kernel. None: `forward` stores them."""
-        if not v.is_cuda or self.k_cache.numel() == 0 or self.backend is paged_attention_torch:
-            return None
-        return KVStore(v, self.k_cache, self.v_cache, get_context().slot_mapping, self.k_scale, self.v_scale)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stored: bool = False) -> torch.Tensor:
-        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]. `stored`: K and V are in the cache
-        already (written through `kv_store`)."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [tokens, heads * head_dim], k and v [tokens, kv_heads * head_dim] (views of the packed qkv
+        projection are fine) -> [tokens, heads * head_dim]."""
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k, v = (x.view(-1, self.num_kv_heads, self.head_dim) for x in (k, v))
         ctx = get_context()
-        if self.k_cache.numel() == 0:   # the warm-up that measures activation memory runs before the cache exists
+        stored = q.is_cuda and self.kv is not None and ctx.backend.fuses_kv_store
+        q, k = self._norm_and_rotate(positions, q, k, (v, self.kv, ctx.slot_mapping) if stored else None)
+        if self.kv is None:     # the warm-up that measures activation memory (and K/V for fp8) runs before the cache
             self.kv_amax = torch.maximum(self.kv_amax, torch.stack([k.abs().amax(), v.abs().amax()]).float())
-            return paged_attention_torch.varlen_causal_attention(q, k, v, ctx.cu_seqlens_q, self.scale)
-        scales = self.k_scale, self.v_scale
+            return varlen_causal_attention(q, k, v, ctx.cu_seqlens_q, self.scale).flatten(1)
         if not stored:
-            self.backend.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, *scales)
+            ctx.backend.store_kvcache(k, v, self.kv, ctx.slot_mapping)
         if ctx.is_prefill:
-            return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, ctx, self.scale, *scales)
-        return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale, *scales)
+            return ctx.backend.prefill(q, k, v, self.kv, ctx, self.scale).flatten(1)
+        return ctx.backend.decode(q, self.kv, ctx, self.scale).flatten(1)
+
+    def _norm_and_rotate(self, positions, q, k, store) -> tuple[torch.Tensor, torch.Tensor]:
+        rotary = self.rotary_emb
+        if q.is_cuda:   # imported here: Triton is installed only on Linux, and only CUDA needs it
+            from nanovllm.kernels import fused_layers
+            norm = {} if self.q_norm is None else dict(q_weight=self.q_norm.weight, k_weight=self.k_norm.weight,
+                                                       eps=self.q_norm.eps)
+            return fused_layers.qk_norm_rotary(positions, q, k, rotary.cos, rotary.sin, store=store, **norm)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return rotary(positions, q, k)
+
+    def set_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.kv = PagedKV(k_cache, v_cache, self.k_scale, self.v_scale)
 
 
 KV_SCALE_HEADROOM = 4.0

@@ -15,7 +15,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (rotate-half form, as Qwen uses) from a precomputed float32 cos/sin table."""
+    """Rotary position embedding (rotate-half form, as Qwen and Llama use) from a precomputed float32 cos/sin table.
+    On CUDA the Attention layer applies the tables in its fused q/k kernel; this forward is the torch path."""
 
     def __init__(self, head_dim: int, max_position: int, base: float):
         super().__init__()
@@ -24,15 +25,6 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None = None,
-                k_norm: nn.Module | None = None, kv_store=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k: [tokens, heads, head_dim]; positions: [tokens]; q_norm/k_norm (Qwen3): per-head RMSNorms run first.
-        kv_store (CUDA only, from Attention.kv_store): the same kernel also writes the rotated k and v to the cache."""
-        if q.is_cuda:   # one kernel for norm and rotation; imported here: Triton is installed only on Linux
-            from nanovllm.kernels import fused_layers
-            norm = {} if q_norm is None else dict(q_weight=q_norm.weight, k_weight=k_norm.weight, eps=q_norm.eps)
-            return fused_layers.qk_norm_rotary(positions, q, k, self.cos, self.sin, kv_store=kv_store, **norm)
-        assert kv_store is None, "only the CUDA kernel stores K/V"
-        if q_norm is not None:
-            q, k = q_norm(q), k_norm(k)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: [tokens, heads, head_dim]; positions: [tokens]."""
         return apply_rotary(positions, q, k, self.cos, self.sin)

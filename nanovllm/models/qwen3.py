@@ -1,4 +1,4 @@
-"""Qwen3 (q/k RMSNorm, no qkv bias) and Qwen2 (qkv bias, no q/k norm): one decoder, switched by the config."""
+"""Qwen3 (q/k RMSNorm, no qkv bias) and Qwen2 (qkv bias, no q/k norm): one pre-norm decoder, switched by the config."""
 import torch
 from torch import nn
 
@@ -12,40 +12,39 @@ from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
 
 class Qwen3Attention(nn.Module):
+    """x + residual -> RMSNorm -> q, k, v -> attention -> o_proj; returns (output, x + residual)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         head_dim = config.head_dim
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads,
                                           config.num_key_value_heads, bias=config.attention_bias)
-        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.head_dim = head_dim
+        num_heads, num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads    # this rank's
+        self.sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, config.rope_theta)
+        self.attn = Attention(num_heads, num_kv_heads, head_dim, rotary_emb,
+                              qk_norm_eps=config.rms_norm_eps if config.qk_norm else None)
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size)
-        self.rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, config.rope_theta)
-        self.attn = Attention(self.num_heads, head_dim, head_dim ** -0.5, self.num_kv_heads)
-        self.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
-                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention block with its pre-norm `norm` over hidden_states + residual: (output, new residual)."""
-        qkv, residual = norm_and_linear(norm, self.qkv_proj, hidden_states, residual)
-        qkv = qkv.view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
-        store = self.attn.kv_store(v)   # on CUDA the rotary kernel writes K and V to the cache too
-        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm, store)
-        return self.o_proj(self.attn(q, k, v, stored=store is not None).flatten(1, -1)), residual
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None):
+        qkv, residual = norm_and_linear(self.input_layernorm, self.qkv_proj, x, residual)
+        q, k, v = qkv.split(self.sizes, dim=-1)
+        return self.o_proj(self.attn(positions, q, k, v)), residual
 
 
 class Qwen3MLP(nn.Module):
+    """x + residual -> RMSNorm -> down_proj(silu(gate_proj) * up_proj); returns (output, x + residual)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
         # SwiGLU's silu(gate) * up is applied by down_proj to its input: fused into its kernel at batch 1-2.
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, gated_input=True)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MLP block with its pre-norm `norm` over x + residual: (output, new residual)."""
-        gate_up, residual = norm_and_linear(norm, self.gate_up_proj, x, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor):
+        gate_up, residual = norm_and_linear(self.post_attention_layernorm, self.gate_up_proj, x, residual)
         return self.down_proj(gate_up), residual
 
 
@@ -54,13 +53,10 @@ class Qwen3DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Qwen3Attention(config)
         self.mlp = Qwen3MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, positions, hidden_states, residual):
-        # Each block applies its pre-norm (adding the residual stream) together with its first projection.
-        hidden_states, residual = self.self_attn(positions, hidden_states, residual, self.input_layernorm)
-        return self.mlp(hidden_states, residual, self.post_attention_layernorm)
+        hidden_states, residual = self.self_attn(positions, hidden_states, residual)
+        return self.mlp(hidden_states, residual)
 
 
 class Qwen3Model(nn.Module):
@@ -79,9 +75,14 @@ class Qwen3Model(nn.Module):
 
 
 class Qwen3ForCausalLM(nn.Module):
-    # checkpoint name -> (our parameter, shard id): q/k/v and gate/up are packed into one matmul each.
-    packed_modules_mapping = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    # Checkpoint name part -> (ours, shard id): q/k/v and gate/up are packed into one matmul each; each block owns
+    # its pre-norm, and the attention layer its q/k norms.
+    checkpoint_names = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+                        "input_layernorm": ("self_attn.input_layernorm", None),
+                        "post_attention_layernorm": ("mlp.post_attention_layernorm", None),
+                        "self_attn.q_norm": ("self_attn.attn.q_norm", None),
+                        "self_attn.k_norm": ("self_attn.attn.k_norm", None)}
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -8,7 +8,8 @@ class Context:
     """Attention metadata for the current step, set by the ModelRunner and read by every Attention layer. Prefill:
     the new tokens of all sequences are packed; sequence i owns query rows cu_seqlens_q[i]:cu_seqlens_q[i+1] and
     attends to its first context_lens[i] tokens (cached prefix + new). Decode: one query row per sequence. In both,
-    block_tables[i] lists sequence i's KV blocks (-1 padded); slot_mapping[j] is where token j's K/V goes (-1: none)."""
+    block_tables[i] lists sequence i's KV blocks (-1 padded); slot_mapping[j] is where token j's K/V goes (-1: none).
+    `backend` (an AttentionBackend) attends; its `prepare` may add what it derives once per step (cu_seqlens_k)."""
     is_prefill: bool = False
     cu_seqlens_q: torch.Tensor | None = None
     max_seqlen_q: int = 0
@@ -17,6 +18,8 @@ class Context:
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     has_cached_prefix: bool = False
+    backend: object = None
+    cu_seqlens_k: torch.Tensor | None = None
 
 
 _CONTEXT = Context()
@@ -26,10 +29,13 @@ def get_context() -> Context:
     return _CONTEXT
 
 
-def set_context(**fields) -> None:
+def set_context(ctx: Context) -> None:
+    """Make `ctx` the current step's metadata, after its backend has prepared it."""
     global _CONTEXT
-    _CONTEXT = Context(**fields)
+    if ctx.backend is not None:
+        ctx.backend.prepare(ctx)
+    _CONTEXT = ctx
 
 
 def reset_context() -> None:
-    set_context()
+    set_context(Context())

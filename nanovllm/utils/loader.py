@@ -102,19 +102,19 @@ def dummy_weights(config: ModelConfig, device: torch.device) -> Iterator[tuple[s
 
 
 def load_model(model: nn.Module, weights: Iterator[tuple[str, str, torch.Tensor]], source: str):
-    """Copy checkpoint tensors into `model`, routing q/k/v and gate/up into their packed parameters. Every tensor
-    must land on a parameter of the right shape and every parameter must be filled, else a ValueError names it
-    (rather than leaving a half-loaded model)."""
-    packed = getattr(model, "packed_modules_mapping", {})
+    """Copy checkpoint tensors into `model`, renamed by its `checkpoint_names` (checkpoint name part -> (ours, shard
+    id): q/k/v and gate/up go into their packed parameters). Every tensor must land on a parameter of the right
+    shape and every parameter must be filled, else a ValueError names it (rather than leaving a half-loaded model)."""
+    renames = getattr(model, "checkpoint_names", {})
     params = dict(model.named_parameters())     # a tied weight appears once, under its first name
     loaded: dict[str, set] = {name: set() for name in params}
     for file, name, tensor in weights:
         if name.startswith("lm_head.") and "lm_head.weight" not in params:
             continue    # tied to the embedding, which is loaded under its own name
         target, shard_id = name, None
-        for ckpt_part, (our_part, sid) in packed.items():
+        for ckpt_part, (our_part, sid) in renames.items():
             if f".{ckpt_part}." in name:
-                target, shard_id = name.replace(ckpt_part, our_part), sid
+                target, shard_id = name.replace(f".{ckpt_part}.", f".{our_part}."), sid
                 break
         if (param := params.get(target)) is None:
             raise ValueError(f"checkpoint tensor {name!r} in {file} matches no parameter of the model "
@@ -127,7 +127,8 @@ def load_model(model: nn.Module, weights: Iterator[tuple[str, str, torch.Tensor]
         loaded[target].add(shard_id)
     # A packed parameter must get every shard routed to it; any other, the one unsharded tensor (None).
     missing = [name for name, shards in loaded.items()
-               if shards != ({sid for part, sid in packed.values() if f".{part}." in name} or {None})]
+               if shards != ({sid for part, sid in renames.values() if sid is not None and f".{part}." in name}
+                             or {None})]
     if missing:
         raise ValueError(f"checkpoint {source!r} lacks tensors for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))

@@ -1,0 +1,61 @@
+from dataclasses import dataclass
+
+import numpy as np
+
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingRows:
+    """What only the sampling rank (0) reads: each row's parameters and how many tokens it has generated (a token
+    still on the GPU counts), for seeds and min_tokens."""
+    params: list[SamplingParams]
+    output_lens: list[int]
+
+
+@dataclass(slots=True)
+class StepBatch:
+    """One step as every rank runs it, built once by rank 0 from the scheduled sequences and sent to the other ranks
+    as it is (without `sampling`). Prefill packs the scheduled tokens of all sequences (sequence i owns tokens
+    cu_seqlens_q[i]:cu_seqlens_q[i + 1]); decode has one row per sequence. Integer arrays are int64."""
+    is_prefill: bool
+    input_ids: np.ndarray       # [tokens]; a decode row whose input is still on the GPU holds 0, see sample_rows
+    positions: np.ndarray       # [tokens]
+    slot_mapping: np.ndarray    # [tokens]: the cache slot each token's K/V is written to
+    cu_seqlens_q: np.ndarray    # [seqs + 1]
+    context_lens: np.ndarray    # [seqs]: cached + scheduled tokens, what each sequence attends to
+    block_tables: np.ndarray    # [seqs, most blocks], -1 padded
+    sample_rows: np.ndarray     # [seqs]: decode rows whose input is the previous step's sampled id number r, or -1
+    sampling: SamplingRows | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    @classmethod
+    def build(cls, seqs: list[Sequence], is_prefill: bool, block_size: int,
+              previous_step: list[Sequence] = ()) -> "StepBatch":
+        """The batch of `seqs` as scheduled. `previous_step`: the sequences of the step launched before, whose
+        sampled ids (still on the GPU) are the inputs of decode rows the host has not booked yet."""
+        query_lens = np.fromiter((s.num_scheduled_tokens for s in seqs), np.int64, len(seqs))
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, len(seqs))
+        context_lens = starts + query_lens
+        width = max(len(s.block_table) for s in seqs)
+        block_tables = np.array([s.block_table + [-1] * (width - len(s.block_table)) for s in seqs], np.int64)
+        sample_rows = np.full(len(seqs), -1, np.int64)
+        if is_prefill:
+            input_ids = np.fromiter((t for s in seqs for t in s.scheduled_token_ids), np.int64, int(query_lens.sum()))
+            positions = np.concatenate([np.arange(a, b) for a, b in zip(starts, context_lens)])
+            seq_of_token = np.repeat(np.arange(len(seqs)), query_lens)
+        else:
+            pending = [s.input_is_pending for s in seqs]
+            input_ids = np.array([0 if p else s.last_token for s, p in zip(seqs, pending)], np.int64)
+            if any(pending):
+                rows = {s.seq_id: i for i, s in enumerate(previous_step)}
+                sample_rows[:] = [rows[s.seq_id] if p else -1 for s, p in zip(seqs, pending)]
+            positions, seq_of_token = starts, np.arange(len(seqs))
+        slot_mapping = (block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size)
+        sampling = SamplingRows([s.sampling_params for s in seqs], [len(s) - s.num_prompt_tokens for s in seqs])
+        return cls(is_prefill, input_ids, positions, slot_mapping, np.concatenate([[0], np.cumsum(query_lens)]),
+                   context_lens, block_tables, sample_rows, sampling)
