@@ -38,24 +38,25 @@ class StepBatch:
               previous_step: list[Sequence] = ()) -> "StepBatch":
         """The batch of `seqs` as scheduled. `previous_step`: the sequences of the step launched before, whose
         sampled ids (still on the GPU) are the inputs of decode rows the host has not booked yet."""
-        query_lens = np.fromiter((s.num_scheduled_tokens for s in seqs), np.int64, len(seqs))
-        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, len(seqs))
-        context_lens = starts + query_lens
+        n = len(seqs)
         width = max(len(s.block_table) for s in seqs)
         block_tables = np.array([s.block_table + [-1] * (width - len(s.block_table)) for s in seqs], np.int64)
-        sample_rows = np.full(len(seqs), -1, np.int64)
         if is_prefill:
+            query_lens = np.fromiter((s.num_scheduled_tokens for s in seqs), np.int64, n)
+            starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, n)
+            context_lens = starts + query_lens
             input_ids = np.fromiter((t for s in seqs for t in s.scheduled_token_ids), np.int64, int(query_lens.sum()))
             positions = np.concatenate([np.arange(a, b) for a, b in zip(starts, context_lens)])
-            seq_of_token = np.repeat(np.arange(len(seqs)), query_lens)
-        else:
+            seq_of_token = np.repeat(np.arange(n), query_lens)
+            cu_seqlens_q, sample_rows = np.concatenate([[0], np.cumsum(query_lens)]), np.full(n, -1, np.int64)
+        else:   # one token a row: the last booked one, or the previous step's sample still on the GPU
+            rows = {s.seq_id: i for i, s in enumerate(previous_step)}
             pending = [s.input_is_pending for s in seqs]
             input_ids = np.array([0 if p else s.last_token for s, p in zip(seqs, pending)], np.int64)
-            if any(pending):
-                rows = {s.seq_id: i for i, s in enumerate(previous_step)}
-                sample_rows[:] = [rows[s.seq_id] if p else -1 for s, p in zip(seqs, pending)]
-            positions, seq_of_token = starts, np.arange(len(seqs))
+            sample_rows = np.array([rows[s.seq_id] if p else -1 for s, p in zip(seqs, pending)], np.int64)
+            context_lens = np.fromiter(map(len, seqs), np.int64, n)
+            positions, seq_of_token, cu_seqlens_q = context_lens - 1, np.arange(n), np.arange(n + 1)
         slot_mapping = (block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size)
         sampling = SamplingRows([s.sampling_params for s in seqs], [len(s) - s.num_prompt_tokens for s in seqs])
-        return cls(is_prefill, input_ids, positions, slot_mapping, np.concatenate([[0], np.cumsum(query_lens)]),
-                   context_lens, block_tables, sample_rows, sampling)
+        return cls(is_prefill, input_ids, positions, slot_mapping, cu_seqlens_q, context_lens, block_tables,
+                   sample_rows, sampling)
