@@ -1,8 +1,17 @@
-"""Shared fixtures: tiny random checkpoints written offline, and the transformers oracle."""
+"""Shared fixtures and helpers: tiny random checkpoints written offline, the transformers oracle, the check that an
+engine holds no block, and the end of the Triton interpreter worker (tests/triton_interpreter.py)."""
 import pytest
 import torch
 
 from nanovllm.utils.tiny_checkpoint import build_tiny_checkpoint
+from tests.triton_interpreter import stop_worker
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_interpreter_worker():
+    """The TRITON_INTERPRET=1 worker must not outlive the module that started it (other tests count children)."""
+    yield
+    stop_worker()
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +52,9 @@ def hf_greedy(path: str, prompt: list[int], max_tokens: int, device: str = "cpu"
             ids = result.logits[:, -1].argmax(-1, keepdim=True)
             out.append(ids.item())
     return out
+
+
+def all_free(llm) -> bool:
+    """The engine holds nothing: no sequence left, every KV block back in the free list with no reference."""
+    bm = llm.scheduler.block_manager
+    return llm.is_finished() and len(bm.free_block_ids) == len(bm.blocks) and all(b.ref_count == 0 for b in bm.blocks)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from tests.conftest import hf_greedy
+from tests.conftest import all_free, hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -15,11 +15,6 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def ids(seed: int, n: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(3, 384) for _ in range(n)]
-
-
-def all_free(llm) -> bool:
-    bm = llm.scheduler.block_manager
-    return llm.is_finished() and len(bm.free_block_ids) == len(bm.blocks) and all(b.ref_count == 0 for b in bm.blocks)
 
 
 def test_engines_with_different_block_sizes_share_a_process(qwen3_dir):

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from nanovllm import LLM, SamplingParams
-from tests.conftest import hf_greedy
+from tests.conftest import all_free, hf_greedy
 
 BLOCK = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -13,13 +13,6 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 def make_llm(path, **kwargs):
     kwargs.setdefault("kvcache_block_size", BLOCK)
     return LLM(path, device="cpu", **kwargs)
-
-
-def assert_all_blocks_free(llm):
-    bm = llm.scheduler.block_manager
-    assert len(bm.free_block_ids) == len(bm.blocks)
-    assert all(block.ref_count == 0 for block in bm.blocks)
-    assert llm.is_finished()
 
 
 def random_prompt(rng, n, vocab=384):
@@ -37,7 +30,7 @@ def test_prompt_lengths_around_block_boundaries(model_dir, prompts):
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         assert out["token_ids"] == hf_greedy(model_dir, prompt, GREEDY.max_tokens)
-    assert_all_blocks_free(llm)
+    assert all_free(llm)
 
 
 def test_output_varies_token_to_token(qwen3_dir, prompts):
@@ -58,7 +51,7 @@ def test_shared_prefix_and_fully_cached_rerun(model_dir):
         expected = hf_greedy(model_dir, prompt, GREEDY.max_tokens)
         assert a["token_ids"] == expected and b["token_ids"] == expected
         assert b["num_cached_tokens"] >= 3 * BLOCK      # the rerun hits the cache
-    assert_all_blocks_free(llm)
+    assert all_free(llm)
 
 
 def test_fully_cached_prompt_of_exact_block_multiple_still_computes_a_token(qwen3_dir):
@@ -70,7 +63,7 @@ def test_fully_cached_prompt_of_exact_block_multiple_still_computes_a_token(qwen
     again = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
     assert again["token_ids"] == expected
     assert again["num_cached_tokens"] == BLOCK      # one block is recomputed so the last token has logits
-    assert_all_blocks_free(llm)
+    assert all_free(llm)
 
 
 def test_preemption_under_small_cache(model_dir):
@@ -82,7 +75,7 @@ def test_preemption_under_small_cache(model_dir):
     assert llm.scheduler.num_preemptions > 0
     for prompt, out in zip(batch, outs):
         assert out["token_ids"] == hf_greedy(model_dir, prompt, params.max_tokens)
-    assert_all_blocks_free(llm)
+    assert all_free(llm)
 
 
 def test_preempted_sequence_revives_its_cached_prefix(qwen3_dir):
@@ -110,7 +103,7 @@ def test_preempted_sequence_revives_its_cached_prefix(qwen3_dir):
     assert any(n > 0 for n in revived_hits)
     for prompt, m, seq in zip(batch, max_tokens, seqs):
         assert seq.completion_token_ids == hf_greedy(qwen3_dir, prompt, m)
-    assert_all_blocks_free(llm)
+    assert all_free(llm)
 
 
 def test_first_decode_token_of_a_new_block(qwen3_dir):
@@ -120,7 +113,7 @@ def test_first_decode_token_of_a_new_block(qwen3_dir):
     llm = make_llm(qwen3_dir, num_kvcache_blocks=2, max_model_len=2 * BLOCK)
     out = llm.generate([prompt], params, use_tqdm=False)[0]
     assert out["token_ids"] == hf_greedy(qwen3_dir, prompt, params.max_tokens)
-    assert_all_blocks_free(llm)
+    assert all_free(llm)
 
 
 def test_chunked_prefill(model_dir):
@@ -130,7 +123,7 @@ def test_chunked_prefill(model_dir):
     outs = llm.generate(batch, GREEDY, use_tqdm=False)
     for prompt, out in zip(batch, outs):
         assert out["token_ids"] == hf_greedy(model_dir, prompt, GREEDY.max_tokens)
-    assert_all_blocks_free(llm)
+    assert all_free(llm)
 
 
 def test_per_request_params_and_output_order(qwen3_dir):
@@ -142,7 +135,7 @@ def test_per_request_params_and_output_order(qwen3_dir):
     outs = llm.generate(batch, params, use_tqdm=False)
     for prompt, m, out in zip(batch, max_tokens, outs):
         assert out["token_ids"] == hf_greedy(qwen3_dir, prompt, m)
-    assert_all_blocks_free(llm)
+    assert all_free(llm)
 
 
 def test_text_prompts_and_decoded_text(qwen3_dir):
@@ -159,7 +152,7 @@ def test_sampling_with_temperature_stays_in_vocab_and_length(qwen3_dir):
                         use_tqdm=False)
     assert all(len(o["token_ids"]) == 20 and all(0 <= t < 384 for t in o["token_ids"]) for o in outs)
     assert len({tuple(o["token_ids"]) for o in outs}) > 1     # four samples are not all the same
-    assert_all_blocks_free(llm)
+    assert all_free(llm)
 
 
 def test_garbage_in_unused_cache_slots_does_not_leak_into_attention(qwen3_dir):
@@ -177,4 +170,4 @@ def test_kernel_warmup_leaves_the_engine_exact(qwen3_dir):
     llm = make_llm(qwen3_dir)
     llm.executor.runner.warmup_kernels()
     assert llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(qwen3_dir, prompt, 12)
-    assert_all_blocks_free(llm)
+    assert all_free(llm)

@@ -10,7 +10,7 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import ModelConfig
 from nanovllm.utils.tiny_checkpoint import build_tiny_checkpoint
-from tests.conftest import hf_greedy
+from tests.conftest import all_free, hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 
@@ -18,11 +18,6 @@ GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llm(qwen3_dir):
     return LLM(qwen3_dir, device="cpu", kvcache_block_size=16, max_model_len=64)
-
-
-def all_free(llm):
-    bm = llm.scheduler.block_manager
-    return len(bm.free_block_ids) == len(bm.blocks) and llm.is_finished()
 
 
 @pytest.mark.parametrize("prompts, message", [

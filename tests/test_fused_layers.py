@@ -19,19 +19,13 @@ from nanovllm.kernels import fused_layers
 from nanovllm.layers.activation import SiluAndMul, silu_and_mul
 from nanovllm.layers.layernorm import RMSNorm, rms_norm
 from nanovllm.layers.rotary_embedding import RotaryEmbedding, apply_rotary
-from tests.triton_interpreter import CUDA, INTERPRETING, run_check, stop_worker
+from tests.triton_interpreter import CUDA, INTERPRETING, run_check
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 EPS = 1e-6
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # Qwen3-0.6B: hidden 1024, intermediate 3072, 16 query / 8 KV heads of 128, rope theta 1e6.
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, MAX_POSITION, THETA = 1024, 3072, 16, 8, 128, 40960, 1e6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_worker():
-    yield
-    stop_worker()
 
 
 @contextlib.contextmanager

@@ -15,15 +15,9 @@ from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.layernorm import RMSNorm, rms_norm
 from nanovllm.layers.linear import QKVParallelLinear, RowParallelLinear, norm_and_linear
 from tests.test_fused_layers import _PTXAS, compile_for_h100, nan_allocations
-from tests.triton_interpreter import CUDA, INTERPRETING, run_check, stop_worker
+from tests.triton_interpreter import CUDA, INTERPRETING, run_check
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_worker():
-    yield
-    stop_worker()
 
 
 def check_gemv(m, n, k, dtype, gated=False):

@@ -7,6 +7,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.model_runner import SampledTokens
+from tests.conftest import all_free
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
@@ -23,11 +24,6 @@ def engine(qwen3_dir, device: str, overlap: bool, **kwargs) -> LLM:
     if device == "cuda":    # the same 128 cache slots in pages the Triton kernels can tile
         options.update(attention_backend="triton", enforce_eager=False, kvcache_block_size=16, num_kvcache_blocks=8)
     return LLM(qwen3_dir, device=device, overlap_scheduling=overlap, **{**options, **kwargs})
-
-
-def all_free(llm) -> bool:
-    bm = llm.scheduler.block_manager
-    return llm.is_finished() and len(bm.free_block_ids) == len(bm.blocks) and all(b.ref_count == 0 for b in bm.blocks)
 
 
 def same_outputs(got: list[dict], want: list[dict]) -> bool:

@@ -4,15 +4,9 @@ import random
 import pytest
 
 from nanovllm import LLM, SamplingParams
-from tests.conftest import hf_greedy
+from tests.conftest import all_free, hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-
-
-def all_free(llm):
-    bm = llm.scheduler.block_manager
-    return (len(bm.free_block_ids) == len(bm.blocks)
-            and all(b.ref_count == 0 for b in bm.blocks) and llm.is_finished())
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanovllm.layers.sampler import Sampler, SamplingTensors, seed_key, seeded_exponential
-from tests.triton_interpreter import run_check, stop_worker
+from tests.triton_interpreter import run_check
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
@@ -268,12 +268,6 @@ def check_gumbel_kernel(device: str) -> tuple[list[int], list[int], list[int], l
         sampling.SAMPLE_BLOCK, sampling.SAMPLE_CHUNK = 2048, 8192
     return (out[:64].tolist(), greedy.to(torch.bfloat16).float().argmax(-1).cpu().tolist(),
             out[64:64 + DRAWS_KERNEL].tolist(), out[64 + DRAWS_KERNEL:-2].tolist())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_worker():
-    yield
-    stop_worker()     # the interpreter worker process must not outlive this module (other tests count children)
 
 
 DRAWS_KERNEL = 600      # the interpreter runs programs one by one: enough for the chi-square, not more

@@ -13,13 +13,9 @@ all or to the wrong tensor shows; the reference reads the same fp8 cache and mul
 import contextlib
 import importlib
 import importlib.util
-import multiprocessing
 import os
 import sys
-import traceback
 import types
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 import torch
@@ -27,8 +23,8 @@ import torch
 from nanovllm.kernels import paged_attention_torch as ref
 from nanovllm.kernels import paged_attention_triton as backend
 from nanovllm.utils.context import Context
+from tests.triton_interpreter import CUDA, INTERPRETING, run_check
 
-CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -36,16 +32,8 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 fp8_capable = pytest.mark.skipif(CUDA and torch.cuda.get_device_capability() < (8, 9),
                                  reason="Triton's fp8 needs compute capability 8.9 or newer")
 
-# Triton fixes "interpret or compile" when `triton` is first imported (its own library functions are @triton.jit
-# too) and when each kernel is decorated, reading TRITON_INTERPRET at those moments; an interpreted kernel cannot
-# call a compiled-flavoured tl.max. So the interpreter cannot be switched on for one module of a process that may
-# already hold a compiled-flavoured triton, nor switched on here without reaching every other test module.
-# Instead, on a machine without CUDA the kernel checks run in one worker process started with TRITON_INTERPRET=1
-# (spawned, so it imports triton afresh); this process never sets the variable. With CUDA, or inside that
-# worker, the checks run in-process.
-IN_PROCESS = CUDA or ENV_BEFORE == "1"
-_worker_pool = None
-WORKER_TIMEOUT_S = 300
+# Without CUDA the kernel checks run in the TRITON_INTERPRET=1 worker (tests/triton_interpreter.py): module-level
+# functions, which the worker finds by importing this module afresh (so the fp8 patch below applies there too).
 FP8 = torch.float8_e4m3fn
 
 
@@ -67,50 +55,8 @@ def _round_fp8_as_gpus_do():
     interpreter._convert_float = convert
 
 
-if ENV_BEFORE == "1":
+if INTERPRETING:
     _round_fp8_as_gpus_do()
-
-
-def _call_check(name, args):
-    """Worker side: run check `name`, returning (True, result) or (False, the formatted traceback)."""
-    try:
-        return True, globals()[name](*args)
-    except Exception:
-        return False, traceback.format_exc()
-
-
-def run_check(name, *args):
-    """Run the check function `name` with picklable args here, or in the interpreter worker on CPU."""
-    global _worker_pool
-    if IN_PROCESS:
-        return globals()[name](*args)
-    if _worker_pool is None:
-        os.environ["TRITON_INTERPRET"] = "1"        # only for the child's environment, restored at once
-        try:
-            _worker_pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-            _worker_pool.submit(os.getpid).result()     # starts the worker while the variable is set
-        finally:
-            if ENV_BEFORE is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = ENV_BEFORE
-    try:
-        ok, result = _worker_pool.submit(_call_check, name, args).result(timeout=WORKER_TIMEOUT_S)
-    except BrokenProcessPool:
-        _worker_pool = None
-        pytest.fail("the TRITON_INTERPRET=1 worker died (an out-of-bounds access in a kernel?)", pytrace=False)
-    if not ok:
-        pytest.fail(f"in the TRITON_INTERPRET=1 worker:\n{result}", pytrace=False)
-    return result
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_worker():
-    yield
-    global _worker_pool
-    if _worker_pool is not None:
-        _worker_pool.shutdown(cancel_futures=True)
-        _worker_pool = None
 
 
 @contextlib.contextmanager
@@ -218,7 +164,7 @@ def check_store_kvcache(kv_heads, layout, kv_dtype=torch.float32):
 @pytest.mark.parametrize("kv_heads,layout", [(2, "packed"), (3, "packed"), (2, "head-major")])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, pytest.param(FP8, marks=fp8_capable)])
 def test_store_kvcache_writes_strided_rows_and_skips_padding(kv_heads, layout, kv_dtype):
-    run_check("check_store_kvcache", kv_heads, layout, kv_dtype)
+    run_check(check_store_kvcache, kv_heads, layout, kv_dtype)
 
 
 def check_store_fp8_quantization(num_tokens, impl):
@@ -250,7 +196,7 @@ def check_store_fp8_quantization(num_tokens, impl):
 @fp8_capable
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_store_kvcache_quantizes_fp8_with_saturation(impl):
-    run_check("check_store_fp8_quantization", 40, impl)
+    run_check(check_store_fp8_quantization, 40, impl)
 
 
 # ---- prefill --------------------------------------------------------------------------------------------------
@@ -287,13 +233,13 @@ def check_prefill(heads, kv_heads, head_dim, block_size, kv_dtype=None):
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 32, 16), (2, 2, 16, 16), (4, 1, 16, 128)])
 def test_prefill_matches_reference(heads, kv_heads, head_dim, block_size):
-    run_check("check_prefill", heads, kv_heads, head_dim, block_size)
+    run_check(check_prefill, heads, kv_heads, head_dim, block_size)
 
 
 @fp8_capable
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 32, 16), (4, 1, 16, 128)])
 def test_prefill_fp8_cache_matches_reference(heads, kv_heads, head_dim, block_size):
-    run_check("check_prefill", heads, kv_heads, head_dim, block_size, FP8)
+    run_check(check_prefill, heads, kv_heads, head_dim, block_size, FP8)
 
 
 def check_chunked_prefill(kv_dtype=torch.float32):
@@ -326,7 +272,7 @@ def check_chunked_prefill(kv_dtype=torch.float32):
 @pytest.mark.parametrize("kv_dtype", [torch.float32, pytest.param(FP8, marks=fp8_capable)])
 def test_chunked_prefill_equals_one_shot(kv_dtype):
     """A prompt prefilled chunk by chunk through the cache (store, then attend) equals attending to it at once."""
-    run_check("check_chunked_prefill", kv_dtype)
+    run_check(check_chunked_prefill, kv_dtype)
 
 
 # ---- decode ---------------------------------------------------------------------------------------------------
@@ -381,12 +327,12 @@ DECODE_CONTEXTS_128 = [1, 63, 64, 65, 127, 128, 129, 200, 0, 300]
 
 @pytest.mark.parametrize("num_splits", [None, 1, 2, 3, 8])
 def test_decode_matches_reference_at_split_boundaries(num_splits):
-    run_check("check_decode", DECODE_CONTEXTS_16, 4, 2, 32, 16, num_splits)
+    run_check(check_decode, DECODE_CONTEXTS_16, 4, 2, 32, 16, num_splits)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_with_two_tiles_per_page(num_splits):
-    run_check("check_decode", DECODE_CONTEXTS_128, 4, 1, 16, 128, num_splits)
+    run_check(check_decode, DECODE_CONTEXTS_128, 4, 1, 16, 128, num_splits)
 
 
 # fp8 tiles widened by Triton or in registers (inline PTX; the interpreter runs the plain conversion).
@@ -399,7 +345,7 @@ LAUNCH_VARIANTS = [None, dict(widen="kv"), dict(widen="v")]
     (DECODE_CONTEXTS_16, 4, 2, 32, 16, 1), (DECODE_CONTEXTS_16, 4, 2, 32, 16, 3),
     (DECODE_CONTEXTS_128, 4, 1, 16, 128, 2)])
 def test_decode_fp8_cache_matches_reference(contexts, heads, kv_heads, head_dim, block_size, num_splits, launch):
-    run_check("check_decode", contexts, heads, kv_heads, head_dim, block_size, num_splits, FP8, launch)
+    run_check(check_decode, contexts, heads, kv_heads, head_dim, block_size, num_splits, FP8, launch)
 
 
 def test_decode_split_heuristic_depends_on_shapes_only():
@@ -438,7 +384,7 @@ def check_entry_points():
 
 
 def test_backend_entry_points_use_the_context():
-    run_check("check_entry_points")
+    run_check(check_entry_points)
 
 
 def kernel_kind():
@@ -447,9 +393,9 @@ def kernel_kind():
 
 def test_kernels_are_interpreted_only_in_the_worker():
     """On CPU the checks ran interpreted in the worker; this process's environment and kernels are untouched."""
-    assert run_check("kernel_kind") == ("JITFunction" if CUDA else "InterpretedFunction")
+    assert run_check(kernel_kind) == ("JITFunction" if CUDA else "InterpretedFunction")
     assert os.environ.get("TRITON_INTERPRET") == ENV_BEFORE
-    if ENV_BEFORE != "1":
+    if not INTERPRETING:
         assert kernel_kind() == "JITFunction"
 
 
@@ -557,7 +503,7 @@ def qwen3_kernel_configs(fp8: bool):
 
 
 @pytest.mark.skipif(CUDA, reason="with CUDA the other tests compile and run these kernels for real")
-@pytest.mark.skipif(ENV_BEFORE == "1", reason="this process runs Triton's interpreter, which cannot compile")
+@pytest.mark.skipif(INTERPRETING, reason="this process runs Triton's interpreter, which cannot compile")
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 @pytest.mark.parametrize("kernel,fp8", [("store", False), ("prefill", False), ("decode", False), ("merge", False),

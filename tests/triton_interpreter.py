@@ -4,7 +4,7 @@ Triton fixes "interpret or compile" when `triton` is first imported and when eac
 TRITON_INTERPRET at those moments, so the interpreter cannot be switched on for part of a process that may
 already hold a compiled-flavoured triton. Without CUDA the checks therefore run in one worker process spawned
 with TRITON_INTERPRET=1 (it imports triton afresh); this process never sets the variable. With CUDA, or inside
-that worker, they run in-process. (tests/test_triton_kernels.py has its own copy of this, from before.)
+that worker, they run in-process. The worker ends with the test module that started it (tests/conftest.py).
 """
 import multiprocessing
 import os
