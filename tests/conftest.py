@@ -3,7 +3,7 @@ engine holds no block, and the end of the Triton interpreter worker (tests/trito
 import pytest
 import torch
 
-from nanovllm.utils.tiny_checkpoint import build_tiny_checkpoint
+from tests.tiny_checkpoint import build_tiny_checkpoint
 from tests.triton_interpreter import stop_worker
 
 

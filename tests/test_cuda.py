@@ -99,6 +99,8 @@ def test_graphs_that_sample_hand_ids_across_every_path(qwen3_dir, overlap):
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
 def test_triton_and_torch_logits_close_on_dummy_qwen3_0_6b():
     """Real shapes in bfloat16: the Triton kernels' logits stay close to the PyTorch reference's."""
+    from nanovllm.engine.model_runner import EAGER
+    from nanovllm.engine.step_batch import StepBatch
     from nanovllm.utils.context import reset_context
     rng = random.Random(4)
     batch = [[rng.randrange(0, 10000) for _ in range(n)] for n in (5, 300, 700)]
@@ -110,13 +112,13 @@ def test_triton_and_torch_logits_close_on_dummy_qwen3_0_6b():
             llm.add_request(prompt, GREEDY)
         seqs, is_prefill = llm.scheduler.schedule()
         runner = llm.executor.runner
-        input_ids, positions = runner.prepare_prefill(seqs)
-        prefill_logits = runner.run_model(input_ids, positions, True).float()
+        input_ids, positions = runner.prepare_prefill(StepBatch.build(seqs, True, runner.block_size))
+        prefill_logits = runner.run_model(input_ids, positions, EAGER).float()
         reset_context()
-        llm.scheduler.postprocess(seqs, llm.scheduler.launched(seqs), [42] * len(seqs))      # the same next token for both backends
+        llm.scheduler.postprocess(seqs, llm.scheduler.reserve_output_tokens(seqs), [42] * len(seqs))      # the same next token for both backends
         seqs, _ = llm.scheduler.schedule()
-        input_ids, positions = runner.prepare_decode(seqs)
-        decode_logits = runner.run_model(input_ids, positions, False).float()
+        input_ids, positions = runner.prepare_decode(StepBatch.build(seqs, False, runner.block_size), EAGER)
+        decode_logits = runner.run_model(input_ids, positions, EAGER).float()
         reset_context()
         logits[backend] = (prefill_logits, decode_logits)
         del llm, runner

@@ -14,8 +14,10 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.config import Config
 from nanovllm.kernels import paged_attention_torch as ref
 from nanovllm.layers import attention
-from nanovllm.layers.attention import Attention, kv_cache_torch_dtype, resolve_attention_backend, set_kv_scales
-from nanovllm.utils.context import reset_context, set_context
+from nanovllm.layers.attention import Attention, set_kv_scales
+from nanovllm.layers.attention_backends import BACKENDS, TorchBackend, TritonBackend, select_attention_backend
+from nanovllm.layers.rotary_embedding import RotaryEmbedding
+from nanovllm.utils.context import Context, reset_context, set_context
 
 FP8 = torch.float8_e4m3fn
 FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
@@ -35,26 +37,28 @@ def test_config_accepts_auto_and_fp8_only(qwen3_dir):
             Config(qwen3_dir, kv_cache_dtype=bad)
 
 
-def test_cache_dtype_follows_the_model_or_is_fp8_where_it_can_run(monkeypatch):
-    for model_dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for backend in ("torch", "triton", "flash_attn"):
-            assert kv_cache_torch_dtype("auto", model_dtype, backend) is model_dtype
-    assert kv_cache_torch_dtype("fp8", torch.bfloat16, "torch") is FP8
+def test_fp8_cache_runs_only_on_backends_that_support_it(monkeypatch):
+    for backend in BACKENDS.values():
+        assert backend.supports_fp8 == (backend.name != "flash_attn")
+    BACKENDS["torch"].check("cpu", 16, fp8=True)
     with pytest.raises(ValueError, match="flash_attn backend.*use attention_backend='triton'"):
-        kv_cache_torch_dtype("fp8", torch.bfloat16, "flash_attn")
+        BACKENDS["flash_attn"].check("cuda", 256, fp8=True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))     # an A100
     with pytest.raises(ValueError, match=r"compute capability 8\.9 or newer.*\(8, 0\)"):
-        kv_cache_torch_dtype("fp8", torch.bfloat16, "triton")
+        BACKENDS["triton"].check("cuda", 16, fp8=True)
+    BACKENDS["triton"].check("cuda", 16, fp8=False)
     for capability in ((8, 9), (9, 0)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert kv_cache_torch_dtype("fp8", torch.bfloat16, "triton") is FP8
+        BACKENDS["triton"].check("cuda", 16, fp8=True)
 
 
-def test_auto_backend_avoids_flash_attn_for_an_fp8_cache(monkeypatch):
-    monkeypatch.setattr(attention, "flash_attn_available", lambda: True)
-    assert resolve_attention_backend("auto", "cuda", "auto") == "flash_attn"
-    assert resolve_attention_backend("auto", "cuda", "fp8") == "triton"
-    assert resolve_attention_backend("auto", "cpu", "fp8") == "torch"
+def test_auto_backend_is_triton_on_cuda_and_torch_elsewhere(monkeypatch):
+    """flash-attn is an explicit choice only: "auto" picks a backend the CUDA tests exercise, installed or not."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())     # as if flash_attn were there
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    for kv_cache_dtype in ("auto", "fp8"):
+        assert type(select_attention_backend("auto", "cuda", 256, kv_cache_dtype)) is TritonBackend
+        assert type(select_attention_backend("auto", "cpu", 256, kv_cache_dtype)) is TorchBackend
 
 
 # ---- the reference's fp8 semantics ----------------------------------------------------------------------------
@@ -70,12 +74,13 @@ def test_reference_attention_reads_an_fp8_cache_as_value_times_scale():
     tables = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
     lens = torch.tensor([40, 7], dtype=torch.int32)
     q = torch.randn(2, heads, head_dim)
-    torch.testing.assert_close(ref.paged_decode_attention(q, k_cache, v_cache, lens, tables, 0.25, k_scale, v_scale),
+    torch.testing.assert_close(ref.paged_decode_attention(q, k_cache, v_cache, lens, tables, 0.25, k_scale=k_scale,
+                                                          v_scale=v_scale),
                                ref.paged_decode_attention(q, k_float, v_float, lens, tables, 0.25))
     cu = torch.tensor([0, 5, 8], dtype=torch.int32)
     q = torch.randn(8, heads, head_dim)
     torch.testing.assert_close(
-        ref.paged_prefill_attention(q, k_cache, v_cache, cu, lens, tables, 0.25, k_scale, v_scale),
+        ref.paged_prefill_attention(q, k_cache, v_cache, cu, lens, tables, 0.25, k_scale=k_scale, v_scale=v_scale),
         ref.paged_prefill_attention(q, k_float, v_float, cu, lens, tables, 0.25))
 
 
@@ -83,16 +88,17 @@ def test_reference_attention_reads_an_fp8_cache_as_value_times_scale():
 
 def test_warmup_forward_measures_kv_and_sets_scales_with_headroom():
     torch.manual_seed(0)
-    layers = [Attention(4, 16, 0.25, 2) for _ in range(3)]
+    layers = [Attention(4, 2, 16, RotaryEmbedding(16, 64, 10000.0)) for _ in range(3)]
     measured, zero_v = layers[0], layers[1]
-    set_context(is_prefill=True, cu_seqlens_q=torch.tensor([0, 5, 12], dtype=torch.int32), max_seqlen_q=7)
+    set_context(Context(is_prefill=True, cu_seqlens_q=torch.tensor([0, 5, 12], dtype=torch.int32), max_seqlen_q=7))
+    positions = torch.zeros(12, dtype=torch.int64)      # position 0: the rotary embedding leaves k as it is
     try:
         amax = torch.zeros(2)
         for amplitude in (3.0, 7.0, 0.5):       # several warm-up forwards: the largest values count
-            q, k, v = torch.randn(12, 4, 16), torch.randn(12, 2, 16) * amplitude, torch.randn(12, 2, 16)
-            measured(q, k, v)
+            q, k, v = torch.randn(12, 64), torch.randn(12, 32) * amplitude, torch.randn(12, 32)
+            measured(positions, q, k, v)
             amax = torch.maximum(amax, torch.stack([k.abs().max(), v.abs().max()]))
-        zero_v(q, k, torch.zeros_like(v))
+        zero_v(positions, q, k, torch.zeros_like(v))
     finally:
         reset_context()
     set_kv_scales(layers)

@@ -17,6 +17,7 @@ import torch
 
 from nanovllm.kernels import fused_layers
 from nanovllm.layers.activation import SiluAndMul, silu_and_mul
+from nanovllm.layers.attention import Attention
 from nanovllm.layers.layernorm import RMSNorm, rms_norm
 from nanovllm.layers.rotary_embedding import RotaryEmbedding, apply_rotary
 from tests.triton_interpreter import CUDA, INTERPRETING, run_check
@@ -118,11 +119,11 @@ def check_qk_norm_rotary(tokens, heads, kv_heads, head_dim, dtype, with_norm, ma
 
 
 def check_qk_norm_rotary_store(tokens, dtype, kv_dtype):
-    """With a KVStore the kernel also writes the rotated k and v to the paged cache: what the attention backend's
+    """With `store` the kernel also writes the rotated k and v to the paged cache: what the attention backend's
     own store (the Triton kernel, itself checked against torch in test_triton_kernels) writes from the returned k,
     to the same slots; a slot of -1 writes nothing and other slots keep what they held."""
     from nanovllm.kernels import paged_attention_triton
-    from nanovllm.layers.attention import KVStore
+    from nanovllm.layers.attention_backends import PagedKV
     torch.manual_seed(tokens)
     heads, kv_heads, head_dim, blocks, block_size = 4, 2, 32, 3, 16
     rotary = RotaryEmbedding(head_dim, 64, 10000.0).to(DEVICE)
@@ -138,7 +139,7 @@ def check_qk_norm_rotary_store(tokens, dtype, kv_dtype):
     caches = [torch.full((blocks, block_size, kv_heads, head_dim), 7.0, device=DEVICE).to(kv_dtype)
               for _ in range(4)]
     q_out, k_out = fused_layers.qk_norm_rotary(positions, q, k, rotary.cos, rotary.sin, **norm,
-                                               kv_store=KVStore(v, *caches[:2], slots, *scales))
+                                               store=(v, PagedKV(*caches[:2], *scales), slots))
     q_plain, k_plain = fused_layers.qk_norm_rotary(positions, q, k, rotary.cos, rotary.sin, **norm)
     assert torch.equal(q_out, q_plain) and torch.equal(k_out, k_plain)
     paged_attention_triton.store_kvcache(k_out, v, *caches[2:], slots, *scales)
@@ -194,19 +195,20 @@ def test_layers_send_cuda_tensors_to_the_kernels_and_cpu_tensors_to_torch(monkey
     for device in ["cpu"] + (["cuda"] if CUDA else []):
         calls.clear()
         torch.manual_seed(0)
-        norm, head_norm, rotary = RMSNorm(48).to(device), RMSNorm(16).to(device), RotaryEmbedding(16, 32, 1e4)
-        rotary = rotary.to(device)
+        norm, rotary = RMSNorm(48).to(device), RotaryEmbedding(16, 32, 1e4).to(device)
+        attention = Attention(3, 1, 16, rotary, qk_norm_eps=1e-6).to(device)
+        head_norm = attention.q_norm
         x, residual, q, k = (torch.randn(5, 48, device=device), torch.randn(5, 48, device=device),
                              torch.randn(5, 3, 16, device=device), torch.randn(5, 1, 16, device=device))
         positions = torch.arange(5, device=device)
         torch.testing.assert_close(norm(x), rms_norm(x, norm.weight, norm.eps))
         torch.testing.assert_close(norm(x, residual), rms_norm(x, norm.weight, norm.eps, residual))
         torch.testing.assert_close(SiluAndMul()(x), silu_and_mul(x))
-        torch.testing.assert_close(rotary(positions, q, k, head_norm, head_norm),
+        torch.testing.assert_close(attention._norm_and_rotate(positions, q, k, None),
                                    apply_rotary(positions, rms_norm(q, head_norm.weight, head_norm.eps),
                                                 rms_norm(k, head_norm.weight, head_norm.eps), rotary.cos, rotary.sin))
         torch.testing.assert_close(rotary(positions, q, k), apply_rotary(positions, q, k, rotary.cos, rotary.sin))
-        expected = ["rms_norm", "rms_norm", "silu_and_mul", "qk_norm_rotary", "qk_norm_rotary"]
+        expected = ["rms_norm", "rms_norm", "silu_and_mul", "qk_norm_rotary"]
         assert calls == (expected if device == "cuda" else [])
 
 
@@ -285,19 +287,23 @@ def test_real_sizes(tokens, dtype):
 
 
 def qwen3_layers(dtype):
-    """(RMSNorm, SiluAndMul, RotaryEmbedding, q/k RMSNorm) at Qwen3-0.6B's sizes with random weights."""
+    """(RMSNorm, SiluAndMul, Attention with q/k RMSNorm, Attention without) at Qwen3-0.6B's sizes, random weights;
+    the attention layers' fused q/k norm + rotary is what runs of them (no cache)."""
     torch.manual_seed(0)
-    norm, head_norm = RMSNorm(HIDDEN).to(DEVICE, dtype), RMSNorm(HEAD_DIM).to(DEVICE, dtype)
+    rotary = RotaryEmbedding(HEAD_DIM, MAX_POSITION, THETA).to(DEVICE)      # float32 tables, as in the model
+    norm = RMSNorm(HIDDEN).to(DEVICE, dtype)
+    normed, plain = (Attention(HEADS, KV_HEADS, HEAD_DIM, rotary, eps).to(DEVICE) for eps in (1e-6, None))
     with torch.no_grad():
-        norm.weight.normal_(1, 0.5)
-        head_norm.weight.normal_(1, 0.5)
-    return norm, SiluAndMul(), RotaryEmbedding(HEAD_DIM, MAX_POSITION, THETA).to(DEVICE), head_norm
+        for weight in (norm.weight, normed.q_norm.weight, normed.k_norm.weight):
+            weight.normal_(1, 0.5)
+    normed.q_norm.to(dtype), normed.k_norm.to(dtype)
+    return norm, SiluAndMul(), normed, plain
 
 
 def run_layers(layers, x, residual, gate_up, q, k, positions):
-    norm, act, rotary, head_norm = layers
-    return (norm(x), *norm(x, residual), act(gate_up), *rotary(positions, q, k, head_norm, head_norm),
-            *rotary(positions, q, k))
+    norm, act, normed, plain = layers
+    return (norm(x), *norm(x, residual), act(gate_up), *normed._norm_and_rotate(positions, q, k, None),
+            *plain._norm_and_rotate(positions, q, k, None))
 
 
 def layer_inputs(tokens, dtype):

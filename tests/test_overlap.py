@@ -80,7 +80,7 @@ def test_a_step_launches_before_the_previous_one_is_booked(qwen3_dir, monkeypatc
     llm = engine(qwen3_dir, "cpu", overlap=True)
     runner = llm.executor.runner
     real_run = runner.run
-    monkeypatch.setattr(runner, "run", lambda seqs, is_prefill: (events.append("launch"), real_run(seqs, is_prefill))[1])
+    monkeypatch.setattr(runner, "run", lambda batch: (events.append("launch"), real_run(batch))[1])
     monkeypatch.setattr(SampledTokens, "result", lambda self: (events.append("book"), real_result(self))[1])
     llm.generate([ids(1, 10)], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     # prefill, then decodes 1-3; each is booked after the next launch, the last when nothing is left to launch.
@@ -89,7 +89,7 @@ def test_a_step_launches_before_the_previous_one_is_booked(qwen3_dir, monkeypatc
     sync = engine(qwen3_dir, "cpu", overlap=False)
     real_run = sync.executor.runner.run
     monkeypatch.setattr(sync.executor.runner, "run",
-                        lambda seqs, is_prefill: (events.append("launch"), real_run(seqs, is_prefill))[1])
+                        lambda batch: (events.append("launch"), real_run(batch))[1])
     sync.generate([ids(1, 10)], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert events == ["launch", "book"] * 4
 

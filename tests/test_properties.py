@@ -75,7 +75,7 @@ def run_stream(w: dict, num_blocks: int, overlap: bool = False) -> list[list[int
         batch, _ = scheduler.schedule()
         assert batch or unbooked, "nothing was scheduled while requests wait"
         if batch:
-            indices = scheduler.launched(batch)
+            indices = scheduler.reserve_output_tokens(batch)
             tokens = []
             for seq, index in zip(batch, indices):
                 sampled = on_gpu[seq.seq_id]

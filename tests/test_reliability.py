@@ -22,11 +22,11 @@ def test_exception_mid_generate_aborts_and_engine_stays_usable(llm, monkeypatch,
     prompts = [[rng.randrange(3, 384) for _ in range(rng.randrange(1, 50))] for _ in range(5)]
     real_run, calls = llm.executor.runner.run, [0]
 
-    def flaky_run(seqs, is_prefill):
+    def flaky_run(batch):
         calls[0] += 1
         if calls[0] == fail_at:
             raise exc("injected")
-        return real_run(seqs, is_prefill)
+        return real_run(batch)
 
     monkeypatch.setattr(llm.executor.runner, "run", flaky_run)
     with pytest.raises(exc, match="injected"):

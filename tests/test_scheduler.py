@@ -19,7 +19,7 @@ def make_scheduler(num_blocks=16, max_num_seqs=8, max_num_batched_tokens=64, max
 
 def step(scheduler, token=7):
     seqs, is_prefill = scheduler.schedule()
-    finished = scheduler.postprocess(seqs, scheduler.launched(seqs), [token] * len(seqs))
+    finished = scheduler.postprocess(seqs, scheduler.reserve_output_tokens(seqs), [token] * len(seqs))
     return seqs, is_prefill, finished
 
 

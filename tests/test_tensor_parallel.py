@@ -19,8 +19,9 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.configs import QWEN3_0_6B
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step_batch import StepBatch
 from nanovllm.layers import embed_head
-from nanovllm.utils.tiny_checkpoint import build_tiny_checkpoint
+from tests.tiny_checkpoint import build_tiny_checkpoint
 from tests.conftest import hf_greedy
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")      # no NVLink multicast on shared machines; workers inherit it
@@ -57,7 +58,8 @@ def prefill_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
         block_manager.allocate(seq, block_manager.can_allocate(seq))
         seq.num_scheduled_tokens = len(seq) - seq.num_computed_tokens
     try:
-        return llm.executor.call("prefill_logits", seqs).float().cpu()
+        batch = StepBatch.build(seqs, True, llm.config.kvcache_block_size)
+        return llm.executor.call("prefill_logits", batch).float().cpu()
     finally:
         for seq in seqs:
             block_manager.deallocate(seq)
@@ -77,18 +79,21 @@ def generate_twice(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 
 # ---- CPU, gloo ----------------------------------------------------------------------------------------------
 
-def test_a_pickled_sequence_carries_only_this_steps_tokens():
+def test_a_step_batch_carries_only_this_steps_tokens():
+    """What the workers receive: a prefill chunk's tokens, positions and slots; a decode step a few ints a row."""
     seq = Sequence(list(range(1000)))
     seq.block_table = list(range(63))
     seq.num_computed_tokens, seq.num_scheduled_tokens = 400, 100     # a prefill chunk
-    copy = pickle.loads(pickle.dumps(seq))
-    assert copy.scheduled_token_ids == list(range(400, 500)) and copy.block_table == seq.block_table
+    batch = pickle.loads(pickle.dumps(StepBatch.build([seq], True, 16)))
+    assert batch.input_ids.tolist() == list(range(400, 500)) and batch.positions.tolist() == list(range(400, 500))
+    assert batch.slot_mapping.tolist() == list(range(400, 500)) and batch.context_lens.tolist() == [500]
     seq.append_token(7)
     seq.num_computed_tokens, seq.num_scheduled_tokens = 1000, 1     # a decode step
-    data = pickle.dumps(seq)
-    copy = pickle.loads(data)
-    assert (copy.last_token, len(copy), copy.num_computed_tokens, copy.scheduled_token_ids) == (7, 1001, 1000, [7])
-    assert len(data) < 400, "a decode step should not ship the token history"
+    data = pickle.dumps(StepBatch.build([seq], False, 16))
+    batch = pickle.loads(data)
+    assert (batch.input_ids.tolist(), batch.positions.tolist(), batch.context_lens.tolist()) == ([7], [1000], [1001])
+    assert batch.slot_mapping.tolist() == [1000] and batch.sample_rows.tolist() == [-1]
+    assert 1000 not in batch.input_ids and len(data) < 2000, "a decode step should not ship the token history"
 
 
 def test_tp2_greedy_matches_tp1_and_transformers(model_dir):
@@ -201,8 +206,8 @@ def test_killed_worker_makes_the_caller_raise_within_seconds(qwen3_dir, when):
     assert not active_children()
 
 
-class ExplodesInWorker(Sequence):
-    """A sequence whose copy cannot be rebuilt in a worker: the worker raises while rank 0 waits in a collective."""
+class ExplodesInWorker:
+    """An argument that cannot be rebuilt in a worker: the worker raises while rank 0 waits in a collective."""
 
     def __reduce__(self):
         return int, ("planted failure",)
@@ -211,11 +216,12 @@ class ExplodesInWorker(Sequence):
 def test_worker_exception_surfaces_in_the_caller(qwen3_dir):
     llm = LLM(qwen3_dir, tensor_parallel_size=2, **SMALL)
     try:
-        seq = ExplodesInWorker([5, 6, 7])
+        seq = Sequence([5, 6, 7])
         llm.scheduler.block_manager.allocate(seq, [])
         seq.num_scheduled_tokens = 3
+        batch = StepBatch.build([seq], True, llm.config.kvcache_block_size)
         with pytest.raises(RuntimeError, match=r"(?s)rank 1 raised:.*ValueError.*planted failure"):
-            llm.executor.call("run", [seq], True)
+            llm.executor.call("run", batch, worker_args=(ExplodesInWorker(),))
         assert not llm.executor.pool.processes[0].is_alive()
     finally:
         llm.exit()
@@ -285,8 +291,8 @@ if __name__ == "__main__":
         elif mode == "kill-mid-call":
             threading.Timer(1.0, os.kill, (pids[0], signal.SIGKILL)).start()
         else:   # "worker-raises": the worker cannot unpickle the next call; rank 0 runs it and waits in a collective
-            from nanovllm.engine.sequence import Sequence
-            Sequence.__reduce__ = lambda self: (int, ("planted failure",))
+            from nanovllm.engine.step_batch import StepBatch
+            StepBatch.__reduce__ = lambda self: (int, ("planted failure",))
         start = time.monotonic()
         try:
             llm.generate(batch, long, use_tqdm=False)

@@ -12,6 +12,7 @@ all or to the wrong tensor shows; the reference reads the same fp8 cache and mul
 """
 import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -22,6 +23,7 @@ import torch
 
 from nanovllm.kernels import paged_attention_torch as ref
 from nanovllm.kernels import paged_attention_triton as backend
+from nanovllm.layers.attention_backends import BACKENDS, PagedKV
 from nanovllm.utils.context import Context
 from tests.triton_interpreter import CUDA, INTERPRETING, run_check
 
@@ -223,7 +225,7 @@ def run_prefill(seqs, heads, kv_heads, head_dim, block_size, dtype=torch.float32
                                              k_scale=k_scale, v_scale=v_scale)
     assert result is out
     expected = ref.paged_prefill_attention(q.float(), k_cache, v_cache, cu_seqlens, lens, tables, scale,
-                                           k_scale, v_scale)
+                                           k_scale=k_scale, v_scale=v_scale)
     return out, expected
 
 
@@ -308,7 +310,7 @@ def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, 
         out = backend.paged_decode_attention(q, k_cache, v_cache, lens, stale, scale, out=poisoned_like(q),
                                              num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
     expected = ref.paged_decode_attention(q.float(), clean(k_cache), clean(v_cache), lens, tables, scale,
-                                          k_scale, v_scale)
+                                          k_scale=k_scale, v_scale=v_scale)
     return out, expected, lens > 0
 
 
@@ -361,26 +363,30 @@ def test_decode_split_heuristic_depends_on_shapes_only():
 def test_block_size_rule():
     for ok in (16, 32, 64, 256, 1024):
         backend.check_block_size(ok)
+        BACKENDS["triton"].check("cuda", ok, fp8=False)
     for bad in (0, 1, 8, 48, 100, 257):
         with pytest.raises(ValueError, match="power of two"):
-            backend.check_block_size(bad)
+            BACKENDS["triton"].check("cuda", bad, fp8=False)
 
 
 def check_entry_points():
+    """The triton backend's prefill and decode read the step's Context as the torch backend does."""
     torch.manual_seed(0)
     context_lens = [5, 23]
     k_cache, v_cache, tables = paged_cache(context_lens, 16, 2, 16)
+    kv, clean_kv = (PagedKV(k, v, None, None) for k, v in ((k_cache, v_cache), (clean(k_cache), clean(v_cache))))
+    triton_backend, torch_backend = BACKENDS["triton"](), BACKENDS["torch"]()
     lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
     cu = torch.tensor([0, 5, 8], dtype=torch.int32, device=DEVICE)
     q = torch.randn(8, 4, 16, device=DEVICE)
     ctx = Context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=5, context_lens=lens, block_tables=tables)
-    expected = ref.prefill(q, None, None, k_cache, v_cache, ctx, 0.5)
-    assert_matches(backend.prefill(q, None, None, k_cache, v_cache, ctx, 0.5), expected)
+    expected = torch_backend.prefill(q, None, None, kv, ctx, 0.5)
+    assert_matches(triton_backend.prefill(q, None, None, kv, ctx, 0.5), expected)
     ctx = Context(context_lens=lens, block_tables=tables)
-    expected = ref.decode(q[:2], clean(k_cache), clean(v_cache), ctx, 0.5)
-    assert_matches(backend.decode(q[:2], k_cache, v_cache, ctx, 0.5), expected)
+    expected = torch_backend.decode(q[:2], clean_kv, ctx, 0.5)
+    assert_matches(triton_backend.decode(q[:2], kv, ctx, 0.5), expected)
     with pytest.raises(ValueError, match="head_dim"):
-        backend.decode(q[:2, :, :12], k_cache[..., :12], v_cache[..., :12], ctx, 0.5)
+        triton_backend.decode(q[:2, :, :12], PagedKV(k_cache[..., :12], v_cache[..., :12], None, None), ctx, 0.5)
 
 
 def test_backend_entry_points_use_the_context():
@@ -419,35 +425,42 @@ def test_flash_backend_wiring():
                                           softmax_scale).unsqueeze(1)
 
     stub = types.ModuleType("flash_attn")
+    stub.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)     # find_spec sees it installed
     stub.flash_attn_varlen_func, stub.flash_attn_with_kvcache = varlen, with_kvcache
-    with isolated_modules(("flash_attn", "nanovllm.kernels.paged_attention_flash")):
+    flash_backend, torch_backend = BACKENDS["flash_attn"], BACKENDS["torch"]()
+    with isolated_modules(("flash_attn",)):
         sys.modules["flash_attn"] = stub
-        flash = importlib.import_module("nanovllm.kernels.paged_attention_flash")
         for bad in (16, 128, 300):
             with pytest.raises(ValueError, match="multiple of 256"):
-                flash.check_block_size(bad)
-        flash.check_block_size(512)
+                flash_backend.check("cuda", bad, fp8=False)
+        flash_backend.check("cuda", 512, fp8=False)
+        flash = flash_backend()
 
         seqs = [(0, 4), (9, 3), (0, 1)]
         context_lens = [cached + new for cached, new in seqs]
         k_cache, v_cache, tables = paged_cache(context_lens, 16, 2, 16, spare_blocks=0)
-        k_cache, v_cache = clean(k_cache), clean(v_cache)
-        lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+        kv = PagedKV(clean(k_cache), clean(v_cache), None, None)
+        lens = torch.tensor(context_lens, dtype=torch.int64, device=DEVICE)     # the runner's decode inputs are int64
         cu = torch.tensor([0, 4, 7, 8], dtype=torch.int32, device=DEVICE)
         q = torch.randn(8, 4, 16, device=DEVICE)
-        ctx = Context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=4, max_seqlen_k=12, context_lens=lens,
-                      block_tables=tables, has_cached_prefix=True)
-        expected = ref.prefill(q, None, None, k_cache, v_cache, ctx, 0.5)
-        torch.testing.assert_close(flash.prefill(q, None, None, k_cache, v_cache, ctx, 0.5), expected)
+
+        def prepared(**fields):
+            ctx = Context(**fields)
+            flash.prepare(ctx)
+            return ctx
+        ctx = prepared(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=4, max_seqlen_k=12, context_lens=lens,
+                       block_tables=tables, has_cached_prefix=True)
+        expected = torch_backend.prefill(q, None, None, kv, ctx, 0.5)
+        torch.testing.assert_close(flash.prefill(q, None, None, kv, ctx, 0.5), expected)
 
         new_k, new_v = torch.randn(2, 8, 2, 16, device=DEVICE)
-        ctx = Context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=4, context_lens=cu[1:] - cu[:-1])
+        ctx = prepared(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=4, context_lens=cu[1:] - cu[:-1],
+                       block_tables=tables)
         expected = ref.varlen_causal_attention(q, new_k, new_v, cu, 0.5)
-        torch.testing.assert_close(flash.prefill(q, new_k, new_v, None, None, ctx, 0.5), expected)
+        torch.testing.assert_close(flash.prefill(q, new_k, new_v, None, ctx, 0.5), expected)
 
-        ctx = Context(context_lens=lens, block_tables=tables)
-        torch.testing.assert_close(flash.decode(q[:3], k_cache, v_cache, ctx, 0.5),
-                                   ref.decode(q[:3], k_cache, v_cache, ctx, 0.5))
+        ctx = prepared(context_lens=lens, block_tables=tables.long())
+        torch.testing.assert_close(flash.decode(q[:3], kv, ctx, 0.5), torch_backend.decode(q[:3], kv, ctx, 0.5))
 
 
 # ---- ahead-of-time compilation for an H100 -------------------------------------------------------------------
@@ -608,7 +621,7 @@ def test_decode_cuda_graph_replay(kv_dtype):
             v_scale.fill_(2.0 / (trial + 1))
         graph.replay()
         expected = ref.paged_decode_attention(static["q"][:n].float(), k_cache, v_cache, static["lens"][:n],
-                                              tables[:n], 128 ** -0.5, k_scale, v_scale)
+                                              tables[:n], 128 ** -0.5, k_scale=k_scale, v_scale=v_scale)
         assert_matches(out[:n], expected, **BF16_TOL)
         assert torch.isfinite(out[n:]).all()
         stored = k_cache.view(-1, kv_heads, head_dim)[slots]
