@@ -9,7 +9,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import ModelConfig
-from nanovllm.utils.tiny_checkpoint import build_tiny_checkpoint
+from tests.tiny_checkpoint import build_tiny_checkpoint
 from tests.conftest import all_free, hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
@@ -146,7 +146,7 @@ def test_transformers_4_and_5_config_formats(tmp_path):
         raw4 = json.load(f)
     assert "rope_parameters" not in raw4 and raw4["rope_theta"] == 500.0 and raw4["torch_dtype"] == "float32"
     for path in (v4, v5):
-        cfg = ModelConfig.from_model_dir(path)
+        cfg = ModelConfig.load(path)
         assert cfg.rope_theta == 500.0 and cfg.dtype == torch.float32
     prompt = list(range(10, 50))
     expected = hf_greedy(v5, prompt, 8)
@@ -173,10 +173,10 @@ def test_unsupported_architecture_is_named(tmp_path):
     path = build_tiny_checkpoint(str(tmp_path / "llama"))
     with open(os.path.join(path, "config.json")) as f:
         raw = json.load(f)
-    raw["architectures"] = ["LlamaForCausalLM"]
+    raw["architectures"] = ["GPT2LMHeadModel"]
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(raw, f)
-    with pytest.raises(ValueError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*Qwen3ForCausalLM"):
         LLM(path, device="cpu")
 
 
@@ -221,7 +221,7 @@ def config_copy(src, tmp_path, change: dict, drop=()):
     ({"max_position_embeddings": -1}, (), "'max_position_embeddings' in .* got -1"),
     ({"use_sliding_window": True, "sliding_window": 64}, (), "use_sliding_window=true in .*full attention"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, (), "'yarn' \\(rope_scaling in "),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, (), "'linear' \\(rope_scaling in "),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, (), "'dynamic' \\(rope_scaling in "),
 ])
 def test_bad_config_json_names_the_file_and_key(qwen3_dir, tmp_path, change, drop, message):
     path, file = config_copy(qwen3_dir, tmp_path, change, drop)
@@ -247,7 +247,7 @@ def test_real_qwen_config_keys_still_load(qwen3_dir, tmp_path):
     """Qwen2.5/Qwen3 publish a sliding_window size with use_sliding_window false, and may carry a default rope_scaling."""
     path, _ = config_copy(qwen3_dir, tmp_path, {"sliding_window": 32768, "use_sliding_window": False,
                                                 "rope_scaling": {"rope_type": "default"}, "max_window_layers": 28})
-    assert ModelConfig.from_model_dir(path).hidden_size == 64
+    assert ModelConfig.load(path).hidden_size == 64
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 7, os.urandom(1000), "truncated"])

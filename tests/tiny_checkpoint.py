@@ -35,25 +35,30 @@ def build_tokenizer(path: str, vocab_size: int):
 
 def build_tiny_checkpoint(path: str, arch: str = "qwen3", seed: int = 0, vocab_size: int = 384,
                           tie_word_embeddings: bool = False, with_tokenizer: bool = True,
-                          init_scale: float = 0.5) -> str:
-    """Save a 2-layer float32 model (4 query heads, 2 KV heads, head_dim 16) and its tokenizer to `path`."""
+                          init_scale: float = 0.5, **config) -> str:
+    """Save a 2-layer float32 model (4 query heads, 2 KV heads, head_dim 16, unless `config` says otherwise) of
+    arch "qwen3", "qwen2", "llama" or "mistral" and its tokenizer to `path`."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     os.makedirs(path, exist_ok=True)
     eos_id = SPECIAL_TOKENS.index("<|im_end|>")
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
                   tie_word_embeddings=tie_word_embeddings, initializer_range=init_scale, rope_theta=10000.0,
-                  bos_token_id=SPECIAL_TOKENS.index("<|endoftext|>"), eos_token_id=eos_id)
-    if arch == "qwen3":
-        config, model_cls = Qwen3Config(head_dim=16, **common), Qwen3ForCausalLM
-    elif arch == "qwen2":
-        config, model_cls = Qwen2Config(**common), Qwen2ForCausalLM
-    else:
-        raise ValueError(f"arch must be 'qwen3' or 'qwen2', got {arch!r}")
+                  bos_token_id=SPECIAL_TOKENS.index("<|endoftext|>"), eos_token_id=eos_id) | config
+    classes = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+    if arch not in classes:
+        raise ValueError(f"arch must be one of {list(classes)}, got {arch!r}")
+    config_cls, model_cls = classes[arch]
+    if arch != "qwen2":
+        common.setdefault("head_dim", 16)
+    if arch == "mistral":
+        common.setdefault("sliding_window", None)
     torch.manual_seed(seed)
-    model_cls(config).float().eval().save_pretrained(path)
+    model_cls(config_cls(**common)).float().eval().save_pretrained(path)
     if with_tokenizer:
         build_tokenizer(path, vocab_size)
     return path

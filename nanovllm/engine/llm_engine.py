@@ -41,7 +41,7 @@ class LLMEngine:
         # Refused here, before any worker starts; every rank's runner selects the same backend again.
         select_attention_backend(config.attention_backend, config.device, config.kvcache_block_size,
                                  config.kv_cache_dtype)
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = load_tokenizer(config.model, config.model_config.gguf_file)
         eos = config.model_config.eos_token_ids
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = (self.tokenizer.eos_token_id,)

@@ -15,8 +15,9 @@ from nanovllm.kernels.paged_attention_torch import FP8
 from nanovllm.layers.attention import Attention, set_kv_scales
 from nanovllm.layers.attention_backends import select_attention_backend
 from nanovllm.layers.sampler import Sampler, SamplingTensors, logprob_dicts, prepare_sampling
-from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.models import MODELS
 from nanovllm.utils.context import Context, reset_context, set_context
+from nanovllm.utils.gguf_loader import gguf_weights
 from nanovllm.utils.loader import dummy_weights, load_model, safetensors_weights
 from nanovllm.utils.parallel import tp_rank, tp_size
 from nanovllm.utils.tensors import to_device
@@ -79,15 +80,19 @@ class ModelRunner:
 
     # ---- start-up, in order: load, calibrate, size the cache, warm up, capture ------------------------------
 
-    def _load_model(self) -> Qwen3ForCausalLM:
+    def _load_model(self) -> torch.nn.Module:
         config, model_config = self.config, self.config.model_config
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(model_config.dtype)
         try:
             with torch.device(self.device):
-                model = Qwen3ForCausalLM(model_config)
-            weights = (dummy_weights(model_config, self.device) if config.load_format == "dummy"
-                       else safetensors_weights(config.model))
+                model = MODELS[model_config.architecture](model_config)
+            if config.load_format == "dummy":
+                weights = dummy_weights(model_config, self.device)
+            elif model_config.gguf_file is not None:
+                weights = gguf_weights(model_config.gguf_file, model_config.dtype)
+            else:
+                weights = safetensors_weights(config.model)
             load_model(model, weights, config.model)
         finally:
             torch.set_default_dtype(default_dtype)

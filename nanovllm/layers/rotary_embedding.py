@@ -1,3 +1,5 @@
+import math
+
 import torch
 from torch import nn
 
@@ -14,13 +16,31 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    """The rotation frequencies under a checkpoint's RoPE scaling. "linear" slows every frequency by `factor`.
+    "llama3" (Llama 3.1/3.2) leaves the fast ones (wavelength below original_max_position_embeddings /
+    high_freq_factor) alone, slows those of wavelength above original / low_freq_factor by `factor`, and blends the
+    two in between, linearly in original / wavelength."""
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    original, low, high = (scaling[k] for k in ("original_max_position_embeddings", "low_freq_factor",
+                                                 "high_freq_factor"))
+    ratio = original * inv_freq / (2 * math.pi)        # original context / wavelength
+    blend = ((ratio - low) / (high - low)).clamp(0, 1)     # 0: slow by factor, 1: keep
+    return inv_freq / factor * (1 - blend) + inv_freq * blend
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (rotate-half form, as Qwen and Llama use) from a precomputed float32 cos/sin table.
     On CUDA the Attention layer applies the tables in its fused q/k kernel; this forward is the torch path."""
 
-    def __init__(self, head_dim: int, max_position: int, base: float):
+    def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = scaled_inv_freq(inv_freq, scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.int64).float(), inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)

@@ -1,8 +1,9 @@
-"""Qwen3 (q/k RMSNorm, no qkv bias) and Qwen2 (qkv bias, no q/k norm): one pre-norm decoder, switched by the config."""
+"""Qwen3 (q/k RMSNorm, no qkv bias), Qwen2 (qkv bias, no q/k norm) and Llama / Mistral (neither): one pre-norm
+decoder, switched by the config."""
 import torch
 from torch import nn
 
-from nanovllm.config import ModelConfig
+from nanovllm.model_config import ModelConfig
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
@@ -22,7 +23,7 @@ class Qwen3Attention(nn.Module):
                                           config.num_key_value_heads, bias=config.attention_bias)
         num_heads, num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads    # this rank's
         self.sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-        rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, config.rope_theta)
+        rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
         self.attn = Attention(num_heads, num_kv_heads, head_dim, rotary_emb,
                               qk_norm_eps=config.rms_norm_eps if config.qk_norm else None)
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size)

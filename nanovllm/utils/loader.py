@@ -8,7 +8,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from nanovllm.config import ModelConfig
+from nanovllm.model_config import ModelConfig
+from nanovllm.utils.gguf_loader import gguf_tokenizer
 
 
 def copy_shard(target: torch.Tensor, shard: torch.Tensor):
@@ -59,8 +60,11 @@ def tokenizer_class(model_dir: str):
     return AutoTokenizer
 
 
-def load_tokenizer(model_dir: str):
-    """The checkpoint's transformers tokenizer, or None when the directory ships none (token-id prompts only)."""
+def load_tokenizer(model_dir: str, gguf_file: str | None = None):
+    """The checkpoint's transformers tokenizer (a GGUF file's from its metadata), or None when the directory ships
+    none (token-id prompts only)."""
+    if gguf_file is not None:
+        return gguf_tokenizer(gguf_file)
     present = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, name))]
     if not present:
         return None
@@ -109,8 +113,8 @@ def load_model(model: nn.Module, weights: Iterator[tuple[str, str, torch.Tensor]
     params = dict(model.named_parameters())     # a tied weight appears once, under its first name
     loaded: dict[str, set] = {name: set() for name in params}
     for file, name, tensor in weights:
-        if name.startswith("lm_head.") and "lm_head.weight" not in params:
-            continue    # tied to the embedding, which is loaded under its own name
+        if (name.startswith("lm_head.") and "lm_head.weight" not in params) or name.endswith("rotary_emb.inv_freq"):
+            continue    # tied to the embedding, loaded under its own name; old Llamas' RoPE buffers (recomputed)
         target, shard_id = name, None
         for ckpt_part, (our_part, sid) in renames.items():
             if f".{ckpt_part}." in name:
@@ -125,10 +129,13 @@ def load_model(model: nn.Module, weights: Iterator[tuple[str, str, torch.Tensor]
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"checkpoint tensor {name!r} in {file} does not fit the model: {e}") from None
         loaded[target].add(shard_id)
-    # A packed parameter must get every shard routed to it; any other, the one unsharded tensor (None).
-    missing = [name for name, shards in loaded.items()
-               if shards != ({sid for part, sid in renames.values() if sid is not None and f".{part}." in name}
-                             or {None})]
+    # A packed parameter must get every shard routed to it; any other, its one tensor. What is missing is named as
+    # the checkpoint names it.
+    missing = []
+    for name, shards in loaded.items():
+        expected = {sid: name.replace(f".{ours}.", f".{ckpt}.") for ckpt, (ours, sid) in renames.items()
+                    if f".{ours}." in name} or {None: name}
+        missing += [expected[sid] for sid in sorted(expected.keys() - shards, key=str)]
     if missing:
         raise ValueError(f"checkpoint {source!r} lacks tensors for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
