@@ -77,19 +77,18 @@ class LLM(LLMEngine):
         pending = list(range(len(seqs)))
         try:
             while pending:
-                if not any(seqs[i].is_finished or seqs[i].num_completion_tokens > num_sent[i] for i in pending):
+                ready = [i for i in pending if seqs[i].is_finished or seqs[i].num_completion_tokens > num_sent[i]]
+                if not ready:
                     self._step()
-                    continue
-                for i in list(pending):
+                for i in ready:
                     seq = seqs[i]
                     finished, num_tokens = seq.is_finished, seq.num_completion_tokens
-                    if finished or num_tokens > num_sent[i]:
-                        text = seq.detokenizer.new_text(finished) if seq.detokenizer is not None else ""
-                        new_ids = seq.token_ids[seq.num_prompt_tokens + num_sent[i]:seq.num_prompt_tokens + num_tokens]
-                        num_sent[i] = num_tokens
-                        if finished:
-                            pending.remove(i)
-                        yield StreamOutput(i, text, new_ids, finished, seq.finish_reason if finished else None)
+                    text = seq.detokenizer.new_text(finished) if seq.detokenizer is not None else ""
+                    new_ids = seq.token_ids[seq.num_prompt_tokens + num_sent[i]:seq.num_prompt_tokens + num_tokens]
+                    num_sent[i] = num_tokens
+                    if finished:
+                        pending.remove(i)
+                    yield StreamOutput(i, text, new_ids, finished, seq.finish_reason if finished else None)
         finally:
             self._abort_unfinished(seqs)
 

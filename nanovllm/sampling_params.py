@@ -36,10 +36,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self):
-        num = (int, float)
-        check_field("temperature", self.temperature, num, lambda v: 0 <= v < math.inf, ">= 0 (0 means greedy)")
-        check_field("top_p", self.top_p, num, lambda v: 0 < v <= 1, "in (0, 1] (1 turns it off)")
-        check_field("min_p", self.min_p, num, lambda v: 0 <= v <= 1, "in [0, 1] (0 turns it off)")
+        check_field("temperature", self.temperature, (int, float), lambda v: 0 <= v < math.inf, ">= 0 (0 means greedy)")
+        check_field("top_p", self.top_p, (int, float), lambda v: 0 < v <= 1, "in (0, 1] (1 turns it off)")
+        check_field("min_p", self.min_p, (int, float), lambda v: 0 <= v <= 1, "in [0, 1] (0 turns it off)")
         check_field("top_k", self.top_k, int, lambda v: v >= -1, "-1, 0 (off) or an integer >= 1")
         check_field("seed", self.seed, (int, type(None)), None, "None or an integer")
         check_field("max_tokens", self.max_tokens, int, lambda v: v >= 1, "an integer >= 1")
@@ -62,6 +61,5 @@ class SamplingParams:
     @property
     def needs_sampler_extras(self) -> bool:
         """Whether sampling needs more than the temperature: a filter or seed (when sampling), logprobs, min_tokens."""
-        sampled = self.temperature > 0
         filters = self.top_k > 0 or self.top_p < 1 or self.min_p > 0 or self.seed is not None
-        return (sampled and filters) or self.logprobs is not None or self.min_tokens > 0
+        return (self.temperature > 0 and filters) or self.logprobs is not None or self.min_tokens > 0

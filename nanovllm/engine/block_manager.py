@@ -78,9 +78,7 @@ class BlockManager:
             if block.ref_count == 0:        # revive a freed block that still holds this prefix
                 self.free_block_ids.remove(block_id)
             block.ref_count += 1
-            seq.block_table.append(block_id)
-        for _ in range(self.num_blocks(seq) - len(hits)):
-            seq.block_table.append(self._take_free_block())
+        seq.block_table += hits + [self._take_free_block() for _ in range(self.num_blocks(seq) - len(hits))]
         seq.num_computed_tokens = len(hits) * self.block_size
         if seq.num_cached_tokens < 0:       # a preempted sequence's later hits may cover its completion: not counted
             seq.num_cached_tokens = seq.num_computed_tokens

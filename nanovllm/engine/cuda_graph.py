@@ -24,8 +24,8 @@ class CUDAGraphs:
         self.model, self.inputs, self.backend, self.sampled = model, inputs, backend, sampled
         max_bs, device = inputs.rows, inputs.buffer.device
         self.batch_sizes = [bs for bs in (1, 2, 4, 8) if bs < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
-        self.outputs = (torch.zeros(max_bs, vocab_size, dtype=dtype, device=device) if sampled is not None
-                        else torch.zeros(max_bs, hidden_size, dtype=dtype, device=device))
+        width = vocab_size if sampled is not None else hidden_size     # the logits, or the hidden states
+        self.outputs = torch.zeros(max_bs, width, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _forward(self, bs: int):
@@ -62,7 +62,13 @@ class CUDAGraphs:
                 torch.cuda.synchronize()
         except Exception as e:
             self.graphs.clear()
-            _recover_from_failed_capture()
+            # After an error inside `torch.cuda.graph`, torch may leave the capture stream current and the CUDA RNG
+            # believing it is still capturing (every later random op then raises). An empty capture resets the RNG.
+            torch.cuda.set_stream(torch.cuda.default_stream())
+            with suppress(Exception):   # nothing more can be done here; the caller needs to see the original error
+                with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                    pass
+            torch.cuda.synchronize()
             raise RuntimeError(f"CUDA graph capture failed ({type(e).__name__}: {e}); "
                                f"pass enforce_eager=True to run without CUDA graphs") from e
         finally:
@@ -76,20 +82,10 @@ class CUDAGraphs:
         return next(bs for bs in self.batch_sizes if bs >= batch)
 
     def replay(self, batch: int) -> torch.Tensor:
-        """Run the step for the `batch` rows the runner wrote into `inputs`: returns their logits (with `sampled`,
-        whose rows then hold the sampled ids) or their hidden states."""
+        """Run the step for the `batch` rows the runner wrote into `inputs`: returns their rows of `outputs`."""
         self.graphs[self.padded_size(batch)].replay()
         return self.outputs[:batch]
 
     def clear(self):
         self.graphs.clear()
 
-
-def _recover_from_failed_capture():
-    """After an error inside `torch.cuda.graph`, torch may leave the capture stream current and the CUDA RNG
-    believing it is still capturing (every later random op then raises). An empty capture resets the RNG."""
-    torch.cuda.set_stream(torch.cuda.default_stream())
-    with suppress(Exception):   # nothing more can be done here; the original error is what the caller needs to see
-        with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            pass
-    torch.cuda.synchronize()

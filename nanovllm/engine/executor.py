@@ -19,8 +19,7 @@ class Executor:
             self.runner = ModelRunner(config, eos_token_ids)
 
     def call(self, name: str, *args, worker_args: tuple | None = None):
-        """Run ModelRunner method `name` on every rank (the ranks meet in the model's collectives); the workers
-        get `worker_args` where given."""
+        """Run ModelRunner method `name` on every rank; the workers get `worker_args` where given."""
         if self.pool is None:
             return getattr(self.runner, name)(*args)
         with self.pool.guard():

@@ -93,8 +93,7 @@ class Scheduler:
         for queue in (self.running, self.waiting):
             if seq in queue:
                 queue.remove(seq)
-        if seq.block_table:
-            self.block_manager.deallocate(seq)
+        self.block_manager.deallocate(seq)
         seq.drop_unbooked_tokens()
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.finished_time = reason, perf_counter()
@@ -110,17 +109,16 @@ class Scheduler:
         token_indices = []
         for seq in seqs:
             seq.num_computed_tokens += seq.num_scheduled_tokens
-            if seq.num_computed_tokens == len(seq):
-                token_indices.append(len(seq))
+            completed = seq.num_computed_tokens == len(seq)
+            token_indices.append(len(seq) if completed else -1)
+            if completed:
                 seq.reserve_token()
-            else:
-                token_indices.append(-1)
         return token_indices
 
     def postprocess(self, seqs: list[Sequence], token_indices: list[int], token_ids: list[int],
                     logprobs: list[dict[int, float] | None] | None = None) -> list[Sequence]:
-        """Book one step's sampled tokens (`token_indices` from `reserve_output_tokens`). A sequence that finished or was aborted
-        since the step was launched drops its token. Returns the sequences that got a token (finished ones too)."""
+        """Book one step's sampled tokens (`token_indices` from `reserve_output_tokens`). A sequence that finished or
+        was aborted since the launch drops its token. Returns the sequences that got one (finished ones too)."""
         advanced = []
         for seq, index, token_id, token_logprobs in zip(seqs, token_indices, token_ids, logprobs or repeat(None)):
             if seq.is_finished:
@@ -140,8 +138,7 @@ class Scheduler:
         return advanced
 
     def _finish_reason(self, seq: Sequence) -> str | None:
-        """Whether the token just appended ends `seq`: a stop token, a stop string in the text, or the length.
-        Text is detokenized each step only when streamed or searched for stop strings, else once at the end."""
+        """Whether the token just appended ends `seq`: a stop token, a stop string in the text, or the length."""
         sp, token_id = seq.sampling_params, seq.last_token
         reason = None
         if token_id in sp.stop_token_ids or (token_id in self.eos_token_ids and not sp.ignore_eos):

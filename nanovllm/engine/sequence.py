@@ -1,4 +1,3 @@
-from copy import copy
 from enum import Enum, auto
 from itertools import count
 from time import perf_counter
@@ -24,7 +23,7 @@ class Sequence:
     def __init__(self, token_ids: list[int], sampling_params: SamplingParams = SamplingParams()):
         self.seq_id = next(_seq_ids)
         self.status = SequenceStatus.WAITING
-        self.token_ids = copy(token_ids)   # the booked tokens
+        self.token_ids = list(token_ids)   # the booked tokens
         self.num_tokens = self.num_prompt_tokens = len(token_ids)     # booked + sampled on the GPU, not booked
         self.num_cached_tokens = -1     # prompt tokens served by the prefix cache, set at the first allocation
         self.num_computed_tokens = 0    # tokens whose KV is in the cache (cached or computed)

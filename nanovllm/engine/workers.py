@@ -15,6 +15,7 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager, suppress
+from itertools import count
 from multiprocessing.connection import wait
 from multiprocessing.shared_memory import SharedMemory
 
@@ -38,24 +39,13 @@ def _buffer_size(config: Config) -> int:
 
 
 def _join_group(config: Config, rank: int, store: dist.Store):
-    backend = "nccl" if config.device == "cuda" else "gloo"
-    device_id = torch.device("cuda", rank) if backend == "nccl" else None
-    dist.init_process_group(backend, store=store, rank=rank, world_size=config.tensor_parallel_size,
-                            device_id=device_id)
-
-
-def _exit_code(process, patience_s: float = 1.0) -> int | None:
-    """The exit code of a worker whose sentinel fired. The kernel reaps a dying process a moment later (with a
-    GPU, once the driver has torn its context down, which can take long), so poll for a while, never block."""
-    deadline = time.monotonic() + patience_s
-    while process.exitcode is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return process.exitcode
+    nccl = config.device == "cuda"
+    dist.init_process_group("nccl" if nccl else "gloo", store=store, rank=rank, world_size=config.tensor_parallel_size,
+                            device_id=torch.device("cuda", rank) if nccl else None)
 
 
 def _leave_group(how):
-    """Destroy (or abort) this process's group, if it still has one. A broken group may refuse, or another
-    thread got there first: it is dropped either way."""
+    """Destroy (or abort) this process's group if it still has one; it may refuse when broken or already gone."""
     if dist.is_initialized():
         with suppress(Exception):
             how()
@@ -65,8 +55,7 @@ class WorkerPool:
     """Spawns ranks 1..N-1, sends them each call, notices when one dies, and shuts them down."""
 
     def __init__(self, config: Config, on_abort=lambda: None):
-        """`on_abort` runs (on a thread of its own) when a dead worker's NCCL group is aborted: it must drop rank
-        0's CUDA graphs, which the abort waits for (see `_abort_nccl`)."""
+        """`on_abort` drops rank 0's CUDA graphs when a dead worker's NCCL group is aborted (see `_abort_nccl`)."""
         if dist.is_initialized():
             raise RuntimeError("this process already has a torch.distributed process group (another "
                                "tensor-parallel LLM?); call exit() on that LLM first")
@@ -147,24 +136,21 @@ class WorkerPool:
         try:
             yield
         except BaseException as error:
-            self._fail(error)
+            if not isinstance(error, KeyboardInterrupt):
+                wait([p.sentinel for p in self.processes], DEATH_GRACE_S)
+            report = self._death_report()
+            self.failure = (self.failure or report or f"rank 0 raised {type(error).__name__} in the middle of a call "
+                            f"({error}), leaving the ranks out of step; create a new LLM")
+            self.close()
+            # A ValueError that the workers raised too is bad input every rank rejects alike (say, no room for the
+            # KV cache): keep rank 0's own. Any other error is a symptom of the worker's death.
+            if report is not None and not (isinstance(error, ValueError) and self.errors):
+                raise RuntimeError(report) from error
             raise
         if self.failure is not None:
             self.failure = self._death_report() or self.failure     # the watchdog may still be writing its report
             self.close()
             raise RuntimeError(self.failure)
-
-    def _fail(self, error: BaseException):
-        if not isinstance(error, KeyboardInterrupt):
-            wait([p.sentinel for p in self.processes], DEATH_GRACE_S)
-        report = self._death_report()
-        self.failure = self.failure or report or (f"rank 0 raised {type(error).__name__} in the middle of a call "
-                                                  f"({error}), leaving the ranks out of step; create a new LLM")
-        self.close()
-        # A ValueError that the workers raised too is bad input every rank rejects alike (say, no room for the
-        # KV cache): keep rank 0's own. Any other error is a symptom of the worker's death.
-        if report is not None and not (isinstance(error, ValueError) and self.errors):
-            raise RuntimeError(report) from error
 
     # ---- failures -------------------------------------------------------------------------------------
 
@@ -175,7 +161,12 @@ class WorkerPool:
             for rank, (process, conn) in enumerate(zip(self.processes, self.conns), 1):
                 if not wait([process.sentinel], 0):
                     continue
-                code = _exit_code(process)
+                # The kernel reaps a dying process a moment later (with a GPU, once the driver has torn its context
+                # down, which can take long), so poll its exit code for a while, never block.
+                deadline = time.monotonic() + 1.0
+                while process.exitcode is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                code = process.exitcode
                 with suppress(EOFError, OSError):
                     while conn.poll():
                         message = conn.recv()
@@ -191,8 +182,7 @@ class WorkerPool:
             return "\n".join(lines) or None
 
     def _watch(self):
-        """Wake when any worker exits. Unless closing, the engine is dead: abort the NCCL group, in which rank 0 may
-        be blocked forever. The failure is recorded first, so that a call returning (garbage) once aborted raises."""
+        """When a worker exits, unless closing: record the failure first (see `guard`), then abort the NCCL group."""
         wait([p.sentinel for p in self.processes])
         if self.closed:
             return
@@ -226,12 +216,10 @@ class WorkerPool:
         for process in self.processes:
             process.join(EXIT_TIMEOUT_S if healthy else 0)
         for process in self.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(2)
-            if process.is_alive():
-                process.kill()
-                process.join()
+            for stop, patience in ((process.terminate, 2), (process.kill, None)):
+                if process.is_alive():
+                    stop()
+                    process.join(patience)
         if not healthy:     # with a peer gone, NCCL's destroy could wait for it (or for live CUDA graphs) forever
             self._abort_nccl() if self.nccl else _leave_group(dist.destroy_process_group)
         for conn in self.conns:
@@ -245,7 +233,6 @@ class WorkerPool:
 # ---- the worker process ---------------------------------------------------------------------------------
 
 def _worker_main(config: Config, rank: int, port: int, shm_name: str, wakeup, conn):
-    """Entry point of rank `rank`: join the group, build the ModelRunner, then run calls until "exit"."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C reaches the whole process group; rank 0 handles it
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     try:
@@ -268,8 +255,7 @@ def _worker_main(config: Config, rank: int, port: int, shm_name: str, wakeup, co
 
 
 def _serve(runner, shm: SharedMemory, wakeup):
-    expected = 1
-    while True:
+    for expected in count(1):
         wakeup.acquire()
         number, size = HEADER.unpack_from(shm.buf, 0)
         if number != expected:
@@ -279,7 +265,6 @@ def _serve(runner, shm: SharedMemory, wakeup):
             runner.exit()   # frees its CUDA graphs, so that the process group can be destroyed
             return
         getattr(runner, name)(*args)
-        expected += 1
 
 
 def _exit_with_parent():

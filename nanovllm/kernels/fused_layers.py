@@ -70,9 +70,7 @@ def qk_norm_rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos
                           KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
                           STORE_KV: tl.constexpr, KV_FP8: tl.constexpr):
     """Program (token, 0): the token's q heads, (token, 1): its k heads, normed (Qwen3) and rotated by its position's
-    float32 cos/sin. (Two programs a token, not one: a batch-1 decode step then spreads over two SMs.)
-    STORE_KV: the k program also writes the rotated k and v to the paged cache (the attention backend's store,
-    saving its kernel launch: one kernel a layer less)."""
+    float32 cos/sin. (Two programs a token, not one: a batch-1 decode step then spreads over two SMs.)"""
     token = tl.program_id(0).to(tl.int64)
     table = tl.load(positions_ptr + token) * HALF + tl.arange(0, HALF)[None, :]
     cos, sin = tl.load(cos_ptr + table), tl.load(sin_ptr + table)
@@ -113,7 +111,7 @@ def qk_norm_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, co
     any token and head strides, the last dimension contiguous, a power of two) at `positions`, from float32 cos/sin
     tables [max_position, head_dim / 2]; with q_weight/k_weight each head is RMS-normed first. With `store`,
     (v, kv, slot_mapping), the rotated k and v are also written to the paged cache `kv` (a PagedKV, see
-    layers/attention_backends.py) at slot_mapping[token] (-1: nowhere)."""
+    layers/attention_backends.py) at slot_mapping[token] (-1: nowhere), in place of the backend's store kernel."""
     q_out, k_out = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k))
     (tokens, heads, head_dim), kv_heads = q.shape, k.shape[1]
     v, kv, slot_mapping = store if store is not None else (None, None, None)

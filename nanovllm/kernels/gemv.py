@@ -1,11 +1,11 @@
 """x @ W.T for one or two rows (a batch-1 or -2 decode step) and few output columns: a Triton GEMV.
 
-At batch 1 the linear layers only stream their weights. For the row-parallel layers (o_proj, down_proj: 1024
-outputs from 2048 or 3072 inputs) cuBLAS picks 64x8 GEMM tiles with split-K and a separate reduction kernel,
-5.75 and 7.84 us a layer on the H100, where this kernel takes 4.39 and 5.57 (benchmarks/lab/gemv_sweep.py; with 3 or
-more rows, or many output columns as in qkv_proj and gate_up_proj, cuBLAS is as fast or faster). Each program owns
-BLOCK_N output columns and walks K in BLOCK_K slices on the CUDA cores (no padding of one row to a 16-row
-tensor-core tile); 512 programs keep enough loads in flight.
+At batch 1 the linear layers only stream their weights. For the row-parallel layers (o_proj, down_proj: 1024 outputs
+from 2048 or 3072 inputs) cuBLAS picks 64x8 GEMM tiles with split-K and a separate reduction kernel, 5.75 and 7.84 us a
+layer on the H100, where this kernel takes 4.39 and 5.57 (benchmarks/lab/gemv_sweep.py; with 3 or more rows, or many
+output columns as in qkv_proj and gate_up_proj, cuBLAS is as fast or faster). Each program owns BLOCK_N output columns
+and walks K in BLOCK_K slices on the CUDA cores (no padding of one row to a 16-row tensor-core tile); 512 programs keep
+enough loads in flight.
 """
 import torch
 import triton
@@ -42,22 +42,19 @@ def gemv_kernel(x_ptr, w_ptr, out_ptr, M, K, stride_xm, stride_wn, stride_om, re
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]).to(tl.float32)
+        x = _load_row_slice(x_ptr, residual_ptr, rows, k0, stride_xm, row_valid, dtype, BLOCK_K, ADD_RESIDUAL)
         if NORM:
-            x = _load_row_slice(x_ptr, residual_ptr, rows, k0, stride_xm, row_valid, dtype, BLOCK_K, ADD_RESIDUAL)
             if ADD_RESIDUAL:
                 if pid == 0:
                     tl.store(residual_out_ptr + rows[:, None] * stride_xm + ks[None, :], x.to(dtype), mask=row_valid)
             weight = tl.load(norm_weight_ptr + ks).to(tl.float32)[None, :]
             x = ((x * rstd).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_valid, other=0.0).to(tl.float32)
         if GATED:
             up = tl.load(x_ptr + rows[:, None] * stride_xm + K + ks[None, :], mask=row_valid, other=0.0)
             silu = (x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32)
             x = (silu * up.to(tl.float32)).to(dtype).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_valid)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(dtype), mask=row_valid)
 
 
 @triton.jit
@@ -89,8 +86,7 @@ def gemv_fuses_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, gated: bool = False, block_n: int = GEMV_BLOCK_N,
          block_k: int = GEMV_BLOCK_K, num_warps: int = GEMV_WARPS, num_stages: int = GEMV_STAGES) -> torch.Tensor:
-    """F.linear(x, weight) for x [M, K] (a few rows), weight [N, K], without a bias; with `gated`, x is [M, 2K]
-    (gate | up) and the input is silu(gate) * up. N % block_n == 0 and K % block_k == 0."""
+    """F.linear(x, weight), no bias, for x [M, K] (a few rows) and weight [N, K] (gated: of silu_and_mul(x [M, 2K]))."""
     m, n, k = x.size(0), weight.size(0), weight.size(1)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     gemv_kernel[(n // block_n,)](x, weight, out, m, k, x.stride(0), weight.stride(0), out.stride(0),
@@ -106,8 +102,7 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     residual_out = x if residual is None else torch.empty_like(x)
     gemv_kernel[(n // GEMV_BLOCK_N,)](x, weight, out, m, k, x.stride(0), weight.stride(0), out.stride(0), residual,
-                                      norm_weight, residual_out, eps, M_PAD=triton.next_power_of_2(m),
-                                      BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K, NORM=True,
-                                      ADD_RESIDUAL=residual is not None, num_warps=GEMV_WARPS,
-                                      num_stages=GEMV_STAGES)
+                                      norm_weight, residual_out, eps, M_PAD=triton.next_power_of_2(m), NORM=True,
+                                      ADD_RESIDUAL=residual is not None, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
+                                      num_warps=GEMV_WARPS, num_stages=GEMV_STAGES)
     return out, residual_out

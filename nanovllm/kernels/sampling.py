@@ -31,8 +31,7 @@ def gumbel_argmax_kernel(logits_ptr, temperatures_ptr, chunk_best_ptr, chunk_ind
     for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab_size), BLOCK):
         cols = start + lanes
         mask = cols < vocab_size
-        x = tl.load(logits_ptr + row.to(tl.int64) * row_stride + cols, mask=mask, other=float("-inf"))
-        x = x.to(tl.float32)
+        x = tl.load(logits_ptr + row.to(tl.int64) * row_stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
         # E = -log(u) ~ Exp(1) per (row, token), clamped like the torch path; -log(E) is Gumbel noise.
         u = tl.rand(seed, row * vocab_size + cols)
         noise = -tl.log(tl.maximum(-tl.log(u), 1e-10))
@@ -57,8 +56,7 @@ def argmax_of_chunks_kernel(chunk_best_ptr, chunk_index_ptr, out_ptr, num_chunks
     tl.store(out_ptr + row, tl.min(tl.where(best == top, index, 2**31 - 1), axis=0).to(tl.int64))
 
 
-def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """One token id per row of `logits` ([rows, vocab], last dimension contiguous) into `out` (int64 [rows]; new if
     None): argmax at temperature 0, else a draw from softmax(logits / temperature). The seed comes from torch's
     generator of the logits' device, so torch.manual_seed makes a run repeatable; no host sync."""

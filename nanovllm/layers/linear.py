@@ -92,8 +92,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """With `gated_input` the layer's input arrives as [gate | up] and is silu(gate) * up (SwiGLU): the MLP's down
-    projection takes the gate in, so that at batch 1-2 one kernel does both."""
+    """`gated_input`: the input is [gate | up], taken as silu(gate) * up (SwiGLU, in the MLP's down projection)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, gated_input: bool = False):
         if input_size % tp_size():
