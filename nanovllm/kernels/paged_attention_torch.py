@@ -40,14 +40,16 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
 
 
-def _attend(q, k, v, mask, scale):
-    """q [..., Hq, Lq, D], k/v [..., Hkv, Lk, D]; mask True where attention is allowed."""
-    group = q.shape[-3] // k.shape[-3]
-    k = k.repeat_interleave(group, dim=-3)
-    v = v.repeat_interleave(group, dim=-3)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(F.softmax(scores, dim=-1), v.float()).to(q.dtype)
+def _attend(q, k, v, scale, offset: int | None = 0):
+    """Attention of q [Hq, Lq, D] over k/v [Hkv, Lk, D] (Hq a multiple of Hkv), in float32 through torch's fused
+    kernel. Query j sits at key position offset + j and sees keys up to it (causal); offset None: sees all keys.
+    (torch's CPU flash kernel takes 4-D inputs with as many K/V heads as query heads; others fall back to a path
+    ~8x slower, enable_gqa included.)"""
+    group = q.shape[0] // k.shape[0]
+    q, k, v = q.float()[None], k.float().repeat_interleave(group, 0)[None], v.float().repeat_interleave(group, 0)[None]
+    mask = None if not offset else (
+        torch.arange(q.shape[-2], device=q.device)[:, None] + offset >= torch.arange(k.shape[-2], device=q.device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=offset == 0, scale=scale)[0]
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -62,29 +64,23 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         start, end = starts[i], starts[i + 1]
         k = dequantize(gather_kv(k_cache, block_tables[i], context_len), k_scale).transpose(0, 1)
         v = dequantize(gather_kv(v_cache, block_tables[i], context_len), v_scale).transpose(0, 1)
-        q_pos = torch.arange(context_len - (end - start), context_len, device=q.device)
-        mask = q_pos[:, None] >= torch.arange(context_len, device=q.device)[None, :]
-        out[start:end] = _attend(q[start:end].transpose(0, 1), k, v, mask, scale).transpose(0, 1)
+        out[start:end] = _attend(q[start:end].transpose(0, 1), k, v, scale, context_len - (end - start)).transpose(0, 1)
     return out
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, *, k_scale=None,
                            v_scale=None) -> torch.Tensor:
-    """One query token per sequence (q: [B, heads, head_dim]) over its first context_lens[b] cached tokens.
-
-    Batched over sequences, padded to the longest block table.
-    """
-    batch, max_blocks = block_tables.shape
-    block_size = k_cache.shape[1]
-    safe_tables = block_tables.clamp_min(0).long()
-    # [B, Hkv, max_blocks*block_size, D]
-    k = dequantize(k_cache[safe_tables], k_scale).flatten(1, 2).transpose(1, 2)
-    v = dequantize(v_cache[safe_tables], v_scale).flatten(1, 2).transpose(1, 2)
-    mask = torch.arange(max_blocks * block_size, device=q.device)[None, :] < context_lens[:, None]
-    # Slots past a context hold whatever the cache held (NaN included): a zero weight would not cancel a NaN.
-    v = torch.where(mask[:, None, :, None], v, 0)
-    return _attend(q.unsqueeze(2), k, v, mask[:, None, None, :], scale).squeeze(2)
+    """One query token per sequence (q: [B, heads, head_dim]) over its first context_lens[b] cached tokens; a row
+    with no context gives zeros. Sequence by sequence: gathering only each one's blocks moves far fewer bytes than
+    a batch padded to the longest."""
+    out = torch.zeros_like(q)
+    for i, context_len in enumerate(context_lens.tolist()):
+        if context_len > 0:
+            k = dequantize(gather_kv(k_cache, block_tables[i], context_len), k_scale).transpose(0, 1)
+            v = dequantize(gather_kv(v_cache, block_tables[i], context_len), v_scale).transpose(0, 1)
+            out[i] = _attend(q[i].unsqueeze(1), k, v, scale, None).squeeze(1)
+    return out
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
