@@ -3,6 +3,7 @@
     python bench.py --dummy            # the shipped Qwen3-0.6B config with random weights, no download
     python bench.py --model ~/huggingface/Qwen3-0.6B
     python bench.py --dummy --kv-cache-dtype fp8   # K/V stored in 8 bits: half the bytes decode reads
+    python bench.py --dummy --model-config llama-3.2-1b    # another shipped config: smollm2-135m, llama-3.2-1b
 
 Other scripts that need this workload import it (`from bench import make_workload`, run from the repository root
 with PYTHONPATH=.), so it is written once.
@@ -17,7 +18,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.layers.attention_backends import BACKEND_CHOICES as ATTENTION_BACKENDS
-from nanovllm.configs import QWEN3_0_6B
+from nanovllm.configs import MODEL_CONFIGS
 
 MAX_INPUT_LEN = MAX_OUTPUT_LEN = 1024
 
@@ -38,7 +39,9 @@ def make_workload(num_seqs: int = 256, seed: int = 0) -> tuple[list[list[int]], 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="~/huggingface/Qwen3-0.6B")
-    p.add_argument("--dummy", action="store_true", help="random weights in the shipped Qwen3-0.6B shapes")
+    p.add_argument("--dummy", action="store_true", help="random weights in a shipped config's shapes, no download")
+    p.add_argument("--model-config", default="qwen3-0.6b", choices=list(MODEL_CONFIGS),
+                   help="the shipped config --dummy uses (default qwen3-0.6b)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
@@ -65,7 +68,7 @@ def latency_summary(outputs: list[dict]) -> str:
 
 def main():
     args = parse_args()
-    path = QWEN3_0_6B if args.dummy else os.path.expanduser(args.model)
+    path = MODEL_CONFIGS[args.model_config] if args.dummy else os.path.expanduser(args.model)
     start = time.perf_counter()
     llm = LLM(path, enforce_eager=args.enforce_eager, max_model_len=4096, attention_backend=args.attention_backend,
               tensor_parallel_size=args.tensor_parallel_size, load_format="dummy" if args.dummy else "auto",

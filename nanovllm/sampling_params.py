@@ -1,7 +1,7 @@
 import math
 from dataclasses import dataclass
 
-from nanovllm.config import check_field
+from nanovllm.model_config import check_field
 
 
 @dataclass(slots=True)

@@ -24,7 +24,12 @@ CASES = {
     "llama3-rope": dict(arch="llama", rope_scaling=LLAMA3_ROPE),
     "linear-rope": dict(arch="llama", rope_scaling={"rope_type": "linear", "factor": 4.0}),
     "mistral": dict(arch="mistral"),
+    "smollm2-heads": dict(arch="llama", num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_size=144,
+                          tie_word_embeddings=True),
+    "tinyllama-heads": dict(arch="llama", num_attention_heads=32, num_key_value_heads=4, head_dim=64,
+                            hidden_size=128),
 }
+CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -41,6 +46,22 @@ def test_greedy_matches_transformers(case_dir):
     for prompt, out in zip(prompts, outs):
         assert out["token_ids"] == hf_greedy(case_dir, prompt, GREEDY.max_tokens)
     assert all_free(llm)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_greedy_matches_transformers_on_cuda(case_dir, enforce_eager):
+    """float32 through the Triton kernels, eagerly and with CUDA graphs."""
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 384) for _ in range(n)] for n in (1, 17, 70, 150)]
+    llm = LLM(case_dir, device="cuda", attention_backend="triton", kvcache_block_size=16, max_model_len=512,
+              max_num_batched_tokens=64, enforce_eager=enforce_eager, gpu_memory_utilization=0.3)
+    assert (llm.executor.runner.graphs is None) == enforce_eager
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out["token_ids"] == hf_greedy(case_dir, prompt, GREEDY.max_tokens, device="cuda")
+    llm.exit()
 
 
 def test_rope_scaling_tables_equal_transformers():
