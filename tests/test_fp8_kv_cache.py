@@ -177,3 +177,16 @@ def test_fp8_cuda_graphs_give_the_same_tokens_as_eager(qwen3_dir):
         llm.exit()
         del llm
     assert outs[True] == outs[False]
+
+
+def test_fp8_scales_do_not_depend_on_the_batch_budget(qwen3_dir):
+    """The scales come from one fixed calibration forward: a 16-token budget gives the same scales and the same
+    greedy completions as a 16,384-token one."""
+    engines = [LLM(qwen3_dir, kv_cache_dtype="fp8", device="cpu", kvcache_block_size=16, max_model_len=512,
+                   max_num_batched_tokens=budget) for budget in (16, 16384)]
+    for small, large in zip(*(e.executor.runner.attention_layers for e in engines)):
+        assert torch.equal(small.kv_scales, large.kv_scales)
+    prompts = [[(5 * i + 7 * j) % 384 for j in range(n)] for i, n in enumerate((3, 40, 100))]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    small, large = (e.generate(prompts, greedy, use_tqdm=False) for e in engines)
+    assert [o["token_ids"] for o in small] == [o["token_ids"] for o in large]

@@ -32,6 +32,7 @@ class StepPlan:
 
 
 EAGER = StepPlan()
+CALIBRATION_TOKENS = 1024      # what the fp8 scales are measured on (a varied-id prefill, no cache)
 
 
 class ModelRunner:
@@ -99,8 +100,9 @@ class ModelRunner:
         return model
 
     def _calibrate(self):
-        """On CUDA, run the largest batch once so that the cache is sized after peak activation memory; on CPU with
-        an fp8 cache, a short forward. Either measures K and V for the fp8 scales."""
+        """On CUDA, run the largest batch once so that the cache is sized after peak activation memory. With an fp8
+        cache, the scales come from K and V of one forward of CALIBRATION_TOKENS tokens, whatever the batch budget:
+        the same model gets the same scales under any max_num_batched_tokens."""
         if self.device.type == "cuda":
             try:
                 self.warmup_model()
@@ -109,8 +111,10 @@ class ModelRunner:
                     f"CUDA ran out of memory in the warm-up forward over max_num_batched_tokens="
                     f"{self.config.max_num_batched_tokens} tokens; lower max_num_batched_tokens (or max_num_seqs), "
                     f"or free GPU memory / lower gpu_memory_utilization if another process shares the GPU") from e
-        elif self.kv_dtype == FP8:
-            self.warmup_forward(min(self.config.max_num_batched_tokens, 1024))
+        if self.kv_dtype == FP8:
+            for layer in self.attention_layers:
+                layer.kv_amax.zero_()
+            self.warmup_forward(CALIBRATION_TOKENS)
         set_kv_scales(self.attention_layers)
 
     def _capture_cuda_graphs(self):
