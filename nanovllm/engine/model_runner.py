@@ -112,8 +112,8 @@ class ModelRunner:
                     f"{self.config.max_num_batched_tokens} tokens; lower max_num_batched_tokens (or max_num_seqs), "
                     f"or free GPU memory / lower gpu_memory_utilization if another process shares the GPU") from e
         if self.kv_dtype == FP8:
-            for layer in self.attention_layers:
-                layer.kv_amax.zero_()
+            for layer in self.attention_layers:     # (the memory warm-up's amax is an inference tensor)
+                layer.kv_amax = torch.zeros_like(layer.kv_amax)
             self.warmup_forward(CALIBRATION_TOKENS)
         set_kv_scales(self.attention_layers)
 
