@@ -14,7 +14,7 @@ import sys
 from nanovllm import LLM, SamplingParams
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
-             "List the prime numbers below 30.", "In one sentence, what is paged attention in LLM inference?"]
+             "Give me three tips for staying healthy.", "What is the boiling point of water in Celsius?"]
 
 
 def embedded_model() -> str:
