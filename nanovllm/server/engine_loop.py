@@ -1,0 +1,153 @@
+"""The server's engine loop: the one thread that calls the engine, so the engine needs no lock for the server.
+
+HTTP handlers (on the asyncio thread) validate a request, turn it into Sequences and `submit` them with an
+asyncio.Queue, their sink; `abort` takes them back. The loop adds what was submitted, steps the engine, and after
+each step hands every request the Deltas its sequences got: one `call_soon_threadsafe` per step for all requests,
+one queue put per request, so the cost per token is one small tuple. A streamed sequence gets a Delta each step it
+got a token; any other, one Delta when it finishes, with all its text and token ids."""
+import asyncio
+import queue
+import traceback
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.sequence import Sequence
+
+
+class Delta(NamedTuple):
+    """What one sequence (the choice `index` of its request) got since its last Delta."""
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None     # one {token_id: logprob} per new token, when asked for
+    finish_reason: str | None                   # set on a sequence's last Delta
+
+
+class EngineDead(Exception):
+    """Put in a request's sink (instead of a list of Deltas) when the engine loop died; the message says why."""
+
+
+@dataclass(slots=True)
+class _Tracked:
+    sink: asyncio.Queue
+    index: int
+    stream: bool
+    num_sent: int = 0       # completion tokens handed out
+    num_logprobs_sent: int = 0
+
+
+class EngineLoop:
+    """Owns `engine`: `run` (on the thread that created the engine) is its only caller once serving starts."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.scheduler = engine.scheduler
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()   # from the asyncio thread: (seqs, sink or None)
+        self._tracked: dict[Sequence, _Tracked] = {}
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self.dead: str | None = None        # why the engine loop stopped stepping (an exception), once it did
+        # Counters for /metrics, written by the loop only.
+        self.num_finished = self.num_aborted = self.num_prompt_tokens = self.num_generation_tokens = 0
+
+    # ---- the asyncio thread's side ------------------------------------------------------------------------
+
+    def attach(self, aloop: asyncio.AbstractEventLoop):
+        """The event loop the sinks belong to (the server's, once it has started)."""
+        self._aloop = aloop
+
+    def submit(self, seqs: list[Sequence], indices: list[int], stream: bool) -> asyncio.Queue:
+        """Queue validated sequences (choice `indices[i]` of their request); returns the sink their Deltas go to."""
+        sink = asyncio.Queue()
+        self._inbox.put((seqs, [_Tracked(sink, i, stream) for i in indices]))
+        return sink
+
+    def abort(self, seqs: list[Sequence]):
+        """Take sequences back (the client went away): the loop aborts those not finished and frees their blocks."""
+        self._inbox.put((seqs, None))
+
+    @property
+    def num_tracked(self) -> int:
+        """Sequences the loop serves (queued in the engine, running, or finished but not handed out)."""
+        return len(self._tracked)
+
+    # ---- the engine thread's side ---------------------------------------------------------------------------
+
+    def run(self, stop: Callable[[], bool]):
+        """Step the engine while there is work, until `stop()`; then abort whatever is left."""
+        while not stop():
+            busy = self.dead is None and not self.scheduler.is_finished()
+            self._take_inbox(wait=not busy)
+            if self.dead is None and not self.scheduler.is_finished():
+                self._step()
+        for seq in list(self._tracked):
+            self._abort(seq)
+
+    def _take_inbox(self, wait: bool):
+        """Add and abort what the handlers sent; when idle, wait a little for something to come."""
+        try:
+            item = self._inbox.get(timeout=0.1) if wait else self._inbox.get_nowait()
+            while True:
+                seqs, tracks = item
+                if tracks is None:
+                    for seq in seqs:
+                        self._abort(seq)
+                elif self.dead is not None:
+                    self._post({tracks[0].sink: EngineDead(self.dead)})
+                else:
+                    for seq, track in zip(seqs, tracks):
+                        self._tracked[seq] = track
+                        self.scheduler.add(seq)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _abort(self, seq: Sequence):
+        if self._tracked.pop(seq, None) is not None and not seq.is_finished:
+            self.scheduler.abort(seq)
+            self.num_aborted += 1
+
+    def _step(self):
+        try:
+            advanced = self.engine._step()[0]      # the sequences that got a token, finished ones included
+        except Exception as e:      # the engine cannot go on (a dead worker, a CUDA error): fail every request
+            traceback.print_exc()
+            self.dead = f"the engine stopped: {type(e).__name__}: {e}"
+            self._post({track.sink: EngineDead(self.dead) for track in self._tracked.values()})
+            self._tracked.clear()
+            return
+        out: dict[asyncio.Queue, list[Delta]] = {}
+        for seq in advanced:
+            track = self._tracked.get(seq)
+            finished = seq.is_finished
+            if track is None or not (finished or track.stream):
+                continue
+            num_prompt, num_tokens = seq.num_prompt_tokens, seq.num_completion_tokens
+            token_ids = seq.token_ids[num_prompt + track.num_sent:num_prompt + num_tokens]
+            track.num_sent = num_tokens
+            logprobs = None
+            if seq.logprobs is not None:
+                logprobs, track.num_logprobs_sent = seq.logprobs[track.num_logprobs_sent:], len(seq.logprobs)
+            text = seq.detokenizer.new_text(finished) if seq.detokenizer is not None else ""
+            out.setdefault(track.sink, []).append(
+                Delta(track.index, text, token_ids, logprobs, seq.finish_reason if finished else None))
+            if finished:
+                del self._tracked[seq]
+                self.num_finished += 1
+                self.num_prompt_tokens += num_prompt
+                self.num_generation_tokens += num_tokens
+        if out:
+            self._post(out)
+
+    def _post(self, out: dict):
+        """Hand each sink its item, in one wake-up of the event loop."""
+        if self._aloop is not None and not self._aloop.is_closed():
+            try:
+                self._aloop.call_soon_threadsafe(_deliver, out)
+            except RuntimeError:    # the event loop closed meanwhile: nobody is left to tell
+                pass
+
+
+def _deliver(out: dict):
+    for sink, item in out.items():
+        sink.put_nowait(item)
