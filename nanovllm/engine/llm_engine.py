@@ -1,4 +1,5 @@
 import atexit
+import threading
 from collections import deque
 from collections.abc import Sequence as SequenceABC
 from dataclasses import fields
@@ -53,6 +54,9 @@ class LLMEngine:
         # Launched steps not booked yet: (sequences, token_indices from reserve_output_tokens, the runner's output).
         self._unbooked: deque[tuple[list[Sequence], list[int], object]] = deque()
         self._steps_ahead = 1 if config.overlap_scheduling else 0
+        # The one owner of the step loop: callers in several threads take turns at whole steps (their requests are
+        # batched together), and queue or abort requests only between steps.
+        self._step_lock = threading.RLock()
 
     @property
     def max_model_len(self) -> int:
@@ -62,7 +66,7 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
         """Queue one request; returns its sequence id (the key of its output from `step`)."""
         seq = self._make_sequence(prompt, sampling_params)
-        self.scheduler.add(seq)
+        self._queue([seq])
         return seq.seq_id
 
     def step(self) -> StepOutput:
@@ -81,20 +85,34 @@ class LLMEngine:
         atexit.unregister(self.exit)
         self.executor.exit()
 
+    def _queue(self, seqs: list[Sequence]):
+        with self._step_lock:
+            for seq in seqs:
+                self.scheduler.add(seq)
+
+    def _abort(self, seqs: list[Sequence]):
+        """End these requests wherever they are (unfinished ones only) and free their blocks."""
+        with self._step_lock:
+            for seq in seqs:
+                if not seq.is_finished:
+                    self.scheduler.abort(seq)
+
     def _step(self) -> StepOutput:
         """One step: launch a batch, then book what is older than the overlap allows. Returns the sequences that
-        got a token (finished ones included) and the tokens launched."""
-        advanced = self._book_results(self._steps_ahead)    # normally nothing: a step interrupted while it waited
-        seqs, is_prefill = self.scheduler.schedule()
-        if seqs:
-            previous_step = self._unbooked[-1][0] if self._unbooked else []
-            batch = StepBatch.build(seqs, is_prefill, self.config.kvcache_block_size, previous_step)
-            output = self.executor.run(batch)
-            self._unbooked.append((seqs, self.scheduler.reserve_output_tokens(seqs), output))
-        elif not self._unbooked:
-            raise RuntimeError("the scheduler found nothing to run while requests are pending; this is a bug")
-        # With nothing launched (every running request awaits its last token), book all that is in flight.
-        advanced += self._book_results(self._steps_ahead if seqs else 0)
+        got a token (finished ones included) and the tokens launched. With nothing left to run (another thread's
+        step finished this caller's requests) it does nothing."""
+        with self._step_lock:
+            advanced = self._book_results(self._steps_ahead)    # normally nothing: a step interrupted while waiting
+            seqs, is_prefill = self.scheduler.schedule()
+            if seqs:
+                previous_step = self._unbooked[-1][0] if self._unbooked else []
+                batch = StepBatch.build(seqs, is_prefill, self.config.kvcache_block_size, previous_step)
+                output = self.executor.run(batch)
+                self._unbooked.append((seqs, self.scheduler.reserve_output_tokens(seqs), output))
+            elif not self._unbooked and not self.scheduler.is_finished():
+                raise RuntimeError("the scheduler found nothing to run while requests are pending; this is a bug")
+            # With nothing launched (every running request awaits its last token), book all that is in flight.
+            advanced += self._book_results(self._steps_ahead if seqs else 0)
         num_prefill_tokens = sum(seq.num_scheduled_tokens for seq in seqs) if is_prefill else 0
         return StepOutput(advanced, num_prefill_tokens, 0 if is_prefill else len(seqs))
 

@@ -1,3 +1,4 @@
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -22,19 +23,21 @@ class Context:
     cu_seqlens_k: torch.Tensor | None = None
 
 
-_CONTEXT = Context()
+# One current step per thread: an engine steps in the thread that calls it, so engines in different threads (or a
+# server's engine loop beside its handlers) never read each other's step.
+_EMPTY = Context()
+_current = threading.local()
 
 
 def get_context() -> Context:
-    return _CONTEXT
+    return getattr(_current, "ctx", _EMPTY)
 
 
 def set_context(ctx: Context) -> None:
-    """Make `ctx` the current step's metadata, after its backend has prepared it."""
-    global _CONTEXT
+    """Make `ctx` this thread's current step metadata, after its backend has prepared it."""
     if ctx.backend is not None:
         ctx.backend.prepare(ctx)
-    _CONTEXT = ctx
+    _current.ctx = ctx
 
 
 def reset_context() -> None:
