@@ -8,7 +8,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from nanovllm.model_config import ModelConfig
 from nanovllm.utils.gguf_loader import gguf_tokenizer
 
 
@@ -76,9 +75,10 @@ def load_tokenizer(model_dir: str, gguf_file: str | None = None):
                          f"to run on token ids only") from e
 
 
-def dummy_weights(config: ModelConfig, device: torch.device) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Random values under the published tensor names and shapes (vLLM's load_format='dummy'), seeded by name so that
-    every rank takes its shard of one full tensor; small uniform values keep activations finite; norm weights are 1."""
+def dummy_weights(config, device: torch.device) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Random values under the published tensor names and shapes of `config` (a ModelConfig; vLLM's
+    load_format='dummy'), seeded by name so that every rank takes its shard of one full tensor; small uniform values
+    keep activations finite; norm weights are 1."""
     h, d = config.hidden_size, config.head_dim
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
