@@ -77,35 +77,29 @@ class OpenAIServer:
     # ---- requests to sequences ----------------------------------------------------------------------------
 
     def _sequences(self, req, prompts: list[list[int]], requested: int | None, logprobs: int | None,
-                   param: str) -> list[Sequence]:
-        """n sequences per prompt (choice i * n + j), validated by the engine: nothing is queued yet. `requested`
-        is max_tokens (None: all that fits; more than fits is refused, as vLLM does). Choice j > 0 of a seeded
-        request samples with seed + j, as vLLM's parallel sampling does."""
+                   param: str) -> list[list[Sequence]]:
+        """Each prompt's n samples (choice i * n + j), validated by the engine: nothing is queued yet. `requested`
+        is max_tokens (None: all that fits; more than fits is refused, as vLLM does)."""
         sp = sampling_params(req, self.max_model_len if requested is None else requested, logprobs)
-        seqs = []
-        for i, ids in enumerate(prompts):
+        requests = []
+        for ids in prompts:
             if len(ids) >= self.max_model_len:
                 raise APIError(400, f"the prompt has {len(ids)} tokens, and max_model_len={self.max_model_len} "
                                     f"leaves no room for a completion", param)
             room = self.max_model_len - len(ids)
-            if requested is None:
-                params = dataclasses.replace(sp, max_tokens=room)
-            elif requested > room:
+            if requested is not None and requested > room:
                 raise APIError(400, f"max_tokens={requested} with the prompt's {len(ids)} tokens is more than "
                                     f"max_model_len={self.max_model_len}; ask for at most {room}",
                                request_field(req, "max_tokens"))
-            else:
-                params = sp
-            for j in range(req.n):
-                seed = params.seed + j if params.seed is not None and j else params.seed
-                choice = params if seed == params.seed else dataclasses.replace(params, seed=seed)
-                try:
-                    seqs.append(self.engine._make_sequence(ids, choice, stream=req.stream))
-                except ValueError as e:
-                    name = str(e).split(" ", 1)[0]
-                    raise APIError(400, str(e), request_field(req, name) if name in ("stop", "stop_token_ids",
-                                                                                  "logprobs") else param) from None
-        return seqs
+            try:
+                seq = self.engine._make_sequence(ids, sp if requested is not None else
+                                                 dataclasses.replace(sp, max_tokens=room), stream=req.stream)
+            except ValueError as e:
+                name = str(e).split(" ", 1)[0]
+                raise APIError(400, str(e), request_field(req, name) if name in ("stop", "stop_token_ids",
+                                                                              "logprobs") else param) from None
+            requests.append(seq.fork() if req.n > 1 else [seq])     # the n samples share the prompt's blocks
+        return requests
 
     def _encode(self, text: str, param: str, **kwargs) -> list[int]:
         if self.tokenizer is None:
@@ -125,8 +119,8 @@ class OpenAIServer:
                 raise APIError(400, f"the prompt has {len(p)} tokens, more than max_model_len="
                                     f"{self.max_model_len}", "prompt")
         ids = [self._encode(p, "prompt") if isinstance(p, str) else p for p in prompts]
-        seqs = self._sequences(req, ids, req.max_tokens, req.logprobs, "prompt")
-        return await self._respond(request, req, seqs, "text_completion")
+        requests = self._sequences(req, ids, req.max_tokens, req.logprobs, "prompt")
+        return await self._respond(request, req, requests, "text_completion")
 
     async def chat_completions(self, request: Request):
         req: ChatCompletionRequest = await self._read(request, ChatCompletionRequest)
@@ -146,13 +140,14 @@ class OpenAIServer:
         ids = self._encode(text, "messages", add_special_tokens=False)   # the template wrote the special tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
-        seqs = self._sequences(req, [ids], max_tokens, logprobs, "messages")
-        return await self._respond(request, req, seqs, "chat.completion")
+        requests = self._sequences(req, [ids], max_tokens, logprobs, "messages")
+        return await self._respond(request, req, requests, "chat.completion")
 
     # ---- responses ----------------------------------------------------------------------------------------
 
-    async def _respond(self, request: Request, req, seqs: list[Sequence], kind: str):
-        sink = self.loop.submit(seqs, list(range(len(seqs))), req.stream)
+    async def _respond(self, request: Request, req, requests: list[list[Sequence]], kind: str):
+        sink = self.loop.submit(requests, req.stream)
+        seqs = [seq for samples in requests for seq in samples]
         fmt = _Format(self, kind, req, seqs)
         if req.stream:
             return StreamingResponse(self._stream(sink, seqs, fmt), media_type="text/event-stream")

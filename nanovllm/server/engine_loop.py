@@ -43,7 +43,7 @@ class EngineLoop:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.scheduler = engine.scheduler
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()   # from the asyncio thread: (seqs, sink or None)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()   # from the asyncio thread: see submit and abort
         self._tracked: dict[Sequence, _Tracked] = {}
         self._aloop: asyncio.AbstractEventLoop | None = None
         self.dead: str | None = None        # why the engine loop stopped stepping (an exception), once it did
@@ -56,15 +56,16 @@ class EngineLoop:
         """The event loop the sinks belong to (the server's, once it has started)."""
         self._aloop = aloop
 
-    def submit(self, seqs: list[Sequence], indices: list[int], stream: bool) -> asyncio.Queue:
-        """Queue validated sequences (choice `indices[i]` of their request); returns the sink their Deltas go to."""
+    def submit(self, requests: list[list[Sequence]], stream: bool) -> asyncio.Queue:
+        """Queue validated requests, each a prompt's samples (Sequence.fork: the first holds the others back until
+        its prompt is computed); their sequences are the choices 0, 1, ... Returns the sink their Deltas go to."""
         sink = asyncio.Queue()
-        self._inbox.put((seqs, [_Tracked(sink, i, stream) for i in indices]))
+        self._inbox.put((requests, sink, stream))
         return sink
 
     def abort(self, seqs: list[Sequence]):
         """Take sequences back (the client went away): the loop aborts those not finished and frees their blocks."""
-        self._inbox.put((seqs, None))
+        self._inbox.put((seqs, None, None))
 
     @property
     def num_tracked(self) -> int:
@@ -88,16 +89,19 @@ class EngineLoop:
         try:
             item = self._inbox.get(timeout=0.1) if wait else self._inbox.get_nowait()
             while True:
-                seqs, tracks = item
-                if tracks is None:
-                    for seq in seqs:
+                what, sink, stream = item
+                if sink is None:
+                    for seq in what:
                         self._abort(seq)
                 elif self.dead is not None:
-                    self._post({tracks[0].sink: EngineDead(self.dead)})
+                    self._post({sink: EngineDead(self.dead)})
                 else:
-                    for seq, track in zip(seqs, tracks):
-                        self._tracked[seq] = track
-                        self.scheduler.add(seq)
+                    index = 0
+                    for samples in what:
+                        for seq in samples:
+                            self._tracked[seq] = _Tracked(sink, index, stream)
+                            index += 1
+                        self.scheduler.add(samples[0])
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass

@@ -117,9 +117,9 @@ def _param_path(loc: tuple) -> str:
     return path
 
 
-# Penalties are the engine's to add (issue 22, item 3); until SamplingParams has one, only its neutral value passes.
-_NEUTRAL = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
+# A field SamplingParams lacks (an engine without issue 22's item 3) passes only with its neutral value.
+_NEUTRAL = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens",
                     "include_stop_str_in_output", "skip_special_tokens")
 
