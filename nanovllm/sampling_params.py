@@ -3,13 +3,15 @@ from dataclasses import dataclass
 
 from nanovllm.model_config import check_field
 
+SAMPLING_EPS = 1e-5     # vLLM's: a temperature below it is greedy (1 / T would overflow the logits to inf, then NaN)
+
 
 @dataclass(slots=True)
 class SamplingParams:
     """How to pick each generated token and when to stop, with vLLM's names and meanings.
 
-    temperature: 0 is greedy (argmax, no filters); else sample from softmax(logits / temperature), filtered in
-        this order by min_p, top_k and top_p.
+    temperature: 0 (or below 1e-5, vLLM's epsilon) is greedy (argmax, no filters); else sample from
+        softmax(logits / temperature), filtered in this order by min_p, top_k and top_p.
     min_p: drop tokens less probable than min_p times the most probable one; 0 turns it off.
     top_k: keep the k most probable tokens; 0 or -1 turns it off.
     top_p: keep the most probable tokens until their probability reaches top_p, the token that crosses it
@@ -19,7 +21,7 @@ class SamplingParams:
         stop_token_ids cannot be generated and stop strings are not looked for. ignore_eos: generate past eos.
     stop, stop_token_ids: strings and token ids that end generation ("stop"); the text is cut before the stop
         string unless include_stop_str_in_output, which keeps it (or the stop token's text).
-    logprobs: None, or n >= 0: per generated token, {token_id: logprob} for the sampled token and the n most
+    logprobs: None, or k >= 0: per generated token, {token_id: logprob} for the sampled token and the k most
         probable ones. skip_special_tokens: leave special tokens out of the text."""
     temperature: float = 1.0
     top_k: int = 0
@@ -37,6 +39,8 @@ class SamplingParams:
 
     def __post_init__(self):
         check_field("temperature", self.temperature, (int, float), lambda v: 0 <= v < math.inf, ">= 0 (0 means greedy)")
+        if self.temperature < SAMPLING_EPS:
+            self.temperature = 0.0      # greedy everywhere, as vLLM: no path divides by a vanishing temperature
         check_field("top_p", self.top_p, (int, float), lambda v: 0 < v <= 1, "in (0, 1] (1 turns it off)")
         check_field("min_p", self.min_p, (int, float), lambda v: 0 <= v <= 1, "in [0, 1] (0 turns it off)")
         check_field("top_k", self.top_k, int, lambda v: v >= -1, "-1, 0 (off) or an integer >= 1")

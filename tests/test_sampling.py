@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from nanovllm.layers.sampler import Sampler, SamplingTensors, seed_key, seeded_exponential
+from nanovllm.layers.sampler import Sampler, SamplingTensors, sample as fast_sample, seed_key, seeded_exponential
 from tests.triton_interpreter import run_check
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -246,12 +246,26 @@ def nucleus_log_softmax(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(mask, float("-inf")).log_softmax(-1)
 
 
+def test_vanishing_temperature_is_argmax_with_finite_logprobs():
+    """Issue 22 item 5: T = 1e-40 with filters and logprobs gave token 0 and NaN; any T below 1e-5 is the argmax,
+    in the Sampler itself (the fast path and the full one), not only through SamplingParams."""
+    logits = torch.randn(8, 300) * 4
+    temperatures = torch.full((8,), 1e-40)
+    assert torch.equal(fast_sample(logits, temperatures), logits.argmax(-1))
+    extras = SamplingTensors(top_ks=torch.full((8,), 5), top_ps=torch.full((8,), 0.9), min_ps=torch.full((8,), 0.2),
+                             num_logprobs=2)
+    tokens, (sampled, top, _) = Sampler()(logits, temperatures, extras)
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert torch.isfinite(sampled).all() and not top.isnan().any()     # -inf: dropped by these rows' filters
+
+
 # ---- the CUDA fast path's kernel, under Triton's interpreter without a GPU ------------------------------------
 
 def check_gumbel_kernel(device: str) -> tuple[list[int], list[int], list[int], list[int]]:
-    """Greedy rows with ties (the kernel's argmax, torch's), and rows sampled at T = 1 from log(PROBS) and at
-    T = 0.5 from log(PROBS) / 2 (so both should follow PROBS), a last -inf token in each, each row cut into
-    several chunks of several blocks; and rows of -inf only, which (as torch.argmax) answer index 0."""
+    """Greedy rows with ties (the kernel's argmax, torch's; at T = 0 and at T = 1e-40, below SAMPLING_EPS), and rows
+    sampled at T = 1 from log(PROBS) and at T = 0.5 from log(PROBS) / 2 (so both should follow PROBS), a last -inf
+    token in each, each row cut into several chunks of several blocks; and rows of -inf only, which (as
+    torch.argmax) answer index 0."""
     from nanovllm.kernels import sampling
     torch.manual_seed(0)
     sampling.SAMPLE_BLOCK, sampling.SAMPLE_CHUNK = 4, 8     # two chunks per row, the first of two blocks (restored below)
@@ -260,7 +274,8 @@ def check_gumbel_kernel(device: str) -> tuple[list[int], list[int], list[int], l
         logits = torch.tensor([math.log(p) for p in PROBS] + [float("-inf")], device=device).repeat(DRAWS_KERNEL, 1)
         masked = torch.full((2, 9), float("-inf"), device=device)
         batch = torch.cat([greedy, logits, logits / 2, masked])
-        temps = torch.cat([const(0.0, 64, device), const(1.0, DRAWS_KERNEL, device), const(0.5, DRAWS_KERNEL, device),
+        temps = torch.cat([const(0.0, 32, device), const(1e-40, 32, device),
+                           const(1.0, DRAWS_KERNEL, device), const(0.5, DRAWS_KERNEL, device),
                            torch.tensor([0.0, 1.0], device=device)])
         out = sampling.gumbel_sample(batch.to(torch.bfloat16), temps).cpu()
         assert out[-2:].tolist() == [0, 0], out[-2:]

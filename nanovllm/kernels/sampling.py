@@ -35,7 +35,7 @@ def gumbel_argmax_kernel(logits_ptr, temperatures_ptr, chunk_best_ptr, chunk_ind
         # E = -log(u) ~ Exp(1) per (row, token), clamped like the torch path; -log(E) is Gumbel noise.
         u = tl.rand(seed, row * vocab_size + cols)
         noise = -tl.log(tl.maximum(-tl.log(u), 1e-10))
-        score = tl.where(temperature == 0, x, x * inv_t + noise)
+        score = tl.where(temperature < 1e-5, x, x * inv_t + noise)     # T = 0: below SAMPLING_EPS, as in torch
         better = score > best       # strict: within a lane the first index wins a tie
         best = tl.where(better, score, best)
         best_index = tl.where(better, cols, best_index)

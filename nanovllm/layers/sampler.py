@@ -4,7 +4,7 @@ import torch
 import xxhash
 from torch import nn
 
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import SAMPLING_EPS, SamplingParams
 from nanovllm.utils.tensors import to_device
 
 _MASK32 = 0xFFFFFFFF
@@ -105,14 +105,15 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(logits / temperatures.clamp_min(1e-5).unsqueeze(1), dim=-1)
     # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race), with no sort and no host sync.
     sampled = probs.div_(torch.empty_like(probs).exponential_(1).clamp_min_(1e-10)).argmax(dim=-1)
-    return torch.where(temperatures == 0, greedy, sampled)
+    return torch.where(temperatures < SAMPLING_EPS, greedy, sampled)
 
 
 class Sampler(nn.Module):
     """Picks one token per row of a batch with mixed per-request parameters, in one batched pass: a draw from
-    softmax(logits / temperature) after min_p, top_k and top_p filtering, or the argmax at temperature 0. A batch
-    with no `SamplingTensors` takes the fast path (one Triton pass on CUDA). Logprobs are those of the distribution sampled from
-    (after masking, temperature and filters; the masked logits' for a greedy row): vLLM's "processed" logprobs."""
+    softmax(logits / temperature) after min_p, top_k and top_p filtering, or the argmax at temperature 0 (any
+    below SAMPLING_EPS: none divides by a vanishing temperature). A batch with no `SamplingTensors` takes the fast
+    path (one Triton pass on CUDA). Logprobs are those of the distribution sampled from (after masking, temperature
+    and filters; the masked logits' for a greedy row): vLLM's "processed" logprobs."""
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, extras: SamplingTensors | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
@@ -127,7 +128,7 @@ class Sampler(nn.Module):
         if extras.banned_rows is not None:
             logits = logits.clone()     # leave the caller's logits as they were
             logits[extras.banned_rows, extras.banned_ids] = float("-inf")
-        greedy = temperatures == 0
+        greedy = temperatures < SAMPLING_EPS
         # Greedy rows are divided by 1 (and carry neutral filters), so their logprobs are those of the logits.
         logits = logits / torch.where(greedy, 1.0, temperatures).unsqueeze(1)
         if extras.min_ps is not None:
