@@ -12,6 +12,11 @@ class SamplingParams:
 
     temperature: 0 (or below 1e-5, vLLM's epsilon) is greedy (argmax, no filters); else sample from
         softmax(logits / temperature), filtered in this order by min_p, top_k and top_p.
+    presence_penalty, frequency_penalty: OpenAI's, in [-2, 2]: subtract the penalty once from the logit of each
+        token the completion holds so far (presence), or once per occurrence (frequency); 0 turns them off.
+    repetition_penalty: vLLM's and transformers', > 0: the logit of each token of the prompt or the completion so
+        far is divided by it when positive and multiplied when not; 1 turns it off. Penalties apply before the
+        temperature and the filters, greedy requests included.
     min_p: drop tokens less probable than min_p times the most probable one; 0 turns it off.
     top_k: keep the k most probable tokens; 0 or -1 turns it off.
     top_p: keep the most probable tokens until their probability reaches top_p, the token that crosses it
@@ -36,11 +41,19 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # After the fields above, so that positional arguments keep their meaning.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         check_field("temperature", self.temperature, (int, float), lambda v: 0 <= v < math.inf, ">= 0 (0 means greedy)")
         if self.temperature < SAMPLING_EPS:
             self.temperature = 0.0      # greedy everywhere, as vLLM: no path divides by a vanishing temperature
+        for name in ("presence_penalty", "frequency_penalty"):
+            check_field(name, getattr(self, name), (int, float), lambda v: -2 <= v <= 2, "in [-2, 2] (0 turns it off)")
+        check_field("repetition_penalty", self.repetition_penalty, (int, float), lambda v: 0 < v < math.inf,
+                    "> 0 and finite (1 turns it off)")
         check_field("top_p", self.top_p, (int, float), lambda v: 0 < v <= 1, "in (0, 1] (1 turns it off)")
         check_field("min_p", self.min_p, (int, float), lambda v: 0 <= v <= 1, "in [0, 1] (0 turns it off)")
         check_field("top_k", self.top_k, int, lambda v: v >= -1, "-1, 0 (off) or an integer >= 1")
@@ -63,7 +76,13 @@ class SamplingParams:
         self.stop, self.stop_token_ids = list(stop), list(ids)
 
     @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
     def needs_sampler_extras(self) -> bool:
-        """Whether sampling needs more than the temperature: a filter or seed (when sampling), logprobs, min_tokens."""
+        """Whether sampling needs more than the temperature: a filter or seed (when sampling), logprobs, min_tokens,
+        penalties (greedy or not)."""
         filters = self.top_k > 0 or self.top_p < 1 or self.min_p > 0 or self.seed is not None
-        return (self.temperature > 0 and filters) or self.logprobs is not None or self.min_tokens > 0
+        return ((self.temperature > 0 and filters) or self.logprobs is not None or self.min_tokens > 0
+                or self.has_penalties)

@@ -148,12 +148,14 @@ class ModelRunner:
         if logits is not None:      # rank 0: the other ranks get no logits
             temperatures = torch.ones(cfg.max_num_seqs, device=self.device)
             self.sampler(logits, temperatures)
-            # The filtering path (a sort, seeded noise, logprobs) needs more memory: count its peak too.
+            # The filtering path (a sort, seeded noise, penalties, logprobs) needs more memory: count its peak too.
             rows = torch.arange(cfg.max_num_seqs, device=self.device)
             self.sampler(logits, temperatures, SamplingTensors(
                 top_ks=torch.full_like(rows, 50), top_ps=torch.full_like(temperatures, 0.9),
                 min_ps=torch.full_like(temperatures, 0.1), seed_rows=rows, seed_keys=torch.stack([rows, rows], 1),
-                banned_rows=rows, banned_ids=torch.zeros_like(rows), num_logprobs=min(20, logits.size(-1))))
+                banned_rows=rows, banned_ids=torch.zeros_like(rows), penalty_rows=rows,
+                penalties=torch.ones(len(rows), 3, device=self.device),
+                token_counts=torch.zeros(2, *logits.shape, device=self.device), num_logprobs=min(20, logits.size(-1))))
         del hidden, logits
         torch.cuda.synchronize()
 
@@ -269,11 +271,12 @@ class ModelRunner:
             copied.record()
         if (batch.sample_rows >= 0).any():
             # Rows whose last token the host has not seen take it from the previous step's samples on the GPU:
-            # the graphs that sample read them from their own buffer (copied there if another path sampled them).
+            # the graphs that sample read them from their own buffer (copied there if another path sampled them);
+            # any other step gathers them into input_ids, where the full sampler's penalties count them too.
             if plan.graph_size and self.graphs.sampled is not None:
                 if self.last_sampled.data_ptr() != self.graphs.sampled.data_ptr():
                     self.graphs.sampled[:len(self.last_sampled)].copy_(self.last_sampled)
-            else:
+            if not plan.graph_samples:
                 rows = inputs.sample_rows[:n]
                 inputs.input_ids[:n] = (self.last_sampled[rows] if (batch.sample_rows >= 0).all() else torch.where(
                     rows >= 0, self.last_sampled[rows.clamp(min=0)], inputs.input_ids[:n]))
@@ -306,7 +309,8 @@ class ModelRunner:
             elif logits is not None:
                 sampling = batch.sampling
                 temperatures, extras = prepare_sampling(sampling.params, sampling.output_lens, self.eos_token_ids,
-                                                        self.config.model_config.vocab_size, self.device)
+                                                        self.config.model_config.vocab_size, self.device,
+                                                        sampling.seqs, None if batch.is_prefill else input_ids)
                 token_ids, logprobs = self.sampler(logits, temperatures, extras)
             if self.broadcast_sampled_ids:      # every rank embeds these ids in the next step
                 if token_ids is None:

@@ -9,9 +9,15 @@ from nanovllm.sampling_params import SamplingParams
 @dataclass(slots=True)
 class SamplingRows:
     """What only the sampling rank (0) reads: each row's parameters and how many tokens it has generated (a token
-    still on the GPU counts), for seeds and min_tokens."""
+    still on the GPU counts), for seeds and min_tokens; and its sequence, whose tokens penalties count (read when
+    the step is launched, before any later token is booked; never sent to other ranks)."""
     params: list[SamplingParams]
     output_lens: list[int]
+    seqs: list[Sequence] | None
+
+    def __getstate__(self):
+        """A pickled batch ships no token history: the sequences stay with rank 0, which samples."""
+        return None, {"params": self.params, "output_lens": self.output_lens, "seqs": None}   # (dict, slots)
 
 
 @dataclass(slots=True)
@@ -57,6 +63,6 @@ class StepBatch:
             context_lens = np.fromiter(map(len, seqs), np.int64, n)
             positions, seq_of_token, cu_seqlens_q = context_lens - 1, np.arange(n), np.arange(n + 1)
         slot_mapping = (block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size)
-        sampling = SamplingRows([s.sampling_params for s in seqs], [len(s) - s.num_prompt_tokens for s in seqs])
+        sampling = SamplingRows([s.sampling_params for s in seqs], [len(s) - s.num_prompt_tokens for s in seqs], seqs)
         return cls(is_prefill, input_ids, positions, slot_mapping, cu_seqlens_q, context_lens, block_tables,
                    sample_rows, sampling)

@@ -21,13 +21,20 @@ class SamplingTensors:
     seed_keys: torch.Tensor | None = None       # int64 [seeded, 2]: seed_key(seed, position) of each seeded row
     banned_rows: torch.Tensor | None = None     # int64 [pairs]: (row, token) pairs whose logit is set to -inf,
     banned_ids: torch.Tensor | None = None      # int64 [pairs]   the stop tokens of rows still under min_tokens
+    penalty_rows: torch.Tensor | None = None    # int64 [penalized]: rows with a penalty, and their
+    penalties: torch.Tensor | None = None       # float32 [penalized, 3]  presence, frequency, repetition penalties
+    token_counts: torch.Tensor | None = None    # float32 [2, penalized, vocab]: each token's count in the completion
+                                                # so far, and in the prompt (only where a repetition penalty needs it)
     num_logprobs: int = -1                      # the largest top-n asked for; -1: no row wants logprobs
 
 
 def prepare_sampling(params: list[SamplingParams], output_lens: list[int], eos_token_ids: frozenset[int],
-                     vocab_size: int, device: torch.device) -> tuple[torch.Tensor, SamplingTensors | None]:
+                     vocab_size: int, device: torch.device, seqs: list = (), last_tokens: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, SamplingTensors | None]:
     """A batch's sampling inputs, one row per request: the temperatures, and SamplingTensors only when some row
-    needs more. `output_lens[i]` is how many tokens row i has generated (for seeds and min_tokens)."""
+    needs more. `output_lens[i]` is how many tokens row i has generated (for seeds and min_tokens). Penalties also
+    read `seqs` (the rows' sequences) and, in a decode step, `last_tokens`: each row's input id on the device,
+    its last token, which with overlap scheduling the host has not seen yet."""
     temperatures = to_device([p.temperature for p in params], torch.float32, device)
     if not any(p.needs_sampler_extras for p in params):
         return temperatures, None
@@ -51,7 +58,51 @@ def prepare_sampling(params: list[SamplingParams], output_lens: list[int], eos_t
     if banned:
         extras.banned_rows = to_device([i for i, _ in banned], torch.int64, device)
         extras.banned_ids = to_device([t for _, t in banned], torch.int64, device)
+    if penalized := [i for i, p in enumerate(params) if p.has_penalties]:
+        extras.penalty_rows = to_device(penalized, torch.int64, device)
+        extras.penalties = to_device([[params[i].presence_penalty, params[i].frequency_penalty,
+                                       params[i].repetition_penalty] for i in penalized], torch.float32, device)
+        rows = [(seqs[i], output_lens[i], params[i].repetition_penalty != 1) for i in penalized]
+        pending = None if last_tokens is None else last_tokens[extras.penalty_rows]
+        extras.token_counts = token_counts(rows, vocab_size, device, pending)
     return temperatures, extras
+
+
+def token_counts(rows: list[tuple], vocab_size: int, device: torch.device, last_tokens: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """float32 [2, rows, vocab]: how often each token is in a row's completion so far, and in its prompt. `rows`:
+    (sequence, tokens generated, whether its prompt counts: a repetition penalty). One scatter on the device from the
+    token ids the host holds, plus `last_tokens` (a decode step's inputs, on the device) for each row's last token,
+    which the host may not hold yet. Rebuilt each step, as vLLM does: host work in the penalized rows' tokens only."""
+    index = [[], []]
+    for j, (seq, num_generated, with_prompt) in enumerate(rows):
+        start = seq.num_prompt_tokens
+        completion = seq.token_ids[start:start + num_generated - (last_tokens is not None)]
+        index[0] += [j] * len(completion)
+        index[1] += completion
+        if with_prompt:
+            index[0] += [len(rows) + j] * start
+            index[1] += seq.token_ids[:start]
+    index = to_device(index, torch.int64, device)
+    if last_tokens is not None:
+        index = torch.cat([index, torch.stack([torch.arange(len(rows), device=device), last_tokens])], dim=1)
+    counts = torch.zeros(2 * len(rows), vocab_size, device=device)
+    counts.index_put_(tuple(index), torch.ones(index.size(1), device=device), accumulate=True)
+    return counts.view(2, len(rows), vocab_size)
+
+
+def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, penalties: torch.Tensor, counts: torch.Tensor
+                    ) -> torch.Tensor:
+    """vLLM's penalties on `rows` of the logits (a new tensor): the repetition penalty (transformers' too) divides
+    the positive logits of tokens seen in the prompt or the completion and multiplies the others; then, as OpenAI
+    defines them, frequency * count and presence * (count > 0) over the completion are subtracted."""
+    presence, frequency, repetition = (p.unsqueeze(1) for p in penalties.unbind(1))
+    completion, prompt = counts
+    x = logits[rows]
+    scale = torch.where((completion + prompt) > 0, repetition, 1.0)
+    x = torch.where(x > 0, x / scale, x * scale)
+    x = x - frequency * completion - presence * (completion > 0)
+    return logits.index_copy(0, rows, x)
 
 
 def seed_key(seed: int, position: int) -> tuple[int, int]:
@@ -110,10 +161,10 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
 
 class Sampler(nn.Module):
     """Picks one token per row of a batch with mixed per-request parameters, in one batched pass: a draw from
-    softmax(logits / temperature) after min_p, top_k and top_p filtering, or the argmax at temperature 0 (any
-    below SAMPLING_EPS: none divides by a vanishing temperature). A batch with no `SamplingTensors` takes the fast
-    path (one Triton pass on CUDA). Logprobs are those of the distribution sampled from (after masking, temperature
-    and filters; the masked logits' for a greedy row): vLLM's "processed" logprobs."""
+    softmax(logits / temperature) after penalties and min_p, top_k and top_p filtering, or the argmax at temperature
+    0 (any below SAMPLING_EPS: none divides by a vanishing temperature). A batch with no `SamplingTensors` takes the
+    fast path (one Triton pass on CUDA). Logprobs are those of the distribution sampled from (after masking,
+    penalties, temperature and filters; the penalized logits' for a greedy row): vLLM's "processed" logprobs."""
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, extras: SamplingTensors | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
@@ -128,6 +179,8 @@ class Sampler(nn.Module):
         if extras.banned_rows is not None:
             logits = logits.clone()     # leave the caller's logits as they were
             logits[extras.banned_rows, extras.banned_ids] = float("-inf")
+        if extras.penalty_rows is not None:
+            logits = apply_penalties(logits, extras.penalty_rows, extras.penalties, extras.token_counts)
         greedy = temperatures < SAMPLING_EPS
         # Greedy rows are divided by 1 (and carry neutral filters), so their logprobs are those of the logits.
         logits = logits / torch.where(greedy, 1.0, temperatures).unsqueeze(1)

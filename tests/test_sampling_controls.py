@@ -1,0 +1,254 @@
+"""The sampling controls OpenAI clients send (issue 22): presence/frequency/repetition penalties, seeds with them,
+and temperatures too small to divide by, each with vLLM's semantics.
+
+How each is checked against vLLM / transformers, never against the feature itself:
+- penalties: a loop-per-row torch reference written from vLLM's apply_penalties (repetition over prompt and
+  completion: divide positive logits, multiply the others; then OpenAI's frequency * count and presence over the
+  completion), and transformers' RepetitionPenaltyLogitsProcessor for repetition_penalty; end to end, greedy
+  completions and their logprobs against transformers' model stepped by hand with that reference;
+- temperatures below vLLM's epsilon (1e-5) are greedy: the same tokens as temperature 0, finite logprobs.
+"""
+import math
+import random
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.layers.sampler import Sampler, apply_penalties, prepare_sampling, token_counts
+from tests.conftest import all_free, hf_model
+
+BLOCK = 16
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs a CUDA GPU")])
+
+
+# ---- validation ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("presence_penalty", 2.5, "[-2, 2]"), ("presence_penalty", math.nan, "[-2, 2]"),
+    ("frequency_penalty", -2.1, "[-2, 2]"), ("frequency_penalty", "1", "[-2, 2]"),
+    ("repetition_penalty", 0, "> 0"), ("repetition_penalty", -1.0, "> 0"), ("repetition_penalty", math.inf, "> 0"),
+    ("repetition_penalty", None, "> 0"),
+])
+def test_new_fields_name_themselves_and_their_range(field, value, allowed):
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**{field: value})
+    assert str(info.value).startswith(field) and allowed in str(info.value)
+
+
+def test_tiny_temperatures_are_greedy():
+    # vLLM: a temperature below 1e-5 is greedy.
+    for temperature in (0, 1e-40, 9e-6):
+        assert SamplingParams(temperature=temperature, top_k=5, min_p=0.5).temperature == 0
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5
+    assert not SamplingParams(temperature=1e-40, top_k=5, min_p=0.5, seed=3).needs_sampler_extras
+
+
+def test_penalties_take_the_full_sampler_even_when_greedy():
+    """A CUDA graph samples the temperature-only path itself; a penalty must send the step to the full sampler."""
+    for penalty in ({"presence_penalty": 0.5}, {"frequency_penalty": -1}, {"repetition_penalty": 1.1}):
+        for temperature in (0, 1.0):
+            assert SamplingParams(temperature=temperature, **penalty).needs_sampler_extras
+    runner = object.__new__(ModelRunner)    # plan() reads only the graphs and the batch
+    runner.graphs = SimpleNamespace(can_run=lambda n: True, padded_size=lambda n: n, sampled=torch.zeros(4))
+    batch = lambda *params: SimpleNamespace(is_prefill=False, num_seqs=len(params),
+                                            sampling=SimpleNamespace(params=list(params)))
+    assert runner.plan(batch(SamplingParams(), SamplingParams(temperature=0))).graph_samples
+    assert not runner.plan(batch(SamplingParams(), SamplingParams(temperature=0, repetition_penalty=1.2))).graph_samples
+
+
+# ---- penalties on logits, against references -----------------------------------------------------------
+
+def reference_penalties(logits, prompts, completions, presence, frequency, repetition):
+    """vLLM's apply_penalties, one row and one token at a time."""
+    out = logits.clone()
+    for r in range(len(out)):
+        for t in set(prompts[r]) | set(completions[r]):
+            x = out[r, t]
+            out[r, t] = x / repetition[r] if x > 0 else x * repetition[r]
+        for t, count in Counter(completions[r]).items():
+            out[r, t] -= frequency[r] * count + presence[r]
+    return out
+
+
+def fake_seq(prompt, completion):
+    return SimpleNamespace(token_ids=prompt + completion, num_prompt_tokens=len(prompt))
+
+
+def random_history(rng, vocab, rows):
+    """Prompts and completions with repeats, some tokens in both, and an empty completion (a first token)."""
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randrange(1, 30))] for _ in range(rows)]
+    completions = [[rng.randrange(vocab // 2) for _ in range(rng.randrange(0 if r == 0 else 1, 40))]
+                   for r in range(rows)]
+    return prompts, completions
+
+
+PENALTIES = [(0.0, 0.0, 1.0), (0.5, 0.0, 1.0), (0.0, 0.7, 1.0), (0.0, 0.0, 1.8), (-1.5, 2.0, 0.6), (2.0, -2.0, 1.3),
+             (0.3, 0.4, 1.1)]
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_penalties_equal_the_reference(decode):
+    """Counts scattered on the device from the host's tokens; in a decode step the last token comes from the
+    device (`last_tokens`: with overlap scheduling the host has not booked it yet)."""
+    rng = random.Random(0)
+    vocab, rows = 50, len(PENALTIES)
+    prompts, completions = random_history(rng, vocab, rows)
+    if decode:
+        completions[0].append(rng.randrange(vocab))    # a decode row has generated at least one token
+    logits = torch.randn(rows, vocab) * 3
+    presence, frequency, repetition = zip(*PENALTIES)
+    expected = reference_penalties(logits, prompts, completions, presence, frequency, repetition)
+    booked = [c[:-1] if decode else c for c in completions]
+    last = torch.tensor([c[-1] for c in completions]) if decode else None
+    counts = token_counts([(fake_seq(p, b), len(c), True) for p, b, c in zip(prompts, booked, completions)],
+                          vocab, torch.device("cpu"), last)
+    got = apply_penalties(logits, torch.arange(rows), torch.tensor(PENALTIES), counts)
+    torch.testing.assert_close(got, expected)
+    assert counts[0].sum(-1).tolist() == [len(c) for c in completions]
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.0, 1.3, 2.0])
+def test_repetition_penalty_equals_transformers(penalty):
+    rng = random.Random(1)
+    vocab, rows = 64, 5
+    prompts, completions = random_history(rng, vocab, rows)
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    # transformers sees each row's prompt and completion as input_ids (padded with a token already in the row).
+    input_ids = torch.tensor([p + c + [p[0]] * (width - len(p) - len(c)) for p, c in zip(prompts, completions)])
+    scores = torch.randn(rows, vocab) * 3
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(input_ids, scores.clone())
+    counts = token_counts([(fake_seq(p, c), len(c), True) for p, c in zip(prompts, completions)], vocab,
+                          torch.device("cpu"), None)
+    got = apply_penalties(scores, torch.arange(rows), torch.tensor([[0.0, 0.0, penalty]] * rows), counts)
+    torch.testing.assert_close(got, expected)
+
+
+def test_sampler_applies_penalties_to_its_rows_only():
+    """Through prepare_sampling and the Sampler, as the runner calls them: penalized rows (greedy and sampled) next
+    to plain ones; greedy rows take the argmax of the penalized logits, logprobs are of what was sampled from."""
+    rng = random.Random(2)
+    vocab = 40
+    params = [SamplingParams(temperature=0, repetition_penalty=1.7, presence_penalty=1.0),
+              SamplingParams(temperature=0),
+              SamplingParams(temperature=0.7, frequency_penalty=2.0, logprobs=3),
+              SamplingParams(temperature=0, frequency_penalty=-2.0, presence_penalty=-2.0)]
+    prompts, completions = random_history(rng, vocab, len(params))
+    seqs = [fake_seq(p, c) for p, c in zip(prompts, completions)]
+    logits = torch.randn(len(params), vocab) * 2
+    original = logits.clone()
+    temperatures, extras = prepare_sampling(params, [len(c) for c in completions], frozenset(), vocab,
+                                            torch.device("cpu"), seqs)
+    tokens, (sampled_lp, top_lp, top_ids) = Sampler()(logits, temperatures, extras)
+    assert torch.equal(logits, original)        # the caller's logits are left as they were
+    penalized = reference_penalties(logits, prompts, completions, *zip(*[
+        (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) for p in params]))
+    assert tokens[[0, 1, 3]].tolist() == [penalized[0].argmax().item(), logits[1].argmax().item(),
+                                          penalized[3].argmax().item()]
+    expected_lp = (penalized / torch.tensor([1, 1, 0.7, 1]).unsqueeze(1)).log_softmax(-1)
+    torch.testing.assert_close(top_lp, expected_lp.topk(3, dim=-1).values)
+    torch.testing.assert_close(sampled_lp, expected_lp.gather(1, tokens.unsqueeze(1)).squeeze(1))
+
+
+def test_vanishing_temperature_through_the_engine_is_greedy(llm):
+    prompt = prompt_of(BLOCK + 4, 12)
+    tiny = SamplingParams(temperature=1e-40, top_k=5, min_p=0.1, top_p=0.5, logprobs=3, max_tokens=12, ignore_eos=True)
+    zero = SamplingParams(temperature=0, logprobs=3, max_tokens=12, ignore_eos=True)
+    got, want = llm.generate([prompt, prompt], [tiny, zero], use_tqdm=False)
+    assert got["token_ids"] == want["token_ids"] and got["logprobs"] == want["logprobs"]
+    assert len(set(got["token_ids"])) > 3 and all(math.isfinite(lp) for d in got["logprobs"] for lp in d.values())
+
+
+# ---- end to end: the engine against transformers stepped by hand ---------------------------------------
+
+_HF_RUNS = {}
+
+
+def hf_penalized_greedy(path, prompt, max_tokens, presence, frequency, repetition):
+    """transformers' model, greedy, with transformers' repetition processor and the reference presence/frequency
+    penalties applied at each step (vLLM's order); returns the tokens and each step's penalized log-softmax."""
+    key = (path, tuple(prompt), max_tokens, presence, frequency, repetition)
+    if key not in _HF_RUNS:
+        _HF_RUNS[key] = _hf_penalized_greedy(path, prompt, max_tokens, presence, frequency, repetition)
+    return _HF_RUNS[key]
+
+
+def _hf_penalized_greedy(path, prompt, max_tokens, presence, frequency, repetition):
+    model = hf_model(path)
+    ids, past, out, logprobs = torch.tensor([prompt]), None, [], []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            result = model(ids, past_key_values=past, use_cache=True)
+            past, logits = result.past_key_values, result.logits[:, -1].float()
+            logits = RepetitionPenaltyLogitsProcessor(repetition)(torch.tensor([prompt + out]), logits)[0]
+            for t, count in Counter(out).items():
+                logits[t] -= frequency * count + presence
+            out.append(logits.argmax().item())
+            logprobs.append(logits.log_softmax(-1))
+            ids = torch.tensor([[out[-1]]])
+    return out, logprobs
+
+
+@pytest.fixture(scope="module", params=["cpu", CUDA])
+def engines(request, qwen3_dir):
+    """Small engines on one checkpoint: with overlap scheduling (the last token is still on the device when the
+    next step's penalties need it) and without; chunked prefill at 64 tokens."""
+    small = dict(device=request.param, kvcache_block_size=BLOCK, num_kvcache_blocks=200, max_model_len=256,
+                 max_num_seqs=16, max_num_batched_tokens=64)
+    llms = {overlap: LLM(qwen3_dir, overlap_scheduling=overlap, **small) for overlap in (True, False)}
+    yield llms
+    for llm in llms.values():
+        llm.exit()
+
+
+@pytest.fixture(scope="module")
+def llm(engines):
+    return engines[True]
+
+
+@pytest.fixture(autouse=True)
+def blocks_free_after(request):
+    yield
+    if "engines" in request.fixturenames:
+        for llm in request.getfixturevalue("engines").values():
+            assert all_free(llm), "a block or a sequence is still held"
+
+
+def prompt_of(n, seed=0):
+    rng = random.Random(seed)
+    return [rng.randrange(3, 384) for _ in range(n)]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_penalized_greedy_equals_transformers(engines, qwen3_dir, overlap):
+    llm = engines[overlap]
+    prompts = [prompt_of(n, seed=n) for n in (5, BLOCK + 3, 3 * BLOCK + 1)]
+    cases = [(1.5, 0.0, 1.0), (0.0, 1.2, 1.0), (0.0, 0.0, 1.9), (-2.0, -1.0, 1.0), (0.5, 0.5, 0.7), (0.0, 0.0, 1.0)]
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2, presence_penalty=p,
+                             frequency_penalty=f, repetition_penalty=r) for p, f, r in cases]
+    # Every case on every prompt, in one batch: penalized rows next to others, so rows must not mix.
+    batch = [(prompt, sp, case) for prompt in prompts for sp, case in zip(params, cases)]
+    outs = llm.generate([b[0] for b in batch], [b[1] for b in batch], use_tqdm=False)
+    changed = 0
+    for (prompt, _, case), out in zip(batch, outs):
+        expected, expected_lp = hf_penalized_greedy(qwen3_dir, prompt, 20, *case)
+        assert out["token_ids"] == expected, case
+        for token, entry, row in zip(out["token_ids"], out["logprobs"], expected_lp):
+            assert entry[token] == pytest.approx(row[token].item(), abs=2e-4)
+        changed += expected != hf_penalized_greedy(qwen3_dir, prompt, 20, 0.0, 0.0, 1.0)[0]
+    assert changed >= 10        # the penalties do change these completions: the comparison is not vacuous
+
+
+def test_seeded_penalized_request_is_the_same_alone_and_batched(llm):
+    sp = SamplingParams(temperature=1.0, seed=5, max_tokens=24, ignore_eos=True, frequency_penalty=1.0,
+                        repetition_penalty=1.2)
+    prompt = prompt_of(20)
+    alone = llm.generate([prompt], sp, use_tqdm=False)[0]["token_ids"]
+    others = [SamplingParams(temperature=0.9, max_tokens=30, presence_penalty=1.0), SamplingParams(temperature=0)]
+    batch = llm.generate([prompt_of(7, 1), prompt, prompt_of(40, 2)], [others[0], sp, others[1]], use_tqdm=False)
+    assert batch[1]["token_ids"] == alone
