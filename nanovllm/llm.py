@@ -13,12 +13,14 @@ from nanovllm.sampling_params import SamplingParams
 class StreamOutput:
     """What one request got since its last StreamOutput in `LLM.stream`: `index` is its position in the prompts;
     `new_text` and `new_token_ids` are only what is new (new_text may be empty while an incomplete character or a
-    possible stop string is held back); `finish_reason` is set once `finished`."""
+    possible stop string is held back); `finish_reason` is set once `finished`. `sample_index` tells the n samples
+    of one prompt apart (SamplingParams.n; vLLM's CompletionOutput.index), each streamed and finished on its own."""
     index: int
     new_text: str
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None
+    sample_index: int = 0
 
 
 class LLM(LLMEngine):
@@ -30,16 +32,18 @@ class LLM(LLMEngine):
                  use_tqdm: bool = True) -> list[dict]:
         """Complete every prompt; returns one dict per prompt, in input order, with "text", "token_ids" (the
         completion's), "prompt_token_ids", "finish_reason" ("stop" or "length"), "num_cached_tokens" (prompt tokens
-        served by the prefix cache) and, when asked for, "logprobs" (see SamplingParams.logprobs). All requests are
-        validated before any runs; if anything raises (Ctrl-C included), this call's requests are aborted."""
-        seqs = self._make_sequences(prompts, sampling_params, stream=False)
-        for seq in seqs:
-            self.scheduler.add(seq)
+        served by the prefix cache) and, when asked for, "logprobs" (see SamplingParams.logprobs). With n > 1 it
+        also has "outputs": the n completions, each such a dict, the first being the one at the top level (vLLM's
+        RequestOutput.outputs). All requests are validated before any runs; if anything raises (Ctrl-C included),
+        this call's requests are aborted."""
+        requests = self._requests(prompts, sampling_params, stream=False)
+        seqs = self._queue_samples(requests)
         try:
             self._run_until_done(seqs, use_tqdm)
         finally:
-            self._abort_unfinished(seqs)
-        return [_output(seq) for seq in seqs]
+            self._abort(seqs)
+        return [_output(samples[0]) if len(samples) == 1 else
+                {**_output(samples[0]), "outputs": [_output(seq) for seq in samples]} for samples in requests]
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] = SamplingParams(),
@@ -68,12 +72,21 @@ class LLM(LLMEngine):
         what is new; the pieces concatenate to `generate`'s text and token ids. Requests are validated here and
         queued when iteration starts. Closing the stream (break, an exception, `close()`) aborts its unfinished
         requests; a stream kept while other calls run keeps its requests, which advance with those calls."""
-        return self._stream(self._make_sequences(prompts, sampling_params, stream=True))
+        return self._stream(self._requests(prompts, sampling_params, stream=True))
 
-    def _stream(self, seqs: list[Sequence]) -> Iterator[StreamOutput]:
-        for seq in seqs:
-            self.scheduler.add(seq)
-        num_sent = [0] * len(seqs)      # completion tokens already yielded, per request
+    def _requests(self, prompts, sampling_params, stream: bool) -> list[list[Sequence]]:
+        """Each prompt's n samples (Sequence.fork), every request validated before any is queued."""
+        return [seq.fork() for seq in self._make_sequences(prompts, sampling_params, stream)]
+
+    def _queue_samples(self, requests: list[list[Sequence]]) -> list[Sequence]:
+        """Queue each request's first sample (it holds the others back); returns every sample."""
+        self._queue([samples[0] for samples in requests])
+        return [seq for samples in requests for seq in samples]
+
+    def _stream(self, requests: list[list[Sequence]]) -> Iterator[StreamOutput]:
+        seqs = self._queue_samples(requests)
+        where = [(i, j) for i, samples in enumerate(requests) for j in range(len(samples))]
+        num_sent = [0] * len(seqs)      # completion tokens already yielded, per sequence
         pending = list(range(len(seqs)))
         try:
             while pending:
@@ -88,9 +101,10 @@ class LLM(LLMEngine):
                     num_sent[i] = num_tokens
                     if finished:
                         pending.remove(i)
-                    yield StreamOutput(i, text, new_ids, finished, seq.finish_reason if finished else None)
+                    yield StreamOutput(where[i][0], text, new_ids, finished, seq.finish_reason if finished else None,
+                                       where[i][1])
         finally:
-            self._abort_unfinished(seqs)
+            self._abort(seqs)
 
     def _run_until_done(self, seqs: list[Sequence], use_tqdm: bool):
         mine, num_left = set(seqs), sum(not seq.is_finished for seq in seqs)

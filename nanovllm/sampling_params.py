@@ -4,12 +4,15 @@ from dataclasses import dataclass
 from nanovllm.model_config import check_field
 
 SAMPLING_EPS = 1e-5     # vLLM's: a temperature below it is greedy (1 / T would overflow the logits to inf, then NaN)
+MAX_N = 16384           # vLLM's default VLLM_MAX_N_SEQUENCES
 
 
 @dataclass(slots=True)
 class SamplingParams:
     """How to pick each generated token and when to stop, with vLLM's names and meanings.
 
+    n: how many completions of the prompt to sample (vLLM's parallel sampling); they share the prompt's KV blocks.
+        Sample i > 0 uses seed + i, as vLLM's do. Greedy (argmax) requests take n = 1 only.
     temperature: 0 (or below 1e-5, vLLM's epsilon) is greedy (argmax, no filters); else sample from
         softmax(logits / temperature), filtered in this order by min_p, top_k and top_p.
     presence_penalty, frequency_penalty: OpenAI's, in [-2, 2]: subtract the penalty once from the logit of each
@@ -42,6 +45,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     # After the fields above, so that positional arguments keep their meaning.
+    n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -50,6 +54,8 @@ class SamplingParams:
         check_field("temperature", self.temperature, (int, float), lambda v: 0 <= v < math.inf, ">= 0 (0 means greedy)")
         if self.temperature < SAMPLING_EPS:
             self.temperature = 0.0      # greedy everywhere, as vLLM: no path divides by a vanishing temperature
+        check_field("n", self.n, int, lambda v: 1 <= v <= MAX_N and (v == 1 or self.temperature > 0),
+                    f"an integer in [1, {MAX_N}], and 1 when greedy (temperature < {SAMPLING_EPS})")
         for name in ("presence_penalty", "frequency_penalty"):
             check_field(name, getattr(self, name), (int, float), lambda v: -2 <= v <= 2, "in [-2, 2] (0 turns it off)")
         check_field("repetition_penalty", self.repetition_penalty, (int, float), lambda v: 0 < v < math.inf,

@@ -1,11 +1,14 @@
-"""The sampling controls OpenAI clients send (issue 22): presence/frequency/repetition penalties, seeds with them,
-and temperatures too small to divide by, each with vLLM's semantics.
+"""The sampling controls OpenAI clients send (issue 22): n, presence/frequency/repetition penalties, seeds with
+them, and temperatures too small to divide by, each with vLLM's semantics.
 
 How each is checked against vLLM / transformers, never against the feature itself:
 - penalties: a loop-per-row torch reference written from vLLM's apply_penalties (repetition over prompt and
   completion: divide positive logits, multiply the others; then OpenAI's frequency * count and presence over the
   completion), and transformers' RepetitionPenaltyLogitsProcessor for repetition_penalty; end to end, greedy
   completions and their logprobs against transformers' model stepped by hand with that reference;
+- n: vLLM's parallel sampling makes sample i of a request the same request with seed + i (its ParentRequest), so a
+  seeded n-sample request must equal n single requests with those seeds; the samples share the prompt's full
+  blocks, so only the first computes them;
 - temperatures below vLLM's epsilon (1e-5) are greedy: the same tokens as temperature 0, finite logprobs.
 """
 import math
@@ -30,6 +33,7 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torc
 # ---- validation ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value, allowed", [
+    ("n", 0, "[1, 16384]"), ("n", 2.0, "[1, 16384]"), ("n", True, "[1, 16384]"), ("n", 16385, "[1, 16384]"),
     ("presence_penalty", 2.5, "[-2, 2]"), ("presence_penalty", math.nan, "[-2, 2]"),
     ("frequency_penalty", -2.1, "[-2, 2]"), ("frequency_penalty", "1", "[-2, 2]"),
     ("repetition_penalty", 0, "> 0"), ("repetition_penalty", -1.0, "> 0"), ("repetition_penalty", math.inf, "> 0"),
@@ -41,11 +45,13 @@ def test_new_fields_name_themselves_and_their_range(field, value, allowed):
     assert str(info.value).startswith(field) and allowed in str(info.value)
 
 
-def test_tiny_temperatures_are_greedy():
-    # vLLM: a temperature below 1e-5 is greedy.
+def test_greedy_takes_one_sample_and_tiny_temperatures_are_greedy():
+    # vLLM: "n must be 1 when using greedy sampling"; a temperature below 1e-5 is greedy.
     for temperature in (0, 1e-40, 9e-6):
+        with pytest.raises(ValueError, match="^n must be .* 1 when greedy"):
+            SamplingParams(n=2, temperature=temperature)
         assert SamplingParams(temperature=temperature, top_k=5, min_p=0.5).temperature == 0
-    assert SamplingParams(temperature=1e-5).temperature == 1e-5
+    assert SamplingParams(n=2, temperature=1e-5).n == 2
     assert not SamplingParams(temperature=1e-40, top_k=5, min_p=0.5, seed=3).needs_sampler_extras
 
 
@@ -252,3 +258,101 @@ def test_seeded_penalized_request_is_the_same_alone_and_batched(llm):
     others = [SamplingParams(temperature=0.9, max_tokens=30, presence_penalty=1.0), SamplingParams(temperature=0)]
     batch = llm.generate([prompt_of(7, 1), prompt, prompt_of(40, 2)], [others[0], sp, others[1]], use_tqdm=False)
     assert batch[1]["token_ids"] == alone
+
+
+# ---- n -------------------------------------------------------------------------------------------------
+
+def test_n_samples_are_the_request_with_seed_plus_i(llm):
+    prompt = prompt_of(2 * BLOCK + 5)
+    sp = SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=16, ignore_eos=True, logprobs=1,
+                        presence_penalty=0.5)
+    out = llm.generate([prompt], sp, use_tqdm=False)[0]
+    singles = llm.generate([prompt] * 4, [SamplingParams(temperature=1.0, seed=11 + i, max_tokens=16, ignore_eos=True,
+                                                         logprobs=1, presence_penalty=0.5) for i in range(4)],
+                           use_tqdm=False)
+    assert [o["token_ids"] for o in out["outputs"]] == [s["token_ids"] for s in singles]
+    assert len({tuple(o["token_ids"]) for o in out["outputs"]}) == 4       # seeded samples still differ
+    assert {k: v for k, v in out.items() if k != "outputs"} == out["outputs"][0]
+    for o in out["outputs"]:
+        assert set(o) == {"text", "token_ids", "prompt_token_ids", "finish_reason", "num_cached_tokens", "metrics",
+                          "logprobs"}
+        assert o["prompt_token_ids"] == prompt and len(o["logprobs"]) == 16
+        assert o["text"] == llm.tokenizer.decode(o["token_ids"])
+
+
+def test_n_samples_share_the_prompts_full_blocks(llm):
+    """Only the first sample computes the prompt's full blocks; the others find them in the prefix cache and
+    compute the last partial block (vLLM's children share them the same way)."""
+    prompt = prompt_of(3 * BLOCK + 5, seed=3)
+    prefill_tokens = []
+    run = llm.executor.run
+
+    def counting_run(batch):
+        if batch.is_prefill:
+            prefill_tokens.append(len(batch.input_ids))
+        return run(batch)
+
+    llm.executor.run = counting_run
+    try:
+        out = llm.generate([prompt], SamplingParams(n=5, temperature=1.0, max_tokens=4, ignore_eos=True),
+                           use_tqdm=False)[0]
+    finally:
+        del llm.executor.run
+    assert [o["num_cached_tokens"] for o in out["outputs"]] == [0] + [3 * BLOCK] * 4
+    assert sum(prefill_tokens) == len(prompt) + 4 * 5
+    assert len({tuple(o["token_ids"]) for o in out["outputs"]}) > 1        # unseeded samples differ too
+
+
+def test_n_with_other_requests_and_one_output_unchanged(llm):
+    prompts = [prompt_of(10, 4), prompt_of(BLOCK * 2, 5), prompt_of(3, 6)]
+    params = [SamplingParams(n=3, max_tokens=5), SamplingParams(temperature=0, max_tokens=6),
+              SamplingParams(n=2, max_tokens=7, ignore_eos=True)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o["outputs"]) for o in (outs[0], outs[2])] == [3, 2] and "outputs" not in outs[1]
+    assert set(outs[1]) == {"text", "token_ids", "prompt_token_ids", "finish_reason", "num_cached_tokens", "metrics"}
+    assert all(len(o["token_ids"]) == 7 for o in outs[2]["outputs"])
+    greedy = llm.generate([prompts[1]], params[1], use_tqdm=False)[0]
+    assert greedy["token_ids"] == outs[1]["token_ids"]
+
+
+def test_n_streams_each_sample_on_its_own(llm):
+    prompts = [prompt_of(BLOCK + 2, 7), prompt_of(5, 8)]
+    sp = SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=10, ignore_eos=True)
+    final = llm.generate(prompts, sp, use_tqdm=False)
+    got = {}
+    for piece in llm.stream(prompts, sp):
+        entry = got.setdefault((piece.index, piece.sample_index), {"ids": [], "text": "", "finished": False})
+        assert not entry["finished"]
+        entry["ids"] += piece.new_token_ids
+        entry["text"] += piece.new_text
+        entry["finished"] = piece.finished
+    assert sorted(got) == [(i, j) for i in range(2) for j in range(3)]
+    for (i, j), entry in got.items():
+        assert entry["finished"] and entry["ids"] == final[i]["outputs"][j]["token_ids"]
+        assert entry["text"] == final[i]["outputs"][j]["text"]
+
+
+@pytest.mark.parametrize("after", [0, 1, 12])
+def test_leaving_an_n_stream_frees_every_sample(llm, after):
+    stream = llm.stream([prompt_of(2 * BLOCK + 1, 9)], SamplingParams(n=4, max_tokens=20, ignore_eos=True))
+    for i, _ in enumerate(stream):
+        if i >= after:
+            break
+    stream.close()
+    assert all_free(llm)
+    assert len(llm.generate([prompt_of(4)], SamplingParams(n=2, max_tokens=3), use_tqdm=False)[0]["outputs"]) == 2
+
+
+def test_a_failed_first_step_aborts_the_held_samples_too(llm):
+    """Before the first sample's first token the others are held back, in no queue: they must end all the same."""
+    def failing(batch):
+        raise RuntimeError("the device went away")
+
+    llm.executor.run = failing
+    try:
+        with pytest.raises(RuntimeError, match="went away"):
+            llm.generate([prompt_of(2 * BLOCK + 1, 10)], SamplingParams(n=3, max_tokens=5), use_tqdm=False)
+    finally:
+        del llm.executor.run
+    assert all_free(llm)
+    assert len(llm.generate([prompt_of(4)], SamplingParams(n=2, max_tokens=3), use_tqdm=False)[0]["outputs"]) == 2

@@ -1,7 +1,9 @@
+from dataclasses import replace
 from enum import Enum, auto
 from itertools import count
 from time import perf_counter
 
+from nanovllm.engine.detokenizer import Detokenizer
 from nanovllm.sampling_params import SamplingParams
 
 _seq_ids = count()      # process-wide, so that requests of two engines never share an id
@@ -33,6 +35,7 @@ class Sequence:
         self.finish_reason: str | None = None       # "stop" or "length" (or "abort") once finished
         self.logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
         self.detokenizer = None     # set by the engine when the request has a tokenizer
+        self.held_samples: list[Sequence] = []      # the prompt's other samples (n > 1), not queued yet: see fork
         # On time.perf_counter's clock: when the request was made, got its first token, finished.
         self.arrival_time, self.first_token_time, self.finished_time = perf_counter(), None, None
 
@@ -75,6 +78,20 @@ class Sequence:
         """The tokens this step runs through the model."""
         start = self.num_computed_tokens
         return self.token_ids[start:start + self.num_scheduled_tokens]
+
+    def fork(self) -> list["Sequence"]:
+        """The request's n samples (SamplingParams.n): this sequence, and n - 1 more of its prompt that it holds
+        back (`held_samples`) until its own prompt is computed: the scheduler queues them then, so that they read
+        the prompt's full blocks from the prefix cache instead of computing them again. Sample i has its own
+        detokenizer and, as vLLM's, the seed seed + i, so that seeded samples differ."""
+        sp = self.sampling_params
+        for i in range(1, sp.n):
+            sample = Sequence(self.prompt_token_ids, sp if sp.seed is None else replace(sp, seed=sp.seed + i))
+            if self.detokenizer is not None:
+                sample.detokenizer = Detokenizer(self.detokenizer.tokenizer, sample.sampling_params,
+                                                 self.detokenizer.every_step)
+            self.held_samples.append(sample)
+        return [self, *self.held_samples]
 
     def append_token(self, token_id: int):
         """Book a token: it takes the place reserved for it by `reserve_token`, or extends the sequence."""
