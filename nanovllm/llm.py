@@ -107,23 +107,20 @@ class LLM(LLMEngine):
             self._abort(seqs)
 
     def _run_until_done(self, seqs: list[Sequence], use_tqdm: bool):
-        mine, num_left = set(seqs), sum(not seq.is_finished for seq in seqs)
+        left = [seq for seq in seqs if not seq.is_finished]
         throughput = {"decode": "0tok/s", "prefill": "0tok/s"}
-        with tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
-            while num_left:
+        with tqdm(total=len(seqs), initial=len(seqs) - len(left), desc="Generating", dynamic_ncols=True,
+                  disable=not use_tqdm) as bar:
+            while left:
                 start = perf_counter()
-                advanced, num_prefill_tokens, num_decode_tokens = self._step()
+                _, num_prefill_tokens, num_decode_tokens = self._step()
                 rate = f"{(num_prefill_tokens or num_decode_tokens) / (perf_counter() - start):.0f}tok/s"
                 throughput["prefill" if num_prefill_tokens else "decode"] = rate
-                done = sum(seq.is_finished and seq in mine for seq in advanced)
-                num_left -= done
+                # Counted on the requests, not on this step's output: another thread's step may finish them.
+                unfinished = [seq for seq in left if not seq.is_finished]
                 bar.set_postfix(throughput, refresh=False)
-                bar.update(done)
-
-    def _abort_unfinished(self, seqs: list[Sequence]):
-        for seq in seqs:
-            if not seq.is_finished:
-                self.scheduler.abort(seq)
+                bar.update(len(left) - len(unfinished))
+                left = unfinished
 
 
 def _output(seq: Sequence) -> dict:
