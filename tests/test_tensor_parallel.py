@@ -103,7 +103,8 @@ def test_tp2_greedy_matches_tp1_and_transformers(model_dir):
     tp2 = LLM(model_dir, tensor_parallel_size=2, **SMALL)
     try:
         assert generate_twice(tp2, PROMPTS) == expected
-        torch.testing.assert_close(prefill_logits(tp2, PROMPTS[:4]), logits1, rtol=1e-5, atol=1e-5)
+        # float32 rounding only: the all-reduce and torch's fused CPU attention sum in another order per head split
+        torch.testing.assert_close(prefill_logits(tp2, PROMPTS[:4]), logits1, rtol=1e-4, atol=1e-4)
     finally:
         tp2.exit()
     for prompt, ids in zip(PROMPTS, expected):
