@@ -81,8 +81,7 @@ class EngineLoop:
             self._take_inbox(wait=not busy)
             if self.dead is None and not self.scheduler.is_finished():
                 self._step()
-        for seq in list(self._tracked):
-            self._abort(seq)
+        self._abort(list(self._tracked))
 
     def _take_inbox(self, wait: bool):
         """Add and abort what the handlers sent; when idle, wait a little for something to come."""
@@ -91,8 +90,7 @@ class EngineLoop:
             while True:
                 what, sink, stream = item
                 if sink is None:
-                    for seq in what:
-                        self._abort(seq)
+                    self._abort(what)
                 elif self.dead is not None:
                     self._post({sink: EngineDead(self.dead)})
                 else:
@@ -101,15 +99,16 @@ class EngineLoop:
                         for seq in samples:
                             self._tracked[seq] = _Tracked(sink, index, stream)
                             index += 1
-                        self.scheduler.add(samples[0])
+                    self.engine._queue([samples[0] for samples in what])
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
 
-    def _abort(self, seq: Sequence):
-        if self._tracked.pop(seq, None) is not None and not seq.is_finished:
-            self.scheduler.abort(seq)
-            self.num_aborted += 1
+    def _abort(self, seqs: list[Sequence]):
+        """Stop tracking `seqs`; the engine ends those not finished and frees their blocks."""
+        mine = [seq for seq in seqs if self._tracked.pop(seq, None) is not None and not seq.is_finished]
+        self.num_aborted += len(mine)
+        self.engine._abort(mine)
 
     def _step(self):
         try:

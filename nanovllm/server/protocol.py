@@ -2,8 +2,7 @@
 
 Types are checked strictly (a string is no number, true no integer); ranges are SamplingParams' own checks, so a
 request is refused with the same words as `LLM.generate`. Fields this server does not know are ignored, as vLLM
-does; fields it knows but cannot honour (a suffix, tools, logit_bias, a penalty the engine lacks) are refused."""
-import dataclasses
+does; fields it knows but cannot honour (a suffix, tools, logit_bias) are refused."""
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -117,8 +116,6 @@ def _param_path(loc: tuple) -> str:
     return path
 
 
-# A field SamplingParams lacks (an engine without issue 22's item 3) passes only with its neutral value.
-_NEUTRAL = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens",
                     "include_stop_str_in_output", "skip_special_tokens")
@@ -161,15 +158,8 @@ def check_unsupported(req: _Request):
 
 def sampling_params(req: _Request, max_tokens: int, logprobs: int | None) -> SamplingParams:
     """The request's SamplingParams; APIError 400 naming the request's field when a value is out of range."""
-    known = {f.name for f in dataclasses.fields(SamplingParams)}
     kwargs = {"max_tokens": max_tokens, "logprobs": logprobs}
-    for name in _SAMPLING_FIELDS:
-        value = getattr(req, name)
-        if value is None or (name not in known and value == _NEUTRAL.get(name)):
-            continue
-        if name not in known:
-            raise APIError(400, f"{name} is not supported by this server's engine yet", name)
-        kwargs[name] = value
+    kwargs |= {name: value for name in _SAMPLING_FIELDS if (value := getattr(req, name)) is not None}
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:
