@@ -7,7 +7,7 @@
 One process: the main thread loads the engine and then runs the engine loop (nanovllm/server/engine_loop.py), the
 only caller of the engine; uvicorn serves the FastAPI app (nanovllm/server/api.py) on a second thread. SIGINT or
 SIGTERM stops accepting connections, lets the requests in flight finish (a second SIGINT stops waiting for them),
-frees the engine and exits 0."""
+frees the engine and exits 0 (1 when the engine had died: /health answered 503 meanwhile)."""
 import argparse
 import signal
 import sys
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         loop.run(stop=lambda: not thread.is_alive())
     finally:
         llm.exit()
-    return 0 if http.started else 1     # not started: uvicorn could not bind (it said why)
+    # 1 when uvicorn could not bind (it said why) or the engine died (the loop printed why).
+    return 0 if http.started and loop.dead is None else 1
 
 
 def cli():

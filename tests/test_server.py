@@ -401,6 +401,33 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_server_goes_on(server, ll
     wait_idle(server)
 
 
+def test_a_dead_engine_fails_its_requests_and_health(tmp_path, qwen3_dir):
+    """A tensor-parallel worker killed mid-stream (tp=2 on CPU, over gloo): the stream ends with an error event, /health
+    and new requests answer 503, and the server still shuts down on SIGTERM (exit 1: the engine had died)."""
+    srv = Server(qwen3_dir, str(tmp_path / "server.log"), "--tensor-parallel-size", "2", "--max-model-len", "1024",
+                 env=ONE_THREAD)
+    try:
+        children = subprocess.run(["pgrep", "-P", str(srv.proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = [pid for pid in children if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
+        assert len(workers) == 1, children
+        body = {"prompt": PROMPTS[0], "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            os.kill(int(workers[0]), signal.SIGKILL)
+            events = [line.removeprefix("data: ") for line in lines if line]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "server_error" and "rank 1 died" in error["message"], error
+        health = httpx.get(f"{srv.url}/health")
+        assert health.status_code == 503 and "rank 1 died" in health.json()["error"]["message"]
+        assert httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hi"}).status_code == 503
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=60) == 1, srv.output()
+    finally:
+        srv.stop()
+
+
 # ---- the serving benchmark --------------------------------------------------------------------------------
 
 def test_serve_bench_runs_against_a_server(tmp_path):

@@ -103,7 +103,7 @@ class OpenAIServer:
 
     def _encode(self, text: str, param: str, **kwargs) -> list[int]:
         if self.tokenizer is None:
-            raise APIError(400, f"this model has no tokenizer: send the prompt as token ids", param)
+            raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param)
         return self.tokenizer.encode(text, **kwargs)
 
     async def completions(self, request: Request):
@@ -146,14 +146,15 @@ class OpenAIServer:
     # ---- responses ----------------------------------------------------------------------------------------
 
     async def _respond(self, request: Request, req, requests: list[list[Sequence]], kind: str):
-        sink = self.loop.submit(requests, req.stream)
-        seqs = [seq for samples in requests for seq in samples]
-        fmt = _Format(self, kind, req, seqs)
+        """Submit the requests to the engine loop (a stream when its response starts, so that a client gone before
+        then leaves nothing running) and answer with what they get."""
+        fmt = _Format(self, kind, req, [seq for samples in requests for seq in samples])
         if req.stream:
-            return StreamingResponse(self._stream(sink, seqs, fmt), media_type="text/event-stream")
-        return await self._whole(request, sink, seqs, fmt)
+            return StreamingResponse(self._stream(requests, fmt), media_type="text/event-stream")
+        return await self._whole(request, requests, fmt)
 
-    async def _stream(self, sink: asyncio.Queue, seqs: list[Sequence], fmt: "_Format"):
+    async def _stream(self, requests: list[list[Sequence]], fmt: "_Format"):
+        sink, seqs = self.loop.submit(requests, stream=True), fmt.seqs
         num_left = len(seqs)
         try:
             if fmt.chat:
@@ -175,7 +176,8 @@ class OpenAIServer:
             if num_left:
                 self.loop.abort(seqs)
 
-    async def _whole(self, request: Request, sink: asyncio.Queue, seqs: list[Sequence], fmt: "_Format"):
+    async def _whole(self, request: Request, requests: list[list[Sequence]], fmt: "_Format"):
+        sink, seqs = self.loop.submit(requests, stream=False), fmt.seqs
         deltas: list[Delta] = []
         disconnect = asyncio.ensure_future(_disconnected(request))
         try:
