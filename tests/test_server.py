@@ -388,6 +388,10 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_server_goes_on(server, ll
             assert error["param"] == param, (body if len(str(body)) < 300 else param, error)
             good = c.post(path, json=ok_comp if path.endswith("/completions") and "chat" not in path else ok_chat)
             assert good.status_code == 200, good.text
+        # A text that long is refused by its length in characters, before it is tokenized.
+        max_token_chars = max(map(len, llm.tokenizer.get_vocab()))
+        r = c.post("/v1/completions", json=ok_comp | {"prompt": "a" * (MAX_MODEL_LEN * max_token_chars + 1)})
+        assert "characters" in r.json()["error"]["message"]
         # A body without Content-Length (chunked) is cut off at the limit too.
         r = c.post("/v1/completions", content=iter([b'{"prompt": "', b"x" * MAX_REQUEST_BYTES, b'"}']))
         assert r.status_code == 413
