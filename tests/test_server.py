@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -412,7 +413,7 @@ def test_a_dead_engine_fails_its_requests_and_health(tmp_path, qwen3_dir):
                  env=ONE_THREAD)
     try:
         children = subprocess.run(["pgrep", "-P", str(srv.proc.pid)], capture_output=True, text=True).stdout.split()
-        workers = [pid for pid in children if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
+        workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(workers) == 1, children
         body = {"prompt": PROMPTS[0], "max_tokens": 1000, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
