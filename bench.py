@@ -38,8 +38,9 @@ def make_workload(num_seqs: int = 256, seed: int = 0) -> tuple[list[list[int]], 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="~/huggingface/Qwen3-0.6B")
-    p.add_argument("--dummy", action="store_true", help="random weights in a shipped config's shapes, no download")
+    p.add_argument("--model", help="a checkpoint (default ~/huggingface/Qwen3-0.6B; with --dummy, a config's directory)")
+    p.add_argument("--dummy", action="store_true",
+                   help="random weights in --model's shapes, or else a shipped config's; no download")
     p.add_argument("--model-config", default="qwen3-0.6b", choices=list(MODEL_CONFIGS),
                    help="the shipped config --dummy uses (default qwen3-0.6b)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -68,7 +69,8 @@ def latency_summary(outputs: list[dict]) -> str:
 
 def main():
     args = parse_args()
-    path = MODEL_CONFIGS[args.model_config] if args.dummy else os.path.expanduser(args.model)
+    path = os.path.expanduser(args.model or (MODEL_CONFIGS[args.model_config] if args.dummy
+                                             else "~/huggingface/Qwen3-0.6B"))
     start = time.perf_counter()
     llm = LLM(path, enforce_eager=args.enforce_eager, max_model_len=4096, attention_backend=args.attention_backend,
               tensor_parallel_size=args.tensor_parallel_size, load_format="dummy" if args.dummy else "auto",

@@ -9,12 +9,16 @@
 #   kernels   python benchmarks/attention_kernels.py, then python benchmarks/decode_sweep.py
 #   old       bench.py of another tree copied to .old/, in the same call, for a before/after comparison:
 #             e.g. `mkdir .old && git archive <commit> | tar -x -C .old`, then `bash benchmarks/gpu_check.sh bench old`
+#   serve     the server on bench.py's workload (random Qwen3-0.6B weights, a byte-level tokenizer so that text is
+#             detokenized): bench.py offline, then serve_bench.py whole answers, streaming, and at request rates
+#   timeline  where a small-batch decode step's time goes (benchmarks/lab/step_timeline.py, batch 1)
+#   startup   LLM() start-up with an empty Triton cache, then a warm one (benchmarks/lab/startup_profile.py)
 #   tp        two GPUs: the tensor-parallel CUDA tests, then bench.py --dummy --tensor-parallel-size 2
 # BENCH_ARGS adds flags to every bench.py run (e.g. BENCH_ARGS="--repeat 2").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # No NVLink multicast: on a shared machine it can take the host's GPUs out of service.
-export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BENCH_ARGS=${BENCH_ARGS:-}
 default="tests bench fp8 accuracy kernels$([ -d .old ] && echo " old")"
@@ -67,6 +71,38 @@ fi
 if has kernels; then
   python benchmarks/attention_kernels.py 2>&1 | tee "$OUT/attention_kernels.log" | tail -20
   python benchmarks/decode_sweep.py 2>&1 | tee "$OUT/decode_sweep.log"
+fi
+if has serve; then
+  dir=/tmp/qwen3-0.6b-tok
+  python benchmarks/byte_tokenizer.py nanovllm/configs/qwen3-0.6b $dir
+  python bench.py --dummy --model $dir --skip-batch1 --repeat 2 2>&1 | tee "$OUT/serve_offline.log"
+  python -m nanovllm.serve $dir --load-format dummy --max-model-len 4096 --disable-uvicorn-access-log \
+    --uvicorn-log-level warning > "$OUT/serve_server.log" 2>&1 &
+  server=$!
+  python - <<'PY'
+import time, urllib.request
+for _ in range(300):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=1); break
+    except OSError:
+        time.sleep(0.5)
+PY
+  for run in "" "--stream" "" "--stream" "--stream --request-rate 8" "--stream --request-rate 32" \
+             "--stream --request-rate 128"; do
+    echo "== serve_bench.py $run" | tee -a "$OUT/serve_bench.log"
+    # shellcheck disable=SC2086
+    timeout 120 python benchmarks/serve_bench.py $run 2>&1 | tee -a "$OUT/serve_bench.log"
+  done
+  kill -TERM $server; wait $server; echo "server exit code $?"
+fi
+if has timeline; then
+  for cfg in qwen3-0.6b smollm2-135m; do
+    python benchmarks/lab/step_timeline.py --model-config $cfg 2>&1 | tee -a "$OUT/timeline.log"
+  done
+fi
+if has startup; then
+  TRITON_CACHE_DIR=$(mktemp -d) python benchmarks/lab/startup_profile.py 2>&1 | tee "$OUT/startup_cold.log" | head -60
+  python benchmarks/lab/startup_profile.py 2>&1 | tee "$OUT/startup_warm.log" | head -60
 fi
 if has tp; then
   timeout 600 python -m pytest -q -rs -p no:logging tests/test_tensor_parallel.py -k cuda 2>&1 \
