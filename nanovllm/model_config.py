@@ -159,13 +159,11 @@ def _rope_scaling(raw: dict, source: str) -> dict | None:
         if kind != "default":
             scaling = {**section, "rope_type": kind}
     if scaling is not None:
-        number = (int, float)
-        check_field(f"the RoPE scaling factor in {source}", scaling.get("factor"), number,
-                    lambda v: 0 < v < math.inf, "a positive number")
-        if scaling["rope_type"] == "llama3":
-            for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-                check_field(f"{key} of the RoPE scaling in {source}", scaling.get(key), number,
-                            lambda v: 0 < v < math.inf, "a positive number")
-            if scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
-                raise ValueError(f"low_freq_factor must be below high_freq_factor in {source}'s RoPE scaling")
+        llama3 = scaling["rope_type"] == "llama3"
+        llama3_keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if llama3 else ()
+        for key in ("factor", *llama3_keys):
+            check_field(f"the RoPE scaling {key} in {source}", scaling.get(key), (int, float),
+                        lambda v: 0 < v < math.inf, "a positive number")
+        if llama3 and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
+            raise ValueError(f"low_freq_factor must be below high_freq_factor in {source}'s RoPE scaling")
     return scaling
