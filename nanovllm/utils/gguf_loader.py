@@ -28,8 +28,7 @@ CONTROL, USER_DEFINED = 3, 4    # tokenizer.ggml.token_type values
 
 
 def find_gguf(model: str) -> str | None:
-    """The .gguf file that `model` names: the path itself if it is a .gguf file, the single .gguf in it if it is a
-    directory holding exactly one (several: ValueError naming them); None when it is neither (a safetensors dir)."""
+    """The .gguf file that `model` names (the file itself, or a directory's only .gguf); None for neither."""
     model = os.fspath(model)
     if os.path.isfile(model):
         return model if model.lower().endswith(".gguf") else None
@@ -73,9 +72,9 @@ def gguf_config(path: str) -> dict:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
 
     def key(name: str, default=None):
-        if meta.get(f"{arch}.{name}", default) is None:
+        if (value := meta.get(f"{arch}.{name}", default)) is None:
             raise ValueError(f"{path} lacks the metadata key '{arch}.{name}'; re-convert or re-download it")
-        return meta.get(f"{arch}.{name}", default)
+        return value
     tensors = {t.name: t for t in reader.tensors}
     heads, hidden, eos = key("attention.head_count"), key("embedding_length"), _eos_token_ids(meta)
     return {
@@ -189,8 +188,7 @@ def gguf_tokenizer(path: str):
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if split is None else \
-        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, kind in zip(tokens, kinds)
                                 if kind == CONTROL and set(t) <= alphabet])
