@@ -37,12 +37,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 
 def tokenizer_class(model_dir: str):
-    """The transformers tokenizer class that AutoTokenizer would pick for `model_dir`, imported alone.
-
-    `from transformers import AutoTokenizer` imports the auto-model machinery, and with it generation, torch.fx,
-    sympy and whatever optional packages those reach (scikit-learn, ...): 11-14 s on the H100 machine, where the
-    class itself imports in ~1 s. So the class named by tokenizer_config.json is imported directly (its fast
-    variant first, as AutoTokenizer prefers it); AutoTokenizer remains the fallback for anything else."""
+    """The class that AutoTokenizer would pick for `model_dir` (the one tokenizer_config.json names, its fast variant
+    first), imported alone: importing AutoTokenizer pulls in the auto-model machinery, generation, torch.fx and sympy
+    (11-14 s on the H100 machine, against ~1 s for the class). AutoTokenizer remains the fallback for anything else."""
     import transformers
     try:
         with open(os.path.join(model_dir, "tokenizer_config.json")) as f:
