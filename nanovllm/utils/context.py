@@ -6,11 +6,9 @@ import torch
 
 @dataclass(slots=True)
 class Context:
-    """Attention metadata for the current step, set by the ModelRunner and read by every Attention layer. Prefill:
-    the new tokens of all sequences are packed; sequence i owns query rows cu_seqlens_q[i]:cu_seqlens_q[i+1] and
-    attends to its first context_lens[i] tokens (cached prefix + new). Decode: one query row per sequence. In both,
-    block_tables[i] lists sequence i's KV blocks (-1 padded); slot_mapping[j] is where token j's K/V goes (-1: none).
-    `backend` (an AttentionBackend) attends; its `prepare` may add what it derives once per step (cu_seqlens_k)."""
+    """Attention metadata for the current step: the arrays of its StepBatch on the device (slot_mapping -1: store
+    nothing), set by the ModelRunner and read by every Attention layer. `backend` (an AttentionBackend) attends;
+    its `prepare` may add what it derives once per step (cu_seqlens_k)."""
     is_prefill: bool = False
     cu_seqlens_q: torch.Tensor | None = None
     max_seqlen_q: int = 0
