@@ -1,8 +1,5 @@
-"""Paged attention in plain PyTorch: runs on any device, and is the reference the fast kernels are tested against.
-
-Cache layout (every backend): k_cache, v_cache are [num_blocks, block_size, num_kv_heads, head_dim]; a token at
-position p of a sequence lives in block block_table[p // block_size], row p % block_size.
-"""
+"""Paged attention in plain PyTorch (the cache layout of attention_backends.py): runs on any device, and is the
+reference the fast kernels are tested against."""
 import torch
 import torch.nn.functional as F
 
@@ -34,10 +31,11 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, x)
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` tokens of one sequence's K or V: [length, kv_heads, head_dim]."""
-    num_blocks = (length + cache.shape[1] - 1) // cache.shape[1]
-    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
+def gather_kv(k_cache, v_cache, block_table, length: int, k_scale, v_scale) -> list[torch.Tensor]:
+    """The first `length` tokens of one sequence's K and V, dequantized: [kv_heads, length, head_dim] each."""
+    blocks = block_table[:(length + k_cache.shape[1] - 1) // k_cache.shape[1]].long()
+    return [dequantize(cache[blocks].flatten(0, 1)[:length], scale).transpose(0, 1)
+            for cache, scale in ((k_cache, k_scale), (v_cache, v_scale))]
 
 
 def _attend(q, k, v, scale, offset: int | None = 0):
@@ -62,8 +60,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
     for i, context_len in enumerate(lens):
         start, end = starts[i], starts[i + 1]
-        k = dequantize(gather_kv(k_cache, block_tables[i], context_len), k_scale).transpose(0, 1)
-        v = dequantize(gather_kv(v_cache, block_tables[i], context_len), v_scale).transpose(0, 1)
+        k, v = gather_kv(k_cache, v_cache, block_tables[i], context_len, k_scale, v_scale)
         out[start:end] = _attend(q[start:end].transpose(0, 1), k, v, scale, context_len - (end - start)).transpose(0, 1)
     return out
 
@@ -77,8 +74,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.zeros_like(q)
     for i, context_len in enumerate(context_lens.tolist()):
         if context_len > 0:
-            k = dequantize(gather_kv(k_cache, block_tables[i], context_len), k_scale).transpose(0, 1)
-            v = dequantize(gather_kv(v_cache, block_tables[i], context_len), v_scale).transpose(0, 1)
+            k, v = gather_kv(k_cache, v_cache, block_tables[i], context_len, k_scale, v_scale)
             out[i] = _attend(q[i].unsqueeze(1), k, v, scale, None).squeeze(1)
     return out
 
