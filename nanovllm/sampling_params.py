@@ -87,8 +87,7 @@ class SamplingParams:
 
     @property
     def needs_sampler_extras(self) -> bool:
-        """Whether sampling needs more than the temperature: a filter or seed (when sampling), logprobs, min_tokens,
-        penalties (greedy or not)."""
+        """Whether sampling needs more than the temperature: the Sampler's SamplingTensors."""
         filters = self.top_k > 0 or self.top_p < 1 or self.min_p > 0 or self.seed is not None
         return ((self.temperature > 0 and filters) or self.logprobs is not None or self.min_tokens > 0
                 or self.has_penalties)

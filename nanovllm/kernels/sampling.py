@@ -58,8 +58,7 @@ def argmax_of_chunks_kernel(chunk_best_ptr, chunk_index_ptr, out_ptr, num_chunks
 
 def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """One token id per row of `logits` ([rows, vocab], last dimension contiguous) into `out` (int64 [rows]; new if
-    None): argmax at temperature 0, else a draw from softmax(logits / temperature). The seed comes from torch's
-    generator of the logits' device, so torch.manual_seed makes a run repeatable; no host sync."""
+    None), seeded from torch's generator of the logits' device (torch.manual_seed repeats a run); no host sync."""
     assert logits.stride(-1) == 1
     rows, vocab_size = logits.shape
     num_chunks = triton.cdiv(vocab_size, SAMPLE_CHUNK)

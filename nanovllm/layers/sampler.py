@@ -160,11 +160,9 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler(nn.Module):
-    """Picks one token per row of a batch with mixed per-request parameters, in one batched pass: a draw from
-    softmax(logits / temperature) after penalties and min_p, top_k and top_p filtering, or the argmax at temperature
-    0 (any below SAMPLING_EPS: none divides by a vanishing temperature). A batch with no `SamplingTensors` takes the
-    fast path (one Triton pass on CUDA). Logprobs are those of the distribution sampled from (after masking,
-    penalties, temperature and filters; the penalized logits' for a greedy row): vLLM's "processed" logprobs."""
+    """Picks one token per row of a batch with mixed per-request parameters (as SamplingParams defines them) in one
+    batched pass; a batch with no `SamplingTensors` takes the fast path (one Triton pass on CUDA). Logprobs are those
+    of the distribution sampled from (the penalized logits' for a greedy row): vLLM's "processed" logprobs."""
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, extras: SamplingTensors | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
