@@ -1,13 +1,11 @@
 """The sampler's fast path on CUDA (rows with a temperature and nothing else): one Triton pass over the logits.
 
-A draw from softmax(logits / T) is the argmax of logits / T + Gumbel noise (the Gumbel-max trick; the same
-exponential race as the torch path, argmax p / E with E ~ Exp(1), in log space), so no softmax or sort is needed:
-the logits are read once, each program keeping a running argmax over a chunk of a row, and a small second kernel
-picks each row's best chunk. T = 0 rows take the plain argmax. Ties go to the smallest index, as torch.argmax does,
-so greedy rows equal the torch path exactly. (One program per row made a batch-1 step ~60 us slower on the H100:
-a single SM walking 152k logits.) The seed is drawn on the device and read through a pointer, so a CUDA graph that
-captures the sampler draws fresh noise at every replay.
-"""
+A draw from softmax(logits / T) is the argmax of logits / T + Gumbel noise (the Gumbel-max trick: the torch path's
+exponential race, argmax p / E with E ~ Exp(1), in log space), so no softmax or sort is needed. Each row is cut into
+chunks, one program each (one program per row made a batch-1 step ~60 us slower on the H100: a single SM walking 152k
+logits). T = 0 rows take the plain argmax, ties to the smallest index as in torch.argmax, so greedy rows equal the
+torch path exactly. The seed is drawn on the device and read through a pointer, so a CUDA graph that captures the
+sampler draws fresh noise at every replay."""
 import torch
 import triton
 import triton.language as tl
