@@ -79,3 +79,10 @@ def test_engine_errors_come_through_as_themselves(cluster, qwen3_dir):
         generate([[5] * 10, [5] * 200], SamplingParams(max_tokens=4), qwen3_dir, num_replicas=2, **ENGINE)
     with pytest.raises(TypeError, match="max_num_seq"):
         ReplicaPool(qwen3_dir, num_replicas=1, max_num_seq=4, **ENGINE)
+
+
+def test_tensor_parallel_replica_gets_its_gpus_on_one_node(cluster, oracle, qwen3_dir):
+    """A replica with tensor_parallel_size=2 needs two GPUs of one node: only this third node has them."""
+    cluster.add_node(num_cpus=1, num_gpus=2, object_store_memory=100 * 2**20)
+    with ReplicaPool(qwen3_dir, num_replicas=1, tensor_parallel_size=2, **ENGINE) as pool:
+        same(pool.generate(PROMPTS, PARAMS), oracle)
