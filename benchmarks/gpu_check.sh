@@ -76,10 +76,14 @@ if has serve; then
   dir=/tmp/qwen3-0.6b-tok
   python benchmarks/byte_tokenizer.py nanovllm/configs/qwen3-0.6b $dir
   python bench.py --dummy --model $dir --skip-batch1 --repeat 2 2>&1 | tee "$OUT/serve_offline.log"
-  python -m nanovllm.serve $dir --load-format dummy --max-model-len 4096 --disable-uvicorn-access-log \
-    --uvicorn-log-level warning > "$OUT/serve_server.log" 2>&1 &
-  server=$!
-  python - <<'PY'
+  # SERVE_SWITCH_INTERVALS: the server's sys.setswitchinterval, one server each (a comparison of GIL hand-offs)
+  for interval in ${SERVE_SWITCH_INTERVALS:-none}; do
+    set_interval=$([ "$interval" = none ] || echo "sys.setswitchinterval($interval); ")
+    python -c "import sys; ${set_interval}from nanovllm.serve import main; sys.exit(main(sys.argv[1:]))" \
+      $dir --load-format dummy --max-model-len 4096 --disable-uvicorn-access-log --uvicorn-log-level warning \
+      > "$OUT/serve_server.log" 2>&1 &
+    server=$!
+    python - <<'PY'
 import time, urllib.request
 for _ in range(300):
     try:
@@ -87,13 +91,15 @@ for _ in range(300):
     except OSError:
         time.sleep(0.5)
 PY
-  for run in "" "--stream" "" "--stream" "--stream --request-rate 8" "--stream --request-rate 32" \
-             "--stream --request-rate 128"; do
-    echo "== serve_bench.py $run" | tee -a "$OUT/serve_bench.log"
-    # shellcheck disable=SC2086
-    timeout 120 python benchmarks/serve_bench.py $run 2>&1 | tee -a "$OUT/serve_bench.log"
+    runs=("" "--stream" "--stream")
+    for rate in ${SERVE_RATES-8 32 128}; do runs+=("--stream --request-rate $rate"); done
+    for run in "${runs[@]}"; do
+      echo "== switch interval $interval: serve_bench.py $run" | tee -a "$OUT/serve_bench.log"
+      # shellcheck disable=SC2086
+      timeout 120 python benchmarks/serve_bench.py $run 2>&1 | tee -a "$OUT/serve_bench.log"
+    done
+    kill -TERM $server; wait $server; echo "server exit code $?"
   done
-  kill -TERM $server; wait $server; echo "server exit code $?"
 fi
 if has timeline; then
   for cfg in qwen3-0.6b smollm2-135m; do

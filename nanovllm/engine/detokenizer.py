@@ -1,14 +1,16 @@
+from tokenizers.decoders import DecodeStream
+
 from nanovllm.sampling_params import SamplingParams
 
 
 class Detokenizer:
     """Incremental detokenization of one request's completion, cut at its stop strings.
 
-    A multi-byte UTF-8 character, or a byte-level BPE merge, can span tokens. So, as in vLLM, each update decodes
-    a short window `token_ids[prefix_offset:]` and takes the text past the decode of the part already emitted,
-    `token_ids[prefix_offset:read_offset]`, holding back text that ends in U+FFFD (an incomplete character). The
-    window then starts one emission back, at a character boundary, so the pieces concatenate to the whole decode
-    and decoders that look at context (SentencePiece's leading space) get it."""
+    Streamed (or stop-checked) text grows a token at a time through the tokenizers library's DecodeStream, which
+    emits text once the tokens so far make whole characters (a multi-byte UTF-8 character or a byte-level merge
+    can span tokens) and gives decoders that look at context (SentencePiece's leading space) their context. The
+    final text is one decode of the whole completion, which the streamed text is a prefix of: it adds what the
+    stream still held back (an incomplete character at the end, decoded as U+FFFD)."""
 
     def __init__(self, tokenizer, params: SamplingParams, every_step: bool):
         self.tokenizer, self.stop, self.include_stop = tokenizer, params.stop, params.include_stop_str_in_output
@@ -16,25 +18,26 @@ class Detokenizer:
         self.every_step = every_step    # streamed or stop strings: update each step, else once at the end
         # Streaming holds back a tail that could be the start of a stop string, which may yet be cut.
         self.hold_back = 0 if self.include_stop or not self.stop else max(map(len, self.stop)) - 1
-        self.prefix_offset = self.read_offset = 0
+        self.stream = DecodeStream(skip_special_tokens=params.skip_special_tokens) if every_step else None
+        self.num_fed = 0                # tokens fed to the stream
         self.text = ""
         self.num_streamed = 0           # characters of `text` already handed out by `new_text`
-
-    def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens,
-                                     clean_up_tokenization_spaces=False)
 
     def update(self, token_ids: list[int], final: bool, check_stop: bool = True) -> str | None:
         """Bring `text` up to date with the completion `token_ids` (the whole list, grown since the last
         call). `final` emits held-back text too. Returns the stop string when one now ends the text."""
-        emitted = self._decode(token_ids[self.prefix_offset:self.read_offset])
-        window = self._decode(token_ids[self.prefix_offset:])
-        if not final and (len(window) <= len(emitted) or window.endswith("\ufffd")):
-            return None
         start = len(self.text)
-        self.text += window[len(emitted):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
-        return self._cut_at_stop(start) if check_stop else None
+        if final:
+            whole = self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens,
+                                          clean_up_tokenization_spaces=False)
+            if whole.startswith(self.text):
+                self.text = whole
+        else:
+            backend = self.tokenizer.backend_tokenizer
+            for token_id in token_ids[self.num_fed:]:
+                self.text += self.stream.step(backend, token_id) or ""
+            self.num_fed = len(token_ids)
+        return self._cut_at_stop(start) if check_stop and len(self.text) > start else None
 
     def _cut_at_stop(self, start: int) -> str | None:
         """Find the first stop string that ends in the text added at `start`, and cut the text there."""

@@ -1,7 +1,7 @@
 import atexit
 import threading
 from collections import deque
-from collections.abc import Sequence as SequenceABC
+from collections.abc import Callable, Sequence as SequenceABC
 from dataclasses import fields
 from numbers import Integral
 from typing import NamedTuple
@@ -97,10 +97,11 @@ class LLMEngine:
                 if not seq.is_finished:
                     self.scheduler.abort(seq)
 
-    def _step(self) -> StepOutput:
+    def _step(self, on_launched: Callable[[], None] | None = None) -> StepOutput:
         """One step: launch a batch, then book what is older than the overlap allows. Returns the sequences that
         got a token (finished ones included) and the tokens launched. With nothing left to run (another thread's
-        step finished this caller's requests) it does nothing."""
+        step finished this caller's requests) it does nothing. `on_launched` runs between the launch and the wait
+        for the GPU: host work placed there overlaps the GPU instead of delaying the next launch."""
         with self._step_lock:
             advanced = self._book_results(self._steps_ahead)    # normally nothing: a step interrupted while waiting
             seqs, is_prefill = self.scheduler.schedule()
@@ -111,6 +112,8 @@ class LLMEngine:
                 self._unbooked.append((seqs, self.scheduler.reserve_output_tokens(seqs), output))
             elif not self._unbooked and not self.scheduler.is_finished():
                 raise RuntimeError("the scheduler found nothing to run while requests are pending; this is a bug")
+            if on_launched is not None:
+                on_launched()
             # With nothing launched (every running request awaits its last token), book all that is in flight.
             advanced += self._book_results(self._steps_ahead if seqs else 0)
         num_prefill_tokens = sum(seq.num_scheduled_tokens for seq in seqs) if is_prefill else 0

@@ -246,6 +246,9 @@ class _Format:
         self.head = {"id": f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}",
                      "object": kind + (".chunk" if self.chat else ""), "created": int(time.time()),
                      "model": req.model or server.model_names[0]}
+        # A chunk event is this head's JSON with the choices added: the head is written once, not once per token.
+        self._event_head = f'data: {json.dumps(self.head)[:-1]}, "choices": '
+        self._event_tail = ', "usage": null}\n\n' if self.include_usage else "}\n\n"
 
     def _usage(self) -> dict:
         prompt = sum(seq.num_prompt_tokens for seq in self.seqs[::self.n])   # each prompt once, whatever n
@@ -287,10 +290,7 @@ class _Format:
         return self.head | {"object": self.kind, "choices": choices, "usage": self._usage()}
 
     def _event(self, choices: list[dict]) -> str:
-        body = self.head | {"choices": choices}
-        if self.include_usage:
-            body["usage"] = None
-        return f"data: {json.dumps(body)}\n\n"
+        return self._event_head + json.dumps(choices) + self._event_tail
 
     def first_chunks(self) -> str:
         """Chat streams open each choice with the assistant's role, as OpenAI's do."""

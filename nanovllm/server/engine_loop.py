@@ -1,10 +1,14 @@
 """The server's engine loop: the one thread that calls the engine, so the engine needs no lock for the server.
 
 HTTP handlers (on the asyncio thread) validate a request, turn it into Sequences and `submit` them with an
-asyncio.Queue, their sink; `abort` takes them back. The loop adds what was submitted, steps the engine, and after
-each step hands every request the Deltas its sequences got: one `call_soon_threadsafe` per step for all requests,
-one queue put per request, so the cost per token is one small tuple. A streamed sequence gets a Delta each step it
-got a token; any other, one Delta when it finishes, with all its text and token ids."""
+asyncio.Queue, their sink; `abort` takes them back. The loop adds what was submitted, steps the engine, and hands
+every request the Deltas its sequences got in a step: one `call_soon_threadsafe` per step for all requests, one
+queue put per request, so the cost per token is one small tuple. A streamed sequence gets a Delta each step it got
+a token; any other, one Delta when it finishes, with all its text and token ids.
+
+A step's Deltas are handed over once the next step is launched, while this thread waits for the GPU: the HTTP
+thread formats and sends them then, instead of contending for the GIL with the launch (every torch call releases
+the GIL, and taking it back from a busy thread waits for Python's switch interval)."""
 import asyncio
 import queue
 import traceback
@@ -45,6 +49,7 @@ class EngineLoop:
         self.scheduler = engine.scheduler
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()   # from the asyncio thread: see submit and abort
         self._tracked: dict[Sequence, _Tracked] = {}
+        self._unposted: dict[asyncio.Queue, list[Delta]] = {}  # the last step's Deltas, see the module's docstring
         self._aloop: asyncio.AbstractEventLoop | None = None
         self.dead: str | None = None        # why the engine loop stopped stepping (an exception), once it did
         # Counters for /metrics, written by the loop only.
@@ -78,9 +83,12 @@ class EngineLoop:
         """Step the engine while there is work, until `stop()`; then abort whatever is left."""
         while not stop():
             busy = self.dead is None and not self.scheduler.is_finished()
+            if not busy:
+                self._post_unposted()
             self._take_inbox(wait=not busy)
             if self.dead is None and not self.scheduler.is_finished():
                 self._step()
+        self._post_unposted()
         self._abort(list(self._tracked))
 
     def _take_inbox(self, wait: bool):
@@ -112,14 +120,16 @@ class EngineLoop:
 
     def _step(self):
         try:
-            advanced = self.engine._step()[0]      # the sequences that got a token, finished ones included
+            # The sequences that got a token, finished ones included.
+            advanced = self.engine._step(on_launched=self._post_unposted)[0]
         except Exception as e:      # the engine cannot go on (a dead worker, a CUDA error): fail every request
             traceback.print_exc()
             self.dead = f"the engine stopped: {type(e).__name__}: {e}"
+            self._post_unposted()
             self._post({track.sink: EngineDead(self.dead) for track in self._tracked.values()})
             self._tracked.clear()
             return
-        out: dict[asyncio.Queue, list[Delta]] = {}
+        out = self._unposted
         for seq in advanced:
             track = self._tracked.get(seq)
             finished = seq.is_finished
@@ -139,8 +149,11 @@ class EngineLoop:
                 self.num_finished += 1
                 self.num_prompt_tokens += num_prompt
                 self.num_generation_tokens += num_tokens
-        if out:
-            self._post(out)
+
+    def _post_unposted(self):
+        if self._unposted:
+            self._post(self._unposted)
+            self._unposted = {}
 
     def _post(self, out: dict):
         """Hand each sink its item, in one wake-up of the event loop."""
