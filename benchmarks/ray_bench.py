@@ -65,11 +65,12 @@ def main():
 
     import ray
     # On CPU, logical GPUs: a replica asks Ray for tensor_parallel_size of them.
-    ray.init(include_dashboard=False, num_gpus=args.num_replicas if args.device == "cpu" else None)
+    ray.init(address="local", include_dashboard=False,
+             num_gpus=args.num_replicas if args.device == "cpu" else None)
     prompts, params = make_workload(args.num_seqs * args.num_replicas)
     # As many intra-op threads as this process had, the machine allowing: Ray gives an actor one unless it asks.
     num_cpus = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // args.num_replicas))
-    with ReplicaPool(path, args.num_replicas, {"num_cpus": num_cpus}, **engine) as pool:
+    with ReplicaPool(path, args.num_replicas, ray_remote_args={"num_cpus": num_cpus}, **engine) as pool:
         replicas = best_throughput(f"Ray x{args.num_replicas}", pool.generate, prompts, params, args.repeat)
     ray.shutdown()
     print(f"LLM {plain:.2f}tok/s; Ray, {args.num_replicas} replica(s): {replicas:.2f}tok/s; "

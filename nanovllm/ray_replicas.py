@@ -25,9 +25,17 @@ def _plain(value):
     return value.tolist() if hasattr(value, "tolist") else value
 
 
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError('nanovllm.ray_replicas needs Ray: pip install "nano-vllm[ray]"') from None
+    return ray
+
+
 def _get(refs: list) -> list:
     """ray.get, raising an exception from a replica as itself rather than wrapped in Ray's RayTaskError."""
-    import ray
+    ray = _ray()
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
@@ -35,11 +43,12 @@ def _get(refs: list) -> list:
 
 
 class LLMPredictor:
-    """For `ds.map_batches(LLMPredictor, fn_constructor_kwargs={"model": ..., **llm_kwargs}, concurrency=N,
-    num_gpus=tensor_parallel_size, batch_size=...)`: each actor holds one `LLM`. A batch's "prompt" column holds
-    strings or token-id lists; a column named after a SamplingParams field (max_tokens, temperature, seed, ...) sets
-    that field per row, over `sampling_params`. Every input column is kept, and each row gets its completion's
-    "text", "token_ids" and "finish_reason", in the batch's order."""
+    """For `ds.map_batches(LLMPredictor, fn_constructor_kwargs={"model": ..., **llm_kwargs},
+    compute=ray.data.ActorPoolStrategy(size=N), num_gpus=tensor_parallel_size, batch_size=...)`: each of the N
+    actors holds one `LLM`. A batch's "prompt" column holds strings or token-id lists; a column named after a
+    SamplingParams field (max_tokens, temperature, seed, ...) sets that field per row, over `sampling_params`. Every
+    input column is kept, and each row gets its completion's "text", "token_ids" and "finish_reason", in the
+    batch's order."""
 
     def __init__(self, model: str, sampling_params: SamplingParams | None = None, **llm_kwargs):
         self.llm = LLM(model, **llm_kwargs)
@@ -67,6 +76,7 @@ class _Replica:
             self.error = e
 
     def ready(self):
+        """Returns once the engine has loaded, or raises why it did not."""
         if self.error is not None:
             raise self.error
 
@@ -82,7 +92,7 @@ class ReplicaPool:
     is restarted up to `max_restarts=3` times, its unfinished batches retried on the new one."""
 
     def __init__(self, model: str, num_replicas: int = 1, ray_remote_args: dict | None = None, **llm_kwargs):
-        import ray
+        ray = _ray()
         if not (isinstance(num_replicas, int) and num_replicas >= 1):
             raise ValueError(f"num_replicas must be a positive integer, got {num_replicas!r}")
         options = {"num_gpus": llm_kwargs.get("tensor_parallel_size", 1), "max_restarts": 3, "max_task_retries": 3,
@@ -102,7 +112,8 @@ class ReplicaPool:
         per batch, in order (`gather` reads them back)."""
         if not isinstance(prompts, list):
             raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
-        if isinstance(sampling_params, list) and len(sampling_params) != len(prompts):
+        per_prompt = isinstance(sampling_params, (list, tuple))
+        if per_prompt and len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts; "
                              "pass one SamplingParams, or one per prompt")
         if batch_size is None:
@@ -111,8 +122,9 @@ class ReplicaPool:
             raise ValueError(f"batch_size must be None or a positive integer, got {batch_size!r}")
         refs = []
         for i, start in enumerate(range(0, len(prompts), batch_size)):
-            params = sampling_params[start:start + batch_size] if isinstance(sampling_params, list) else sampling_params
-            refs.append(self.replicas[i % len(self.replicas)].generate.remote(prompts[start:start + batch_size], params))
+            batch = slice(start, start + batch_size)
+            params = sampling_params[batch] if per_prompt else sampling_params
+            refs.append(self.replicas[i % len(self.replicas)].generate.remote(prompts[batch], params))
         return refs
 
     def gather(self, refs: list) -> list[dict]:
@@ -128,9 +140,8 @@ class ReplicaPool:
 
     def shutdown(self):
         """Stop the replicas (their tensor-parallel workers exit with them) and free their GPUs."""
-        import ray
         for replica in self.replicas:
-            ray.kill(replica)
+            _ray().kill(replica)
         self.replicas = []
 
     def __enter__(self):

@@ -56,7 +56,7 @@ def test_map_batches_equals_one_llm(cluster, oracle, qwen3_dir):
     ds = ray.data.from_items(rows).map_batches(
         LLMPredictor, fn_constructor_kwargs=dict(model=qwen3_dir, sampling_params=SamplingParams(temperature=0,
                                                  ignore_eos=True), **ENGINE),
-        concurrency=2, num_gpus=1, batch_size=2)
+        compute=ray.data.ActorPoolStrategy(size=2), num_gpus=1, batch_size=2)
     out = ds.take_all()
     assert [r["prompt"] for r in out] == TEXT
     assert [r["text"] for r in out] == [o["text"] for o in oracle[:len(TEXT)]]
