@@ -113,3 +113,38 @@ def test_abort_frees_blocks_wherever_the_request_is():
     for seq in (running, partial, waiting):
         s.abort(seq)
     assert s.is_finished() and s.block_manager.num_free_blocks == 16
+
+
+def test_prompts_sharing_a_prefix_in_one_step_compute_it_once():
+    s = make_scheduler(num_blocks=32)
+    prefix = list(range(1, 31))                     # 7 full blocks and 2 tokens
+    seqs = [Sequence(prefix + [40 + i] * (i + 1), SamplingParams(max_tokens=2)) for i in range(4)]
+    for seq in seqs:
+        s.add(seq)
+    scheduled, is_prefill = s.schedule()
+    assert is_prefill and scheduled == seqs
+    assert [q.num_cached_tokens for q in seqs] == [0, 28, 28, 28]
+    assert [q.num_scheduled_tokens for q in seqs] == [31, 4, 5, 6]
+    assert all(q.block_table[:7] == seqs[0].block_table[:7] for q in seqs)
+    assert [s.block_manager.blocks[b].ref_count for b in seqs[0].block_table] == [4] * 7 + [1]
+    s.postprocess(scheduled, s.reserve_output_tokens(scheduled), [7] * 4)
+    while not s.is_finished():
+        step(s)
+    assert s.block_manager.num_free_blocks == 32
+
+
+def test_a_chunk_publishes_only_the_blocks_it_fills():
+    s = make_scheduler(num_blocks=32, max_num_batched_tokens=10)
+    prefix = list(range(1, 31))
+    first, second = Sequence(prefix + [40], SamplingParams(max_tokens=2)), Sequence(prefix + [41, 42])
+    s.add(first)
+    s.add(second)
+    bm = s.block_manager
+    while first.num_completion_tokens == 0:
+        scheduled, _ = s.schedule()
+        end = first.num_computed_tokens + first.num_scheduled_tokens     # 10, 20, 30, 31
+        assert [bm.blocks[b].hash != -1 for b in first.block_table] == [i < end // BLOCK for i in range(8)]
+        s.postprocess(scheduled, s.reserve_output_tokens(scheduled), [7] * len(scheduled))
+    assert second.num_cached_tokens == 28        # admitted beside the 1-token last chunk: 7 blocks hit
+    assert second.block_table[:7] == first.block_table[:7]
+

@@ -27,8 +27,10 @@ def chain_hash(token_ids: list[int], prefix_hash: int = -1) -> int:
 
 class BlockManager:
     """Hands out KV-cache blocks with reference counts and shares full blocks between prompts (prefix caching). A
-    full block is published in `hash_to_block_id` once its KV is computed. Freed blocks keep their hash and queue at
-    the back of `free_block_ids`: the least recently freed is reused first, and a later prompt may revive one."""
+    full block is published in `hash_to_block_id` once a launched step computes its KV: a prefill block when its
+    step is scheduled, so that later prompts of the same step already share it (see `publish_blocks`). Freed blocks
+    keep their hash and queue at the back of `free_block_ids`: the least recently freed is reused first, and a
+    later prompt may revive one."""
 
     def __init__(self, num_blocks: int, block_size: int):
         self.block_size = block_size
@@ -51,10 +53,14 @@ class BlockManager:
         block_id = self.free_block_ids.popleft()
         block = self.blocks[block_id]
         assert block.ref_count == 0
-        if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
-            del self.hash_to_block_id[block.hash]
-        block.ref_count, block.hash, block.token_ids = 1, -1, []
+        self._unpublish(block)
+        block.ref_count = 1
         return block_id
+
+    def _unpublish(self, block: Block):
+        if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block.block_id:
+            del self.hash_to_block_id[block.hash]
+        block.hash, block.token_ids = -1, []
 
     def can_allocate(self, seq: Sequence) -> list[int] | None:
         """The block ids of the longest cached prefix of `seq` (leaving at least one token to compute), to hand
@@ -85,11 +91,15 @@ class BlockManager:
 
     def deallocate(self, seq: Sequence):
         # Reverse order: a sequence's tail blocks are the least likely to be shared, so they are reused first.
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
+        num_computed_blocks = seq.num_computed_tokens // self.block_size
+        for i in reversed(range(len(seq.block_table))):
+            block = self.blocks[seq.block_table[i]]
+            if i >= num_computed_blocks:
+                # Published for a step that was scheduled but never launched (it raised): its KV was never written.
+                self._unpublish(block)
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_block_ids.append(block_id)
+                self.free_block_ids.append(block.block_id)
         seq.block_table.clear()
         seq.num_computed_tokens = 0
 
@@ -102,11 +112,15 @@ class BlockManager:
         if len(seq.block_table) < self.num_blocks(seq):
             seq.block_table.append(self._take_free_block())
 
-    def publish_computed_blocks(self, seq: Sequence):
-        """Make the blocks of `seq` that are full of booked, computed tokens findable by later prompts. A block's KV
-        may still be in flight on the GPU: any step that reads it through a hit is launched later, so runs after.
-        Blocks fill in order, so the unpublished ones are at the end of what is full."""
-        end = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+    def publish_blocks(self, seq: Sequence, num_tokens: int):
+        """Make the full blocks among the first `num_tokens` tokens of `seq` findable by later prompts: tokens that
+        are computed, or that the step being scheduled computes (its launch follows at once, under the engine's step
+        lock). Any step that reads such a block through a hit is launched later, so runs after its KV is written;
+        and a later prompt of the same step reads it correctly too, as every attention layer stores the whole step's
+        K/V in the cache before it attends (all backends read the cached prefix back through the block table). Only
+        booked tokens can be hashed: a decode step's input may still be on the GPU, so a block that decode fills is
+        published when that token is booked. Blocks fill in order: the unpublished ones are the last full ones."""
+        end = min(num_tokens, len(seq.token_ids)) // self.block_size
         first = end
         while first > 0 and self.blocks[seq.block_table[first - 1]].hash == -1:
             first -= 1

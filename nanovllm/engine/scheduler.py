@@ -52,6 +52,10 @@ class Scheduler:
                 self.block_manager.allocate(seq, cached_blocks)
             seq.num_scheduled_tokens = min(seq.num_uncomputed_tokens, budget)
             budget -= seq.num_scheduled_tokens
+            # The blocks this chunk fills are shared from now on: a later prompt of this same step may hit them (one
+            # system prompt for a whole batch is computed once), as every layer stores the step's K/V before it
+            # attends. A block the chunk leaves part-filled waits for the chunk that fills it.
+            self.block_manager.publish_blocks(seq, seq.num_computed_tokens + seq.num_scheduled_tokens)
             scheduled.append(seq)
             if seq.num_scheduled_tokens < seq.num_uncomputed_tokens:
                 break       # a chunk: the rest of this prompt stays at the head of the queue
@@ -135,7 +139,7 @@ class Scheduler:
         for seq, index, token_id, token_logprobs in zip(seqs, token_indices, token_ids, logprobs or repeat(None)):
             if seq.is_finished:
                 continue
-            self.block_manager.publish_computed_blocks(seq)
+            self.block_manager.publish_blocks(seq, seq.num_computed_tokens)    # the blocks decode filled
             if index < 0:
                 continue
             assert index == seq.num_prompt_tokens + seq.num_completion_tokens, "tokens booked out of order"
