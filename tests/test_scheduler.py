@@ -148,3 +148,17 @@ def test_a_chunk_publishes_only_the_blocks_it_fills():
     assert second.num_cached_tokens == 28        # admitted beside the 1-token last chunk: 7 blocks hit
     assert second.block_table[:7] == first.block_table[:7]
 
+
+def test_n_samples_are_admitted_with_their_first():
+    s = make_scheduler(num_blocks=32)
+    first = Sequence(list(range(1, 11)), SamplingParams(n=3, max_tokens=2))
+    samples = first.fork()
+    s.add(first)
+    assert list(s.waiting) == samples and not first.held_samples
+    scheduled, _ = s.schedule()
+    assert scheduled == samples and [q.num_cached_tokens for q in samples] == [0, 8, 8]
+    s.postprocess(scheduled, s.reserve_output_tokens(scheduled), [7] * 3)
+    assert all(q.num_completion_tokens == 1 for q in samples)
+    for q in samples:
+        s.abort(q)
+    assert s.is_finished() and s.block_manager.num_free_blocks == 32

@@ -30,11 +30,14 @@ class Scheduler:
         return not self.waiting and not self.running
 
     def add(self, seq: Sequence):
-        """Queue a request; its other samples (`held_samples`, n > 1) follow once its prompt is computed."""
+        """Queue a request, and right behind it its other samples (`held_samples`, n > 1): admitted after it, in
+        its step or a later one, they find its prompt's full blocks in the prefix cache (published when its
+        prefill is scheduled) and compute only the last partial block."""
         if len(seq.held_samples) != seq.sampling_params.n - 1:
             raise ValueError(f"n={seq.sampling_params.n}: queue the first of Sequence.fork()'s samples, which holds "
                              f"the others")
-        self.waiting.append(seq)
+        self.waiting.extend([seq, *seq.held_samples])
+        seq.held_samples = []
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Pick this step's sequences; each gets `num_scheduled_tokens`. Returns (seqs, is_prefill)."""
@@ -105,14 +108,6 @@ class Scheduler:
         seq.drop_unbooked_tokens()
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.finished_time = reason, perf_counter()
-        self._queue_held_samples(seq)       # ended before its first token (aborted): the others run without it
-
-    def _queue_held_samples(self, seq: Sequence):
-        """Queue the other samples of `seq`'s prompt, at the head (they belong to a request already admitted): its
-        prompt's full blocks are published by now, so their prefill finds them in the prefix cache and computes
-        only the last partial block."""
-        self.waiting.extendleft(reversed([s for s in seq.held_samples if not s.is_finished]))
-        seq.held_samples = []
 
     def abort(self, seq: Sequence):
         """Drop a request wherever it is and free its blocks."""
@@ -144,8 +139,6 @@ class Scheduler:
                 continue
             assert index == seq.num_prompt_tokens + seq.num_completion_tokens, "tokens booked out of order"
             seq.append_token(token_id)
-            if seq.held_samples:
-                self._queue_held_samples(seq)
             if seq.first_token_time is None:
                 seq.first_token_time = perf_counter()
             if token_logprobs is not None:

@@ -35,7 +35,7 @@ class Sequence:
         self.finish_reason: str | None = None       # "stop" or "length" (or "abort") once finished
         self.logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
         self.detokenizer = None     # set by the engine when the request has a tokenizer
-        self.held_samples: list[Sequence] = []      # the prompt's other samples (n > 1), not queued yet: see fork
+        self.held_samples: list[Sequence] = []      # the prompt's other samples (n > 1) until queued: see fork
         # On time.perf_counter's clock: when the request was made, got its first token, finished.
         self.arrival_time, self.first_token_time, self.finished_time = perf_counter(), None, None
 
@@ -80,10 +80,10 @@ class Sequence:
         return self.token_ids[start:start + self.num_scheduled_tokens]
 
     def fork(self) -> list["Sequence"]:
-        """The request's n samples (SamplingParams.n): this sequence, and n - 1 more of its prompt that it holds
-        back (`held_samples`) until its own prompt is computed: the scheduler queues them then, so that they read
-        the prompt's full blocks from the prefix cache instead of computing them again. Sample i has its own
-        detokenizer and, as vLLM's, the seed seed + i, so that seeded samples differ."""
+        """The request's n samples (SamplingParams.n): this sequence, and n - 1 more of its prompt that it carries
+        (`held_samples`) to the scheduler, which queues them right behind it, so that they read the prompt's full
+        blocks from the prefix cache instead of computing them again. Sample i has its own detokenizer and, as
+        vLLM's, the seed seed + i, so that seeded samples differ."""
         sp = self.sampling_params
         for i in range(1, sp.n):
             sample = Sequence(self.prompt_token_ids, sp if sp.seed is None else replace(sp, seed=sp.seed + i))
