@@ -4,6 +4,7 @@
     python bench.py --model ~/huggingface/Qwen3-0.6B
     python bench.py --dummy --kv-cache-dtype fp8   # K/V stored in 8 bits: half the bytes decode reads
     python bench.py --dummy --model-config llama-3.2-1b    # another shipped config: smollm2-135m, llama-3.2-1b
+    python bench.py --dummy --shared-prefix 512    # one 512-token system prompt before every prompt
 
 Other scripts that need this workload import it (`from bench import make_workload`, run from the repository root
 with PYTHONPATH=.), so it is written once.
@@ -23,16 +24,21 @@ from nanovllm.configs import MODEL_CONFIGS
 MAX_INPUT_LEN = MAX_OUTPUT_LEN = 1024
 
 
-def make_workload(num_seqs: int = 256, seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
+def make_workload(num_seqs: int = 256, seed: int = 0,
+                  shared_prefix: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
     """nano-vllm's bench workload: random token ids, prompt and output lengths uniform in 100..1024.
 
     The draws, and their order (all prompts, then all output lengths), are upstream bench.py's under
-    random.seed(seed), so both benchmarks run the same requests."""
+    random.seed(seed), so both benchmarks run the same requests. `shared_prefix`: that many random tokens (drawn
+    after those) before every prompt, as one system prompt for a whole offline batch."""
     rng = Random(seed)
     prompt_token_ids = [[rng.randint(0, 10000) for _ in range(rng.randint(100, MAX_INPUT_LEN))]
                         for _ in range(num_seqs)]
     sampling_params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, MAX_OUTPUT_LEN))
                        for _ in range(num_seqs)]
+    if shared_prefix:
+        prefix = [rng.randint(0, 10000) for _ in range(shared_prefix)]
+        prompt_token_ids = [prefix + prompt for prompt in prompt_token_ids]
     return prompt_token_ids, sampling_params
 
 
@@ -48,6 +54,8 @@ def parse_args():
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--no-overlap", action="store_true", help="book each step before launching the next")
     p.add_argument("--num-seqs", type=int, default=256)
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                   help="put the same N random tokens before every prompt (one system prompt for the batch)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1, help="run the workload this many times in one process")
     p.add_argument("--skip-batch1", action="store_true", help="skip the single-request decode measurement")
@@ -79,7 +87,7 @@ def main():
           f"(backend {llm.executor.runner.attention_backend.name}, {llm.executor.runner.num_kvcache_blocks} KV blocks, "
           f"kv_cache_dtype {args.kv_cache_dtype}, overlap {'off' if args.no_overlap else 'on'})")
 
-    prompt_token_ids, sampling_params = make_workload(args.num_seqs)
+    prompt_token_ids, sampling_params = make_workload(args.num_seqs, shared_prefix=args.shared_prefix)
 
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)     # warm-up
     cuda = torch.cuda.is_available()
@@ -92,6 +100,9 @@ def main():
         total_tokens = sum(len(o["token_ids"]) for o in outputs)
         print(f"Total: {total_tokens}tok, Time: {t:.2f}s, Throughput: {total_tokens / t:.2f}tok/s")
         print(f"  run {i + 1}: {latency_summary(outputs)}")
+        prompt_tokens, cached = sum(map(len, prompt_token_ids)), sum(o["num_cached_tokens"] for o in outputs)
+        print(f"  run {i + 1}: prefill computed {prompt_tokens - cached} of {prompt_tokens} prompt tokens "
+              f"({cached} from the prefix cache)")
         if cuda:
             print(f"  run {i + 1}: torch.cuda.memory_allocated = {torch.cuda.memory_allocated() / 2**20:.1f} MiB, "
                   f"peak {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
