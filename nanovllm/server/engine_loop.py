@@ -6,11 +6,15 @@ every request the Deltas its sequences got in a step: one `call_soon_threadsafe`
 queue put per request, so the cost per token is one small tuple. A streamed sequence gets a Delta each step it got
 a token; any other, one Delta when it finishes, with all its text and token ids.
 
-A step's Deltas are handed over once the next step is launched, while this thread waits for the GPU: the HTTP
-thread formats and sends them then, instead of contending for the GIL with the launch (every torch call releases
-the GIL, and taking it back from a busy thread waits for Python's switch interval)."""
+Deltas are handed over once the next step is launched, while this thread waits for the GPU: the HTTP thread
+formats and sends them then, instead of contending for the GIL with the launch (every torch call releases the GIL,
+and taking it back from a busy thread waits for Python's switch interval). The next hand-over waits until the HTTP
+thread has sent the last one and then for as long again (it holds the GIL at most half the time): under load a
+stream gets one chunk for several tokens, so Python's cost per token falls as the load rises instead of the engine
+slowing down; a lone stream still gets a chunk per step."""
 import asyncio
 import queue
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -49,7 +53,9 @@ class EngineLoop:
         self.scheduler = engine.scheduler
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()   # from the asyncio thread: see submit and abort
         self._tracked: dict[Sequence, _Tracked] = {}
-        self._unposted: dict[asyncio.Queue, list[Delta]] = {}  # the last step's Deltas, see the module's docstring
+        self._unposted: dict[asyncio.Queue, list[Delta]] = {}  # Deltas not handed over yet: see the module's docstring
+        self._sending = False       # the HTTP thread has Deltas of the last hand-over still to send
+        self._next_post_at = 0.0    # perf_counter time before which the next hand-over waits
         self._aloop: asyncio.AbstractEventLoop | None = None
         self.dead: str | None = None        # why the engine loop stopped stepping (an exception), once it did
         # Counters for /metrics, written by the loop only.
@@ -84,11 +90,11 @@ class EngineLoop:
         while not stop():
             busy = self.dead is None and not self.scheduler.is_finished()
             if not busy:
-                self._post_unposted()
+                self._post_unposted(wait_for_http=False)
             self._take_inbox(wait=not busy)
             if self.dead is None and not self.scheduler.is_finished():
                 self._step()
-        self._post_unposted()
+        self._post_unposted(wait_for_http=False)
         self._abort(list(self._tracked))
 
     def _take_inbox(self, wait: bool):
@@ -125,7 +131,7 @@ class EngineLoop:
         except Exception as e:      # the engine cannot go on (a dead worker, a CUDA error): fail every request
             traceback.print_exc()
             self.dead = f"the engine stopped: {type(e).__name__}: {e}"
-            self._post_unposted()
+            self._post_unposted(wait_for_http=False)
             self._post({track.sink: EngineDead(self.dead) for track in self._tracked.values()})
             self._tracked.clear()
             return
@@ -150,20 +156,34 @@ class EngineLoop:
                 self.num_prompt_tokens += num_prompt
                 self.num_generation_tokens += num_tokens
 
-    def _post_unposted(self):
-        if self._unposted:
-            self._post(self._unposted)
+    def _post_unposted(self, wait_for_http: bool = True):
+        """Hand over the Deltas gathered since the last hand-over, unless the HTTP thread is still sending those
+        (`wait_for_http`): then they wait for a later step, and a stream gets one chunk for several tokens."""
+        if self._unposted and not (wait_for_http and (self._sending or time.perf_counter() < self._next_post_at)):
+            self._sending = True    # before the hand-over: the HTTP thread may be done with it before _post returns
+            if not self._post(self._unposted):
+                self._sending = False
             self._unposted = {}
 
-    def _post(self, out: dict):
-        """Hand each sink its item, in one wake-up of the event loop."""
+    def _sent(self, start: float):
+        """On the HTTP thread, after the streams woken by a hand-over have run (they were scheduled first). The next
+        hand-over waits as long as this one took: the HTTP thread holds the GIL at most half the time."""
+        now = time.perf_counter()
+        self._next_post_at = now + (now - start)
+        self._sending = False
+
+    def _deliver(self, out: dict):
+        start = time.perf_counter()
+        for sink, item in out.items():
+            sink.put_nowait(item)
+        self._aloop.call_soon(self._sent, start)
+
+    def _post(self, out: dict) -> bool:
+        """Hand each sink its item, in one wake-up of the event loop. Returns whether it was handed over."""
         if self._aloop is not None and not self._aloop.is_closed():
             try:
-                self._aloop.call_soon_threadsafe(_deliver, out)
+                self._aloop.call_soon_threadsafe(self._deliver, out)
+                return True
             except RuntimeError:    # the event loop closed meanwhile: nobody is left to tell
                 pass
-
-
-def _deliver(out: dict):
-    for sink, item in out.items():
-        sink.put_nowait(item)
+        return False
