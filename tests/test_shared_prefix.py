@@ -4,11 +4,13 @@ transformers greedy one."""
 import random
 
 import pytest
+import torch
 
 from nanovllm import LLM, SamplingParams
 from tests.conftest import all_free, hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def ids(seed: int, n: int) -> list[int]:
@@ -83,3 +85,21 @@ def test_a_failed_step_leaves_no_uncomputed_block_shared(qwen3_dir):
     assert [o["num_cached_tokens"] for o in outs] == [0, 32]
     for prompt, out in zip(prompts, outs):
         assert out["token_ids"] == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)
+
+
+@cuda
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_a_shared_prefix_in_one_batch_on_the_gpu(qwen3_dir, block_size):
+    """The Triton path: the rotary kernel stores the step's K/V, then the prefill kernel reads the prefix that
+    another sequence of the same step wrote, through the block table."""
+    llm = LLM(qwen3_dir, attention_backend="triton", kvcache_block_size=block_size, max_model_len=1024,
+              num_kvcache_blocks=8192 // block_size, max_num_batched_tokens=4096, max_num_seqs=8)
+    shared = ids(20, 300)
+    prompts = [shared + ids(21 + i, 20 + 7 * i) for i in range(4)]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    cached = 300 // block_size * block_size
+    assert [o["num_cached_tokens"] for o in outs] == [0, cached, cached, cached]
+    for prompt, out in zip(prompts, outs):
+        assert out["token_ids"] == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens, "cuda")
+    assert all_free(llm)
+    llm.exit()
