@@ -64,8 +64,9 @@ def main():
         torch.cuda.empty_cache()
 
     import ray
-    # On CPU, logical GPUs: a replica asks Ray for tensor_parallel_size of them.
-    ray.init(address="local", include_dashboard=False,
+    # A fresh local instance, whatever `ray start` left on this machine. On CPU, logical GPUs (a replica asks for
+    # tensor_parallel_size of them). The prompts and outputs are a few MB: 1 GiB of object store, not 30% of memory.
+    ray.init(address="local", include_dashboard=False, object_store_memory=2**30,
              num_gpus=args.num_replicas if args.device == "cpu" else None)
     prompts, params = make_workload(args.num_seqs * args.num_replicas)
     # As many intra-op threads as this process had, the machine allowing: Ray gives an actor one unless it asks.

@@ -50,6 +50,7 @@ def test_two_replicas_equal_one_llm(cluster, oracle, qwen3_dir):
     same(generate(PROMPTS, PARAMS, qwen3_dir, num_replicas=2, **ENGINE), oracle)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # Ray Data's own, about its own settings
 def test_map_batches_equals_one_llm(cluster, oracle, qwen3_dir):
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     rows = [{"prompt": p, "max_tokens": sp.max_tokens} for p, sp in zip(TEXT, PARAMS)]
