@@ -79,7 +79,7 @@ class LLM(LLMEngine):
         return [seq.fork() for seq in self._make_sequences(prompts, sampling_params, stream)]
 
     def _queue_samples(self, requests: list[list[Sequence]]) -> list[Sequence]:
-        """Queue each request's first sample (it holds the others back); returns every sample."""
+        """Queue each request's first sample (it carries the others to the scheduler); returns every sample."""
         self._queue([samples[0] for samples in requests])
         return [seq for samples in requests for seq in samples]
 

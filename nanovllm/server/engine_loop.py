@@ -2,8 +2,8 @@
 
 HTTP handlers (on the asyncio thread) validate a request, turn it into Sequences and `submit` them with an
 asyncio.Queue, their sink; `abort` takes them back. The loop adds what was submitted, steps the engine, and hands
-every request the Deltas its sequences got in a step: one `call_soon_threadsafe` per step for all requests, one
-queue put per request, so the cost per token is one small tuple. A streamed sequence gets a Delta each step it got
+every request the Deltas its sequences got: one `call_soon_threadsafe` per hand-over for all requests, one queue
+put per request, so the cost per token is one small tuple. A streamed sequence gets a Delta each step it got
 a token; any other, one Delta when it finishes, with all its text and token ids.
 
 Deltas are handed over once the next step is launched, while this thread waits for the GPU: the HTTP thread
@@ -68,8 +68,9 @@ class EngineLoop:
         self._aloop = aloop
 
     def submit(self, requests: list[list[Sequence]], stream: bool) -> asyncio.Queue:
-        """Queue validated requests, each a prompt's samples (Sequence.fork: the first holds the others back until
-        its prompt is computed); their sequences are the choices 0, 1, ... Returns the sink their Deltas go to."""
+        """Queue validated requests, each a prompt's samples (Sequence.fork: the first carries the others, which the
+        scheduler queues right behind it); their sequences are the choices 0, 1, ... Returns the sink their Deltas
+        go to."""
         sink = asyncio.Queue()
         self._inbox.put((requests, sink, stream))
         return sink
