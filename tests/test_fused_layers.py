@@ -9,6 +9,7 @@ the `cuda` tests add Qwen3-0.6B's real sizes, CUDA-graph replay and one compilat
 """
 import contextlib
 import importlib.util
+import inspect
 import os
 import re
 
@@ -219,11 +220,14 @@ _PTXAS = os.path.join(os.path.dirname(importlib.util.find_spec("triton").origin)
 
 def compile_for_h100(kernel, signature, constexprs):
     """PTX of `kernel` for sm_90 with 4 warps, specialised as a real launch is: pointers 16-byte aligned, integers
-    (strides) divisible by 16; `signature` gives the non-constexpr arguments' Triton types."""
+    (strides) divisible by 16; `signature` gives the non-constexpr arguments' Triton types, constexprs not given
+    take their defaults."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     names = kernel.arg_names
+    constexprs = {p.name: p.default for p in kernel.params
+                  if p.is_constexpr and p.default is not inspect.Parameter.empty} | constexprs
     full = {name: "constexpr" if name in constexprs else signature[name] for name in names}
     aligned = {(names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items() if kind != "fp32"}
     source = ASTSource(kernel, full, {(names.index(name),): value for name, value in constexprs.items()}, aligned)
@@ -267,6 +271,20 @@ def test_kernels_compile_for_h100_with_16_byte_loads(kernel):
     assert "ld.global.v4.b32" in loads and "st.global.v4.b32" in stores, (loads, stores)
     assert not any(op.endswith(".b16") for op in loads | stores), (loads, stores)
     assert "ld.local" not in ptx and "st.local" not in ptx, "registers spilled"
+
+
+@pytest.mark.skipif(CUDA, reason="with CUDA the other tests compile and run these kernels for real")
+@pytest.mark.skipif(INTERPRETING, reason="this process runs Triton's interpreter, which cannot compile")
+@pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("kernel", ["rms_norm", "silu_and_mul", "qk_norm_rotary", "qk_norm_rotary_store"])
+def test_kernels_read_nothing_before_the_kernel_before_completes(kernel):
+    """Launched with programmatic dependent launch (kernels/pdl.py) a kernel may start while the one before it
+    still writes its inputs: each must wait (griddepcontrol.wait) before its first global load or store."""
+    launched, signature, constexprs = h100_launches()[kernel]
+    body = compile_for_h100(launched, signature, dict(constexprs, PDL=True)).split(".entry", 1)[1]
+    first_access = re.search(r"(ld|st)\.global", body).start()
+    assert body.index("griddepcontrol.launch_dependents") < body.index("griddepcontrol.wait") < first_access
 
 
 # ---- real sizes on the GPU -------------------------------------------------------------------------------------

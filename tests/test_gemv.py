@@ -42,6 +42,12 @@ def test_gemv_matches_linear(m, dtype, gated):
     run_check(check_gemv, m, 6, 2 * gemv.GEMV_BLOCK_K, dtype, gated)
 
 
+@pytest.mark.parametrize("n,k", [(7, 576), (5, 1536)])     # off the tiles (SmolLM2's K), N odd
+def test_gemv_masks_columns_and_k_off_the_tiles(n, k):
+    run_check(check_gemv, 1, n, k, torch.float32)
+    run_check(check_gemv, 2, n, k, torch.float32, True)
+
+
 def check_norm_gemv(n, k, dtype, with_residual):
     """One row: RMSNorm(x + residual) then x @ W.T in one kernel, against the torch RMSNorm and F.linear; the new
     residual (x + residual, rounded once) exactly as torch adds it."""
@@ -69,6 +75,7 @@ def check_norm_gemv(n, k, dtype, with_residual):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_norm_gemv_matches_rms_norm_then_linear(dtype, with_residual):
     run_check(check_norm_gemv, 6, 2 * gemv.GEMV_BLOCK_K, dtype, with_residual)
+    run_check(check_norm_gemv, 7, 576, dtype, with_residual)     # K off the tile: the RMS must ignore the padding
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the layer would launch an interpreted kernel on CUDA tensors")
@@ -97,7 +104,7 @@ def test_only_small_row_parallel_shapes_go_to_the_gemv():
     assert gemv.gemv_is_faster(torch.empty(1, 3072), w) and gemv.gemv_is_faster(torch.empty(2, 3072), w)
     assert not gemv.gemv_is_faster(torch.empty(3, 3072), w)                       # a GEMM: cuBLAS
     assert not gemv.gemv_is_faster(torch.empty(1, 1024), torch.empty(4096, 1024))  # many columns: cuBLAS
-    assert not gemv.gemv_is_faster(torch.empty(1, 1000), torch.empty(1024, 1000))  # K off the tile
+    assert gemv.gemv_is_faster(torch.empty(1, 576), torch.empty(960, 576))        # any K (masked)
     assert not gemv.gemv_is_faster(torch.empty(1, 6144)[:, ::2], w)                # strided rows
     assert gemv.gemv_is_faster(torch.empty(1, 6144), w, gated=True)                # [gate | up] of 3072 each
     assert not gemv.gemv_is_faster(torch.empty(1, 3072), w, gated=True)
@@ -123,6 +130,11 @@ def test_row_parallel_layer_uses_the_gemv_on_cuda_only(monkeypatch, gated):
         assert calls == ([torch.Size([1, width]), torch.Size([2, width])] if device == "cuda" else [])
 
 
+GEMV_SIGNATURE = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M="i32", N="i32", K="i32", stride_xm="i32",
+                      stride_wn="i32", stride_om="i32", residual_ptr="*bf16", norm_weight_ptr="*bf16",
+                      residual_out_ptr="*bf16", eps="fp32")
+
+
 @pytest.mark.skipif(CUDA, reason="with CUDA the other tests compile and run the kernel for real")
 @pytest.mark.skipif(INTERPRETING, reason="this process runs Triton's interpreter, which cannot compile")
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
@@ -131,14 +143,27 @@ def test_row_parallel_layer_uses_the_gemv_on_cuda_only(monkeypatch, gated):
 @pytest.mark.parametrize("m_pad", [1, 2])
 def test_gemv_compiles_for_h100_with_16_byte_weight_loads(m_pad, variant):
     """The kernel only streams the weight: it must load it 16 bytes at a time, and not spill."""
-    signature = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M="i32", K="i32", stride_xm="i32",
-                     stride_wn="i32", stride_om="i32", residual_ptr="*bf16", norm_weight_ptr="*bf16",
-                     residual_out_ptr="*bf16", eps="fp32")
-    ptx = compile_for_h100(gemv.gemv_kernel, signature, dict(
+    ptx = compile_for_h100(gemv.gemv_kernel, GEMV_SIGNATURE, dict(
         M_PAD=m_pad, BLOCK_N=gemv.GEMV_BLOCK_N, BLOCK_K=gemv.GEMV_BLOCK_K, GATED=variant == "gated",
-        NORM=variant == "norm", ADD_RESIDUAL=variant == "norm"))
+        NORM=variant == "norm", ADD_RESIDUAL=variant == "norm", PDL=False))
     assert "ld.global.v4.b32" in set(re.findall(r"ld\.global(?:\.\w+)*", ptx))
     assert "ld.local" not in ptx and "st.local" not in ptx, "registers spilled"
+    assert "griddepcontrol" not in ptx
+
+
+@pytest.mark.skipif(CUDA, reason="with CUDA the other tests compile and run the kernel for real")
+@pytest.mark.skipif(INTERPRETING, reason="this process runs Triton's interpreter, which cannot compile")
+@pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_gemv_requests_its_weights_before_waiting_for_the_kernel_before():
+    """With PDL the first weight slice is loaded before griddepcontrol.wait, x only after it."""
+    ptx = compile_for_h100(gemv.gemv_kernel, GEMV_SIGNATURE, dict(
+        M_PAD=1, BLOCK_N=gemv.GEMV_BLOCK_N, BLOCK_K=gemv.GEMV_BLOCK_K, GATED=False, NORM=True, ADD_RESIDUAL=True,
+        PDL=True))
+    body = ptx[ptx.index(".entry"):]
+    wait, loads = body.index("griddepcontrol.wait"), [m.start() for m in re.finditer(r"ld\.global", body)]
+    assert body.index("griddepcontrol.launch_dependents") < wait
+    assert loads[0] < wait < loads[-1]
 
 
 @pytest.mark.cuda

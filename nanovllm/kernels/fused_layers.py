@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import pdl
 from nanovllm.kernels.triton_attention_kernels import store_token_kv
 
 SILU_BLOCK = 1024   # columns per silu program: several programs per row keep a 1-token decode from using one SM
@@ -19,8 +20,10 @@ def _round(x, dtype: tl.constexpr):     # x (float32) as the torch code holds it
 
 @triton.jit
 def rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps, N: tl.constexpr,
-                    BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+                    BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr = False):
     """One program per row of N: out = weight * rms_norm(x (+ residual)); the sum is also stored as the new residual."""
+    pdl.launch_dependents(PDL)
+    pdl.wait_for_inputs(PDL)
     dtype = out_ptr.dtype.element_ty
     offsets = tl.program_id(0).to(tl.int64) * N + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < N
@@ -34,8 +37,10 @@ def rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, 
 
 
 @triton.jit
-def silu_and_mul_kernel(x_ptr, out_ptr, D: tl.constexpr, BLOCK: tl.constexpr):
+def silu_and_mul_kernel(x_ptr, out_ptr, D: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Program (row, column block): out[row, cols] = silu(x[row, cols]) * x[row, D + cols]."""
+    pdl.launch_dependents(PDL)
+    pdl.wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     gate = tl.load(x_ptr + row * 2 * D + cols, mask=cols < D).to(tl.float32)
@@ -68,9 +73,11 @@ def qk_norm_rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos
                           v_ptr, v_stride_t, v_stride_h, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr,
                           v_scale_ptr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
                           KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
-                          STORE_KV: tl.constexpr, KV_FP8: tl.constexpr):
+                          STORE_KV: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr = False):
     """Program (token, 0): the token's q heads, (token, 1): its k heads, normed (Qwen3) and rotated by its position's
     float32 cos/sin. (Two programs a token, not one: a batch-1 decode step then spreads over two SMs.)"""
+    pdl.launch_dependents(PDL)
+    pdl.wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     table = tl.load(positions_ptr + token) * HALF + tl.arange(0, HALF)[None, :]
     cos, sin = tl.load(cos_ptr + table), tl.load(sin_ptr + table)
@@ -92,7 +99,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     x, n, add = x.contiguous(), x.shape[-1], residual is not None
     out, residual_out = torch.empty_like(x), torch.empty_like(x) if add else None
     rms_norm_kernel[(x.numel() // n,)](x, residual.contiguous() if add else None, weight, out, residual_out, eps,
-                                       N=n, BLOCK=triton.next_power_of_2(n), ADD_RESIDUAL=add)
+                                       N=n, BLOCK=triton.next_power_of_2(n), ADD_RESIDUAL=add,
+                                       **pdl.launch_kwargs(x.device))
     return (out, residual_out) if add else out
 
 
@@ -100,7 +108,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(x[..., :d]) * x[..., d:] for the packed gate/up projection."""
     x, d = x.contiguous(), x.shape[-1] // 2
     out = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
-    silu_and_mul_kernel[(x.numel() // (2 * d), triton.cdiv(d, SILU_BLOCK))](x, out, D=d, BLOCK=SILU_BLOCK)
+    silu_and_mul_kernel[(x.numel() // (2 * d), triton.cdiv(d, SILU_BLOCK))](x, out, D=d, BLOCK=SILU_BLOCK,
+                                                                            **pdl.launch_kwargs(x.device))
     return out
 
 
@@ -121,5 +130,6 @@ def qk_norm_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, co
         q, k, q_out, k_out, positions, cos, sin, q_weight, k_weight, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), eps, *cache_args, HEADS=heads, KV_HEADS=kv_heads, HEADS_PAD=triton.next_power_of_2(heads),
         KV_HEADS_PAD=triton.next_power_of_2(kv_heads), HALF=head_dim // 2, NORM=q_weight is not None,
-        STORE_KV=store is not None, KV_FP8=store is not None and kv.k_cache.dtype == torch.float8_e4m3fn)
+        STORE_KV=store is not None, KV_FP8=store is not None and kv.k_cache.dtype == torch.float8_e4m3fn,
+        **pdl.launch_kwargs(q.device))
     return q_out, k_out
