@@ -39,7 +39,7 @@ def check_gemv(m, n, k, dtype, gated=False):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 2])
 def test_gemv_matches_linear(m, dtype, gated):
-    run_check(check_gemv, m, 6, 2 * gemv.GEMV_BLOCK_K, dtype, gated)
+    run_check(check_gemv, m, 6, 2 * gemv.GEMV_MAX_BLOCK_K, dtype, gated)     # two K slices
 
 
 @pytest.mark.parametrize("n,k", [(7, 576), (5, 1536)])     # off the tiles (SmolLM2's K), N odd
@@ -74,7 +74,7 @@ def check_norm_gemv(n, k, dtype, with_residual):
 @pytest.mark.parametrize("with_residual", [False, True], ids=["first layer", "residual"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_norm_gemv_matches_rms_norm_then_linear(dtype, with_residual):
-    run_check(check_norm_gemv, 6, 2 * gemv.GEMV_BLOCK_K, dtype, with_residual)
+    run_check(check_norm_gemv, 6, 2 * gemv.GEMV_MAX_BLOCK_K, dtype, with_residual)
     run_check(check_norm_gemv, 7, 576, dtype, with_residual)     # K off the tile: the RMS must ignore the padding
 
 
@@ -139,12 +139,13 @@ GEMV_SIGNATURE = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M="i32", N=
 @pytest.mark.skipif(INTERPRETING, reason="this process runs Triton's interpreter, which cannot compile")
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("block_k", [1024, gemv.GEMV_MAX_BLOCK_K])
 @pytest.mark.parametrize("variant", ["plain", "gated", "norm"])
 @pytest.mark.parametrize("m_pad", [1, 2])
-def test_gemv_compiles_for_h100_with_16_byte_weight_loads(m_pad, variant):
+def test_gemv_compiles_for_h100_with_16_byte_weight_loads(m_pad, variant, block_k):
     """The kernel only streams the weight: it must load it 16 bytes at a time, and not spill."""
     ptx = compile_for_h100(gemv.gemv_kernel, GEMV_SIGNATURE, dict(
-        M_PAD=m_pad, BLOCK_N=gemv.GEMV_BLOCK_N, BLOCK_K=gemv.GEMV_BLOCK_K, GATED=variant == "gated",
+        M_PAD=m_pad, BLOCK_N=gemv.GEMV_BLOCK_N, BLOCK_K=block_k, GATED=variant == "gated",
         NORM=variant == "norm", ADD_RESIDUAL=variant == "norm", PDL=False))
     assert "ld.global.v4.b32" in set(re.findall(r"ld\.global(?:\.\w+)*", ptx))
     assert "ld.local" not in ptx and "st.local" not in ptx, "registers spilled"
@@ -158,7 +159,7 @@ def test_gemv_compiles_for_h100_with_16_byte_weight_loads(m_pad, variant):
 def test_gemv_requests_its_weights_before_waiting_for_the_kernel_before():
     """With PDL the first weight slice is loaded before griddepcontrol.wait, x only after it."""
     ptx = compile_for_h100(gemv.gemv_kernel, GEMV_SIGNATURE, dict(
-        M_PAD=1, BLOCK_N=gemv.GEMV_BLOCK_N, BLOCK_K=gemv.GEMV_BLOCK_K, GATED=False, NORM=True, ADD_RESIDUAL=True,
+        M_PAD=1, BLOCK_N=gemv.GEMV_BLOCK_N, BLOCK_K=1024, GATED=False, NORM=True, ADD_RESIDUAL=True,
         PDL=True))
     body = ptx[ptx.index(".entry"):]
     wait, loads = body.index("griddepcontrol.wait"), [m.start() for m in re.finditer(r"ld\.global", body)]

@@ -16,13 +16,16 @@ from nanovllm.kernels import pdl
 
 GEMV_MAX_ROWS = 2       # more rows are a GEMM's job (cuBLAS)
 GEMV_MAX_COLUMNS = 2048     # with more output columns (and no norm to fuse) cuBLAS needs no split-K and is as fast
-GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_STAGES = 2, 1024, 4, 3
+# A program takes 4 columns and up to 4,096 of K at once (the whole row for these models: every weight byte it
+# needs is requested before the wait), 4 warps: the fastest uniform choice for Qwen3-0.6B's and SmolLM2-135M's
+# four GEMVs of a block chained with PDL (benchmarks/lab/gemv_chain_sweep.py).
+GEMV_BLOCK_N, GEMV_MAX_BLOCK_K, GEMV_WARPS = 4, 4096, 4
 
 
 @triton.jit
 def gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, residual_ptr=None,
                 norm_weight_ptr=None, residual_out_ptr=None, eps=0.0, M_PAD: tl.constexpr = 1,
-                BLOCK_N: tl.constexpr = 2, BLOCK_K: tl.constexpr = 1024, GATED: tl.constexpr = False,
+                BLOCK_N: tl.constexpr = 4, BLOCK_K: tl.constexpr = 4096, GATED: tl.constexpr = False,
                 NORM: tl.constexpr = False, ADD_RESIDUAL: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program n: out[:M, n * BLOCK_N : (n + 1) * BLOCK_N] = x[:M] @ W[those rows].T, accumulated in float32.
     GATED: x holds [gate | up] (2K columns) and the input is silu(gate) * up, rounded where the torch code and
@@ -102,17 +105,16 @@ def gemv_fuses_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _block_k(k: int) -> int:
-    return min(GEMV_BLOCK_K, triton.next_power_of_2(k))
+    return min(GEMV_MAX_BLOCK_K, triton.next_power_of_2(k))
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, gated: bool = False, block_n: int = GEMV_BLOCK_N,
-         block_k: int | None = None, num_warps: int = GEMV_WARPS, num_stages: int = GEMV_STAGES) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
     """F.linear(x, weight), no bias, for x [M, K] (a few rows) and weight [N, K] (gated: of silu_and_mul(x [M, 2K]))."""
     m, n, k = x.size(0), weight.size(0), weight.size(1)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    gemv_kernel[(triton.cdiv(n, block_n),)](
+    gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), M_PAD=triton.next_power_of_2(m),
-        BLOCK_N=block_n, BLOCK_K=block_k or _block_k(k), GATED=gated, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=GEMV_BLOCK_N, BLOCK_K=_block_k(k), GATED=gated, num_warps=GEMV_WARPS, num_stages=1,
         **pdl.launch_kwargs(x.device))
     return out
 
@@ -126,5 +128,5 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), residual, norm_weight, residual_out,
         eps, M_PAD=triton.next_power_of_2(m), NORM=True, ADD_RESIDUAL=residual is not None, BLOCK_N=GEMV_BLOCK_N,
-        BLOCK_K=_block_k(k), num_warps=GEMV_WARPS, num_stages=GEMV_STAGES, **pdl.launch_kwargs(x.device))
+        BLOCK_K=_block_k(k), num_warps=GEMV_WARPS, num_stages=1, **pdl.launch_kwargs(x.device))
     return out, residual_out

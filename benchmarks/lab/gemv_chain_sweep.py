@@ -1,0 +1,94 @@
+"""Batch-1 decoder blocks' four GEMVs in a chain, as the model runs them (norm+qkv, o, norm+residual+gate_up,
+gated down, x 28 layers with distinct weights, in one CUDA graph), over the GEMV's launch parameters, with and
+without programmatic dependent launch: microseconds per layer and the weights' bandwidth. Attention is left out.
+
+    PYTHONPATH=. python benchmarks/lab/gemv_chain_sweep.py [--model-config qwen3-0.6b]
+"""
+import argparse
+import itertools
+import json
+
+import torch
+import triton
+from triton.testing import do_bench_cudagraph
+
+from nanovllm.kernels import gemv as g
+
+
+def launch(x, w, out, residual=None, norm_weight=None, residual_out=None, *, gated=False, norm=False, bn, bk, warps,
+           pdl):
+    n, k = w.shape
+    g.gemv_kernel[(triton.cdiv(n, bn),)](
+        x, w, out, 1, n, k, x.stride(0), w.stride(0), out.stride(0), residual, norm_weight, residual_out, 1e-6,
+        M_PAD=1, BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(k)), GATED=gated, NORM=norm,
+        ADD_RESIDUAL=residual is not None, PDL=pdl, num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-config", default="qwen3-0.6b")
+    p.add_argument("--layers", type=int, default=28)
+    args = p.parse_args()
+    cfg = json.load(open(f"nanovllm/configs/{args.model_config}/config.json"))
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    qkv_n, attn = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * hd, cfg["num_attention_heads"] * hd
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    layers = [dict(qkv=torch.randn(qkv_n, h, device=dev, dtype=dt) * 0.02, o=torch.randn(h, attn, device=dev, dtype=dt) * 0.02,
+                   gu=torch.randn(2 * inter, h, device=dev, dtype=dt) * 0.02, down=torch.randn(h, inter, device=dev, dtype=dt) * 0.02,
+                   n1=torch.ones(h, device=dev, dtype=dt), n2=torch.ones(h, device=dev, dtype=dt)) for _ in range(args.layers)]
+    nbytes = sum(t.numel() * 2 for t in layers[0].values())
+    hidden, residual = torch.randn(1, h, device=dev, dtype=dt), torch.randn(1, h, device=dev, dtype=dt)
+    qkv, a, o, gu, down = (torch.empty(1, n, device=dev, dtype=dt) for n in (qkv_n, attn, h, 2 * inter, h))
+    res1, res2 = torch.empty_like(residual), torch.empty_like(residual)
+
+    def chain(cfgs, pdl):
+        c_qkv, c_o, c_gu, c_down = cfgs
+        for L in layers:
+            launch(hidden, L["qkv"], qkv, residual, L["n1"], res1, norm=True, pdl=pdl, **c_qkv)
+            launch(a, L["o"], o, pdl=pdl, **c_o)
+            launch(o, L["gu"], gu, res1, L["n2"], res2, norm=True, pdl=pdl, **c_gu)
+            launch(gu, L["down"], down, gated=True, pdl=pdl, **c_down)
+
+    def us_per_layer(cfgs, pdl):
+        return do_bench_cudagraph(lambda: chain(cfgs, pdl), rep=30) * 1e3 / args.layers
+
+    def cublas():
+        import torch.nn.functional as F
+        for L in layers:
+            F.linear(hidden, L["qkv"], out=qkv); F.linear(a, L["o"], out=o)
+            F.linear(o, L["gu"], out=gu); F.linear(gu[:, :inter], L["down"], out=down)
+    t = do_bench_cudagraph(cublas, rep=30) * 1e3 / args.layers
+    print(f"{args.model_config}: {nbytes / 1e6:.1f} MB a layer; cuBLAS (no norm/gate fusion) {t:.2f} us/layer "
+          f"{nbytes / t / 1e6:.2f} TB/s", flush=True)
+    grid = [dict(bn=bn, bk=bk, warps=w) for bn, bk, w in itertools.product((1, 2, 4, 8, 16), (1024, 4096), (2, 4, 8))
+            if bn * min(bk, 4096) <= 16384]     # a weight tile of at most 32 KB (registers)
+    current = dict(bn=2, bk=1024, warps=4)
+    results = []
+    for pdl in (False, True):
+        t = us_per_layer([current] * 4, pdl)
+        print(f"current n2 k1024 w4, PDL {pdl}: {t:.2f} us/layer {nbytes / t / 1e6:.2f} TB/s", flush=True)
+    for c in grid:      # the same parameters for all four
+        t = us_per_layer([c] * 4, True)
+        results.append((t, c))
+    results.sort(key=lambda r: r[0])
+    for t, c in results[:8]:
+        print(f"all four {c}: {t:.2f} us/layer {nbytes / t / 1e6:.2f} TB/s", flush=True)
+    # then per kernel: vary one position at a time from the best uniform choice
+    best = [results[0][1]] * 4
+    for pos, name in enumerate(("qkv", "o", "gate_up", "down")):
+        trials = []
+        for c in grid:
+            cfgs = list(best); cfgs[pos] = c
+            trials.append((us_per_layer(cfgs, True), c))
+        trials.sort(key=lambda r: r[0])
+        best[pos] = trials[0][1]
+        print(f"{name}: best {trials[0][1]} -> {trials[0][0]:.2f} us/layer; next {[(round(tt, 2), cc) for tt, cc in trials[1:4]]}", flush=True)
+    t = us_per_layer(best, True)
+    t0 = us_per_layer(best, False)
+    print(f"best per kernel {best}: PDL {t:.2f} us/layer ({nbytes / t / 1e6:.2f} TB/s), without PDL {t0:.2f}")
+
+
+if __name__ == "__main__":
+    main()
