@@ -8,8 +8,9 @@ exits 1 if any failed. Timings are triton.testing.do_bench medians (L2 flushed b
 Decode bandwidth counts the K and V bytes a sequence needs (context_len * kv_heads * head_dim * 2 bytes * 2);
 prefill TFLOP/s counts causal work only (4 * head_dim * heads * attended keys, summed over query rows).
 The decode rows print, for comparison, what a plain Triton split-KV paged decode kernel read on an H100 80GB at
-the same shapes (a reference point, not a target for other GPUs). benchmarks/decode_sweep.py times other decode
-launch parameters.
+the same shapes (a reference point, not a target for other GPUs). Batch-1 decode is timed as a step runs it: a
+CUDA graph of 28 launches (one per layer), time per launch; NANOVLLM_PDL=0 times it without programmatic dependent
+launch. benchmarks/decode_sweep.py times other decode launch parameters.
 """
 import argparse
 import sys
@@ -87,6 +88,53 @@ def check_decode():
         expected = ref.paged_decode_attention(q, k_cache, v_cache, lens, tables, SCALE)
         report(f"decode vs torch reference, B={batch}, splits={splits or 'auto'}", close(out, expected),
                max_error(out, expected))
+
+
+def check_decode_repeated():
+    """Batch 1 and 4 at the heuristic's splits (32 and 17 on 132 SMs, most empty at batch 1), two queries in turn
+    over one cache, 64 launches a CUDA graph replayed 8 times, so launches follow each other closely: every output
+    must equal, bitwise, the first of its query (the merge order is fixed by split, whichever program merges). A
+    merge that read a split's partial result before it was complete, or one left by the launch before, shows here."""
+    for batch, lo, hi in ((1, 300, 300), (4, 100, 4096)):
+        contexts, (q, k_cache, v_cache, tables, lens) = decode_case(batch, lo, hi, seed=batch)
+        queries = (q, torch.randn_like(q))
+        firsts = [tk.paged_decode_attention(x, k_cache, v_cache, lens, tables, SCALE) for x in queries]
+        expected = [ref.paged_decode_attention(x, k_cache, v_cache, lens, tables, SCALE) for x in queries]
+        outs = torch.empty(64, *q.shape, dtype=q.dtype, device="cuda")
+
+        def launches():
+            for i in range(len(outs)):
+                tk.paged_decode_attention(queries[i % 2], k_cache, v_cache, lens, tables, SCALE, out=outs[i])
+        launches()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launches()
+        same = True
+        for _ in range(8):
+            outs.fill_(float("nan"))
+            graph.replay()
+            same &= all(torch.equal(outs[i], firsts[i % 2]) for i in range(len(outs)))
+        report(f"decode B={batch}: 512 launches in graphs == the first, bitwise", same)
+        report(f"decode B={batch} vs torch reference", close(firsts[0], expected[0]) and close(firsts[1], expected[1]),
+               max_error(firsts[0], expected[0]))
+
+
+def time_decode_batch_1(rows: list):
+    """A decode step's attention at batch 1: 28 launches (Qwen3-0.6B's layers) in one CUDA graph, time per launch."""
+    for context in (300, 3000):
+        contexts, (q, k_cache, v_cache, tables, lens) = decode_case(1, context, context)
+        out = torch.empty_like(q)
+
+        def launches():
+            for _ in range(28):
+                tk.paged_decode_attention(q, k_cache, v_cache, lens, tables, SCALE, out=out)
+        launches()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launches()
+        ms = do_bench(graph.replay, return_mode="median") / 28
+        rows.append((f"decode B=1 ctx {context}, per launch in a graph of 28", ms,
+                     f"{kv_bytes(contexts) / ms / 1e9:.2f} TB/s KV read", ""))
 
 
 def time_decode(rows: list):
@@ -189,9 +237,11 @@ def main():
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     check_decode()
+    check_decode_repeated()
     check_decode_cuda_graph()
     check_prefill()
     rows = []
+    time_decode_batch_1(rows)
     time_decode(rows)
     time_prefill(rows)
     print_table("timings (default launch parameters)", rows)
