@@ -1,12 +1,12 @@
 """x @ W.T for one or two rows (a batch-1 or -2 decode step): a Triton GEMV, optionally behind the block's RMSNorm
-(and residual add) or SwiGLU's gate, so that a batch-1 decoder block is four launches.
+(and residual add) or SwiGLU's gate, so that a batch-1 decoder block's linear layers are four launches.
 
 At batch 1 the linear layers only stream their weights, and each is a few microseconds: the cost is the launch,
 ramp and tail, not the bytes. Each program owns BLOCK_N output columns and walks K in BLOCK_K slices on the CUDA
 cores (no padding of one row to a 16-row tensor-core tile). The weights depend on no earlier kernel, so a program
 requests its first slice before it waits for x: launched with programmatic dependent launch (kernels/pdl.py) that
 load runs while the kernel before it still computes. cuBLAS is as fast or faster from 3 rows, and for many output
-columns without a fused norm (benchmarks/lab/gemv_sweep.py).
+columns without a fused norm.
 """
 import torch
 import triton
