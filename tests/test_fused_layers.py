@@ -265,26 +265,18 @@ def h100_launches():
 @pytest.mark.parametrize("kernel", ["rms_norm", "silu_and_mul", "qk_norm_rotary", "qk_norm_rotary_store"])
 def test_kernels_compile_for_h100_with_16_byte_loads(kernel):
     """Catches what the interpreter cannot (lowering errors), and scalar loads: these kernels only move bytes,
-    so they need 16-byte vector loads and stores to approach the memory bandwidth."""
-    ptx = compile_for_h100(*h100_launches()[kernel])
+    so they need 16-byte vector loads and stores to approach the memory bandwidth. Compiled with programmatic
+    dependent launch, as launched on Hopper (kernels/pdl.py): a kernel may start while the one before it still
+    writes its inputs, so it must wait (griddepcontrol.wait) before its first global load or store."""
+    launched, signature, constexprs = h100_launches()[kernel]
+    ptx = compile_for_h100(launched, signature, dict(constexprs, PDL=True))
+    body = ptx.split(".entry", 1)[1]
+    first_access = re.search(r"(ld|st)\.global", body).start()
+    assert body.index("griddepcontrol.launch_dependents") < body.index("griddepcontrol.wait") < first_access
     loads, stores = set(re.findall(r"ld\.global(?:\.\w+)*", ptx)), set(re.findall(r"st\.global(?:\.\w+)*", ptx))
     assert "ld.global.v4.b32" in loads and "st.global.v4.b32" in stores, (loads, stores)
     assert not any(op.endswith(".b16") for op in loads | stores), (loads, stores)
     assert "ld.local" not in ptx and "st.local" not in ptx, "registers spilled"
-
-
-@pytest.mark.skipif(CUDA, reason="with CUDA the other tests compile and run these kernels for real")
-@pytest.mark.skipif(INTERPRETING, reason="this process runs Triton's interpreter, which cannot compile")
-@pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("kernel", ["rms_norm", "silu_and_mul", "qk_norm_rotary", "qk_norm_rotary_store"])
-def test_kernels_read_nothing_before_the_kernel_before_completes(kernel):
-    """Launched with programmatic dependent launch (kernels/pdl.py) a kernel may start while the one before it
-    still writes its inputs: each must wait (griddepcontrol.wait) before its first global load or store."""
-    launched, signature, constexprs = h100_launches()[kernel]
-    body = compile_for_h100(launched, signature, dict(constexprs, PDL=True)).split(".entry", 1)[1]
-    first_access = re.search(r"(ld|st)\.global", body).start()
-    assert body.index("griddepcontrol.launch_dependents") < body.index("griddepcontrol.wait") < first_access
 
 
 # ---- real sizes on the GPU -------------------------------------------------------------------------------------
