@@ -12,6 +12,7 @@ import triton.language as tl
 
 SAMPLE_BLOCK = 2048     # logits per loop iteration of a program
 SAMPLE_CHUNK = 8192     # logits per program: a row is cut into chunks, so that one row still fills many SMs
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -23,17 +24,22 @@ def gumbel_argmax_kernel(logits_ptr, temperatures_ptr, chunk_best_ptr, chunk_ind
     seed = tl.load(seed_ptr)
     temperature = tl.load(temperatures_ptr + row).to(tl.float32)
     inv_t = 1.0 / tl.maximum(temperature, 1e-5)
-    lanes = tl.arange(0, BLOCK)
+    lanes, quads = tl.arange(0, BLOCK), tl.arange(0, BLOCK // 4)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_index = chunk * CHUNK + lanes      # a chunk of -inf only (masked tokens) answers its first index
     for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab_size), BLOCK):
         cols = start + lanes
         mask = cols < vocab_size
         x = tl.load(logits_ptr + row.to(tl.int64) * row_stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        # E = -log(u) ~ Exp(1) per (row, token), clamped like the torch path; -log(E) is Gumbel noise.
-        u = tl.rand(seed, row * vocab_size + cols)
-        noise = -tl.log(tl.maximum(-tl.log(u), 1e-10))
-        score = tl.where(temperature < 1e-5, x, x * inv_t + noise)     # T = 0: below SAMPLING_EPS, as in torch
+        # One uniform draw per (row, token). The random numbers are most of the kernel's work: one Philox call
+        # gives four, so a call per four tokens (tl.rand would make one per token and keep one of its four).
+        u0, u1, u2, u3 = tl.rand4x(seed, row * tl.cdiv(vocab_size, 4) + start // 4 + quads)
+        u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [BLOCK])
+        # E = -ln(u) ~ Exp(1), clamped like the torch path; -ln(E) is Gumbel noise. In base 2 throughout: the score
+        # (x / T - ln E) times log2(e) is x / T * log2(e) - log2(-log2(u)) plus a constant, the same argmax, and
+        # log2 is one hardware instruction.
+        noise = -tl.log2(tl.maximum(-tl.log2(u), 1e-10))
+        score = tl.where(temperature < 1e-5, x, x * (inv_t * LOG2E) + noise)     # T = 0: below SAMPLING_EPS
         better = score > best       # strict: within a lane the first index wins a tie
         best = tl.where(better, score, best)
         best_index = tl.where(better, cols, best_index)
