@@ -15,7 +15,7 @@ from nanovllm.layers.rotary_embedding import RotaryEmbedding
 class Qwen3Attention(nn.Module):
     """x + residual -> RMSNorm -> q, k, v -> attention -> o_proj; returns (output, x + residual)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
         super().__init__()
         head_dim = config.head_dim
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -23,7 +23,6 @@ class Qwen3Attention(nn.Module):
                                           config.num_key_value_heads, bias=config.attention_bias)
         num_heads, num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads    # this rank's
         self.sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-        rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
         self.attn = Attention(num_heads, num_kv_heads, head_dim, rotary_emb,
                               qk_norm_eps=config.rms_norm_eps if config.qk_norm else None)
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size)
@@ -50,9 +49,9 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
         super().__init__()
-        self.self_attn = Qwen3Attention(config)
+        self.self_attn = Qwen3Attention(config, rotary_emb)
         self.mlp = Qwen3MLP(config)
 
     def forward(self, positions, hidden_states, residual):
@@ -64,7 +63,10 @@ class Qwen3Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([Qwen3DecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        # One cos/sin table for every layer (a table per layer was 21 MB each at Qwen3's 40,960 positions).
+        rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                     config.rope_scaling)
+        self.layers = nn.ModuleList([Qwen3DecoderLayer(config, rotary_emb) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
