@@ -75,7 +75,7 @@ class ModelRunner:
             discovered = compile_ahead(self.device, self.warmup_kernels,
                                        *([self.graphs.run_eagerly] if self.graphs is not None else []))
             self.warmup_kernels()
-            if self.graphs is not None:     # (every rank must capture alike: their forwards meet in collectives)
+            if self.graphs is not None:     # (every rank captures alike: their forwards meet in collectives)
                 self._capture_cuda_graphs(warmed_up=bool(self._min_over_ranks(int(discovered))))
 
     def exit(self, synchronize: bool = True):
@@ -114,10 +114,12 @@ class ModelRunner:
             # An engine dropped just before (`del llm`) may still be waiting for the cycle collector: free its KV
             # cache before measuring what is left, or this engine would size its own from the memory that one holds.
             gc.collect()
-            compile_ahead(self.device, self._peak_forward,
-                          *([lambda: self.warmup_forward(CALIBRATION_TOKENS)] if self.kv_dtype == FP8 else []))
             try:
-                self.warmup_model()
+                # The discovery pass allocates all that the real one would: its peak memory sizes the cache as well
+                # (the fp8 calibration's kernels are discovered first, as warmup_model resets the peak).
+                calibration = [lambda: self.warmup_forward(CALIBRATION_TOKENS)] if self.kv_dtype == FP8 else []
+                if not self._min_over_ranks(int(compile_ahead(self.device, *calibration, self.warmup_model))):
+                    self.warmup_model()     # (on every rank or none, as its forward meets theirs in collectives)
             except torch.cuda.OutOfMemoryError as e:
                 raise RuntimeError(
                     f"CUDA ran out of memory in the warm-up forward over max_num_batched_tokens="
@@ -153,11 +155,6 @@ class ModelRunner:
         """Run the largest prefill and sampling batch once, so the cache is sized after peak activation memory."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        self._peak_forward()
-        torch.cuda.synchronize()
-
-    @torch.inference_mode()
-    def _peak_forward(self):
         cfg = self.config
         hidden = self.warmup_forward(cfg.max_num_batched_tokens)
         rows = hidden[:1].expand(cfg.max_num_seqs, -1)
@@ -173,6 +170,8 @@ class ModelRunner:
                 banned_rows=rows, banned_ids=torch.zeros_like(rows), penalty_rows=rows,
                 penalties=torch.ones(len(rows), 3, device=self.device),
                 token_counts=torch.zeros(2, *logits.shape, device=self.device), num_logprobs=min(20, logits.size(-1))))
+        del hidden, logits
+        torch.cuda.synchronize()
 
     @torch.inference_mode()
     def warmup_forward(self, num_tokens: int) -> torch.Tensor:
