@@ -3,7 +3,8 @@
 (NANOVLLM_COMPILE_AHEAD=0 / 1) unless --ahead picks one; --old DIR adds another tree's nano-vllm (a "before", e.g.
 `mkdir .old && git archive <commit> | tar -x -C .old`). One line of seconds per start-up.
 
-    PYTHONPATH=. python benchmarks/lab/startup_profile.py [--model-config qwen3-0.6b | --model DIR] [--ahead 1] [--old .old]
+    PYTHONPATH=. python benchmarks/lab/startup_profile.py [--model-config qwen3-0.6b | --model DIR] [--ahead 1]
+        [--old .old]
     ... --child [--profile 30]      one start-up in this process (what the parent runs), with cProfile's top 30
 
 Phases: import torch; import nanovllm; load (build the model, read or fake the weights); warmup (the memory warm-up
