@@ -35,6 +35,8 @@ def test_a_noop_on_the_cpu_and_when_switched_off(monkeypatch):
 
 
 class FakeJIT:
+    params = ()     # a kernel without parameters: its launches differ only in keyword arguments here
+
     def run(self, *args, grid, warmup, **kwargs):
         return warmup
 
@@ -44,19 +46,43 @@ def test_launches_are_skipped_only_in_the_discovering_thread_and_run_is_put_back
     ca._install_skipping_run(FakeJIT)
     ca._install_skipping_run(FakeJIT)       # a second engine starting up at the same time
     try:
-        assert FakeJIT().run(grid=(1,), warmup=False) is False
-        ca._local.skip = True
+        kernel = FakeJIT()
+        assert kernel.run(grid=(1,), warmup=False) is False
+        ca._local.seen = set()
         other = []
-        thread = threading.Thread(target=lambda: other.append(FakeJIT().run(grid=(1,), warmup=False)))
+        thread = threading.Thread(target=lambda: other.append(kernel.run(grid=(1,), warmup=False)))
         thread.start()
         thread.join()
-        assert FakeJIT().run(grid=(1,), warmup=False) is True and other == [False]
+        assert kernel.run(grid=(1,), warmup=False) is True and other == [False]
+        # A launch that can only need the kernel just submitted does not reach Triton; other values do.
+        assert kernel.run(grid=(2,), warmup=False) is None
+        assert kernel.run(grid=(1,), warmup=False, BLOCK=64) is True
     finally:
-        ca._local.skip = False
+        ca._local.seen = None
         ca._uninstall_skipping_run(FakeJIT)
         assert FakeJIT.run is not real      # the other engine still discovers
         ca._uninstall_skipping_run(FakeJIT)
     assert FakeJIT.run is real
+
+
+class Param:
+    def __init__(self, name, is_constexpr=False):
+        self.name, self.is_constexpr = name, is_constexpr
+
+
+def test_specialization_keeps_apart_what_triton_compiles_apart():
+    class Kernel:
+        params = [Param("x_ptr"), Param("n"), Param("BLOCK", is_constexpr=True)]
+    key = lambda *args, **kwargs: ca._specialization(Kernel, args, kwargs)    # noqa: E731
+    x = torch.zeros(64)
+    assert key(x, 32, BLOCK=16) == key(torch.ones(64), 48, BLOCK=16)    # same dtype and alignment, both 16k
+    assert key(x, 32, BLOCK=16) != key(x, 32, BLOCK=32)     # a constexpr's value
+    assert key(x, 32, BLOCK=16) != key(x, 33, BLOCK=16)     # a multiple of 16 or not
+    assert key(x, 2, BLOCK=16) != key(x, 1, BLOCK=16)       # 1
+    assert key(x, 2, BLOCK=16) != key(x, 2**31 + 1, BLOCK=16)      # 64-bit
+    assert key(x, 32, BLOCK=16) != key(x.half(), 32, BLOCK=16)      # dtype
+    assert key(x, 32, BLOCK=16) != key(x[1:], 32, BLOCK=16)        # alignment
+    assert key(x, 32, BLOCK=16, num_warps=4) != key(x, 32, BLOCK=16, num_warps=8)     # a launch option
 
 
 @pytest.fixture
@@ -77,7 +103,7 @@ def test_a_failing_pass_falls_back_with_a_warning(pretend_cuda):
     real_run, seen = JITFunction.run, []
 
     def discover():
-        seen.append((JITFunction.run is not real_run, ca._local.skip))
+        seen.append((JITFunction.run is not real_run, ca._local.seen is not None))
     assert ca.compile_ahead(torch.device("cuda"), discover) is True
     assert seen == [(True, True)]
 
@@ -85,7 +111,7 @@ def test_a_failing_pass_falls_back_with_a_warning(pretend_cuda):
         raise ValueError("no such kernel")
     with pytest.warns(UserWarning, match="compiling Triton kernels ahead failed.*no such kernel"):
         assert ca.compile_ahead(torch.device("cuda"), fail) is False
-    assert JITFunction.run is real_run and not getattr(ca._local, "skip", False)
+    assert JITFunction.run is real_run and getattr(ca._local, "seen", None) is None
 
 
 def test_a_failed_capture_turns_the_garbage_collector_back_on(monkeypatch):
@@ -135,8 +161,9 @@ def compile(*args, **kwargs):
     return real(*args, **kwargs)
 triton.compiler.compile = compile
 from nanovllm import LLM
+# A fixed cache size: the pytest process that starts this one may still hold GPU memory of its own engines.
 llm = LLM(sys.argv[1], attention_backend="triton", kvcache_block_size=16, max_model_len=512,
-          gpu_memory_utilization=0.3, max_num_batched_tokens=1024, max_num_seqs=40)
+          num_kvcache_blocks=256, max_num_batched_tokens=1024, max_num_seqs=40)
 assert llm.executor.runner.graphs.graphs
 print("compiles", len(where), "on the main thread", sum(where))
 """

@@ -53,12 +53,12 @@ def compile_ahead(device: torch.device, *passes) -> bool:
     _install_skipping_run(JITFunction)
     try:
         with LoadingCompileMode(pool):      # its exit waits for the compiles, after launches are real again
-            _local.skip = True
+            _local.seen = set()
             try:
                 for discover in passes:
                     discover()
             finally:
-                _local.skip = False
+                _local.seen = None
         return True
     except Exception as e:      # never worse than the plain path: the real warm-up compiles what is missing
         warnings.warn(f"compiling Triton kernels ahead failed ({type(e).__name__}: {e}); they compile one by one "
@@ -68,6 +68,21 @@ def compile_ahead(device: torch.device, *passes) -> bool:
         _uninstall_skipping_run(JITFunction)
         pool.shutdown(wait=True, cancel_futures=True)
         torch.cuda.set_rng_state(rng, index)   # the discovery pass's draws leave no trace in the user's RNG
+
+
+def _specialization(fn, args, kwargs) -> tuple:
+    """What selects one compiled kernel of `fn` (or more, never less): constexpr and option values, tensors' dtypes
+    and 16-byte alignment, and the classes Triton specializes integers into (1, multiples of 16, 64-bit)."""
+    bound = dict(zip((p.name for p in fn.params), args)) | kwargs
+    specialized = {p.name for p in fn.params if not p.is_constexpr}    # (launch options are values: num_warps...)
+
+    def of(name, value):
+        if isinstance(value, torch.Tensor):
+            return value.dtype, value.data_ptr() % 16 == 0
+        if isinstance(value, int) and not isinstance(value, bool) and name in specialized:
+            return value == 1, value % 16 == 0, abs(value) >= 2**31
+        return repr(value)
+    return fn, tuple((name, of(name, value)) for name, value in sorted(bound.items()))
 
 
 def _loaded(kernel):
@@ -84,7 +99,15 @@ def _install_skipping_run(cls):
             real_run = cls.run
 
             def run(self, *args, grid, warmup, **kwargs):
-                return real_run(self, *args, grid=grid, warmup=warmup or getattr(_local, "skip", False), **kwargs)
+                seen = getattr(_local, "seen", None)
+                if seen is None or warmup:
+                    return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+                # Triton hashes the kernel's source again at every launch of a pending compile: a launch that can
+                # only need a kernel already submitted is skipped before that (most of the graph sizes' launches).
+                key = _specialization(self, args, kwargs)
+                if key not in seen:
+                    seen.add(key)
+                    return real_run(self, *args, grid=grid, warmup=True, **kwargs)
             run.real_run = real_run
             cls.run = run
         _patch_users += 1
