@@ -681,6 +681,16 @@ def test_real_size_decode(num_splits, kv_dtype, launch):
 @pytest.mark.cuda
 @cuda_only
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_real_size_rotary_decode(num_splits, kv_dtype):
+    torch.manual_seed(2)
+    contexts = [1, 63, 64, 65, 255, 256, 257, 511, 512, 513, 4096, 0, 0] + torch.randint(1, 3000, (40,)).tolist()
+    check_rotary_decode(contexts, 16, 8, 128, 256, num_splits, torch.bfloat16, kv_dtype, True)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_decode_cuda_graph_replay(kv_dtype):
     """Store + decode captured once at a padded batch (slot -1, context_len 0 rows), replayed on new inputs; an fp8
     cache's scales change between replays, which the graph must read from their tensors, not from the capture."""
