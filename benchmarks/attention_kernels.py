@@ -1,7 +1,6 @@
 """Correctness and speed of our Triton attention kernels at Qwen3-0.6B's shapes on one CUDA GPU.
 
     python benchmarks/attention_kernels.py       # checks, then timings at the default launch parameters
-    python benchmarks/attention_kernels.py --rotary-decode      # only the fused rotary decode against two kernels
 
 Shapes: 16 query heads, 8 KV heads, head_dim 128, bf16, 256-token pages, block tables 16 pages wide (the
 ModelRunner's CUDA graphs are captured for max_model_len 4096). Every check prints PASS or FAIL; the script
@@ -12,11 +11,6 @@ The decode rows print, for comparison, what a plain Triton split-KV paged decode
 the same shapes (a reference point, not a target for other GPUs). Batch-1 decode is timed as a step runs it: a
 CUDA graph of 28 launches (one per layer), time per launch; NANOVLLM_PDL=0 times it without programmatic dependent
 launch. benchmarks/decode_sweep.py times other decode launch parameters.
-
-Decode with the q/k norm, rotary and K/V store in its kernel (rotary_decode_attention, issue #24) is timed against
-the two kernels it replaces (fused_layers.qk_norm_rotary with store, then paged_decode_attention) as one layer's
-attention: 28 layers' worth in one CUDA graph, time per layer, each checked against the other first (outputs and
-caches: the share of elements that differ, which should be 0 or nearly).
 """
 import argparse
 import sys
@@ -25,11 +19,8 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from nanovllm.kernels import fused_layers
 from nanovllm.kernels import paged_attention_torch as ref
 from nanovllm.kernels import paged_attention_triton as tk
-from nanovllm.layers.attention_backends import PagedKV
-from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 16, 8, 128, 256, torch.bfloat16
 TABLE_WIDTH = 4096 // BLOCK
@@ -197,82 +188,6 @@ def check_decode_cuda_graph():
     report("decode CUDA graph replay vs torch reference", close(replayed, expected), max_error(replayed, expected))
 
 
-# ---- decode with the q/k norm, rotary and K/V store in its kernel ---------------------------------------------
-
-ROTARY_CASES = {"B=1 ctx 300": (1, 300, 300), "B=1 ctx 3000": (1, 3000, 3000), "B=64 ctx 100..2048": (64, 100, 2048)}
-LAYERS = 28
-
-
-def rotary_case(batch: int, lo: int, hi: int):
-    """A decode step's raw q/k/v (views of one packed projection), its positions and slots, Qwen3's rotary tables
-    and q/k norm weights, and the cache; each path gets its own copy of the cache."""
-    contexts, (_, k_cache, v_cache, tables, lens) = decode_case(batch, lo, hi)
-    gen = torch.Generator(device="cuda").manual_seed(batch + hi)
-    qkv = torch.randn(batch, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
-    q, k, v = (x.view(batch, -1, HEAD_DIM) for x in qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM,
-                                                               KV_HEADS * HEAD_DIM], dim=-1))
-    positions = (lens - 1).long()
-    slots = tables.long().gather(1, (positions // BLOCK)[:, None])[:, 0] * BLOCK + positions % BLOCK
-    rotary = RotaryEmbedding(HEAD_DIM, 40960, 1e6).cuda()
-    weights = (torch.randn(2, HEAD_DIM, device="cuda", generator=gen) * 0.5 + 1).to(DTYPE)
-    norm = dict(q_weight=weights[0], k_weight=weights[1], eps=1e-6)
-
-    def two_kernels(kv: PagedKV, out: torch.Tensor):
-        q_rotated, _ = fused_layers.qk_norm_rotary(positions, q, k, rotary.cos, rotary.sin, **norm,
-                                                   store=(v, kv, slots))
-        return tk.paged_decode_attention(q_rotated, kv.k_cache, kv.v_cache, lens, tables, SCALE, out=out)
-
-    def fused(kv: PagedKV, out: torch.Tensor):
-        return tk.rotary_decode_attention(positions, q, k, v, rotary.cos, rotary.sin, kv.k_cache, kv.v_cache, slots,
-                                          lens, tables, SCALE, **norm, out=out)
-
-    def fresh_kv():
-        return PagedKV(k_cache.clone(), v_cache.clone(), None, None)
-
-    def new_rows(cache):
-        return cache.view(-1, KV_HEADS, HEAD_DIM)[slots]
-    return contexts, q.new_empty(q.shape), fresh_kv, new_rows, {"two kernels": two_kernels, "fused": fused}
-
-
-def differing(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.view(torch.uint8) != b.view(torch.uint8)).float().mean().item()
-
-
-def check_and_time_rotary_decode(rows: list):
-    """Per case: both paths once eagerly on fresh caches (nearly all elements equal: the compiled K norm sums one
-    head's squares in another order), then each in a CUDA graph of 28 launches, equal bitwise to its eager result,
-    timed per layer."""
-    for name, (batch, lo, hi) in ROTARY_CASES.items():
-        contexts, out, fresh_kv, new_rows, paths = rotary_case(batch, lo, hi)
-        results, times = {}, {}
-        for label, path in paths.items():
-            kv = fresh_kv()
-            results[label] = (path(kv, torch.empty_like(out)).clone(), kv)
-            graph_out = torch.empty_like(out)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(LAYERS):
-                    path(kv, graph_out)
-            graph_out.fill_(float("nan"))
-            graph.replay()
-            report(f"rotary decode {name}, {label}: CUDA graph == eager", torch.equal(graph_out, results[label][0]))
-            times[label] = do_bench(graph.replay, return_mode="median") / LAYERS
-        (fused_out, fused_kv), (two_out, two_kv) = results["fused"], results["two kernels"]
-        shares = [differing(fused_out, two_out), differing(fused_kv.k_cache, two_kv.k_cache),     # whole caches,
-                  differing(new_rows(fused_kv.k_cache), new_rows(two_kv.k_cache)),              # the new rows
-                  differing(fused_kv.v_cache, two_kv.v_cache)]
-        report(f"rotary decode {name}: fused == two kernels", bool(torch.isfinite(fused_out).all()) and
-               shares[3] == 0 and max(shares) < 0.01,
-               "elements that differ: out {:.1e}, K cache {:.1e} (new rows {:.1e}), V cache {:.1e}".format(*shares))
-        splits = tk.decode_num_splits(batch, KV_HEADS, TABLE_WIDTH * BLOCK, tk.decode_launch(DTYPE).block_n,
-                                      out.device)
-        for label, ms in times.items():
-            rows.append((f"rotary {name}, {label} ({splits} splits), a layer", ms,
-                         f"{kv_bytes(contexts) / ms / 1e9:.2f} TB/s KV read", ""))
-        rows.append((f"rotary {name}: fused saves, a layer", times["two kernels"] - times["fused"],
-                     f"x {LAYERS} layers = {(times['two kernels'] - times['fused']) * LAYERS * 1e3:.1f} us a step", ""))
-
-
 # ---- prefill --------------------------------------------------------------------------------------------------
 
 PREFILL_CASES = {"prefill 16 x 1024 new tokens": [(0, 1024)] * 16,
@@ -316,23 +231,16 @@ def print_table(title: str, rows: list) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rotary-decode", action="store_true", help="only the fused rotary decode's checks and times")
-    args = parser.parse_args()
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    rows = []
-    check_and_time_rotary_decode(rows)
-    if args.rotary_decode:
-        print_table("rotary + decode attention, one layer (default launch parameters)", rows)
-        print(f"\n{'ALL CHECKS PASSED' if not failures else 'FAILED: ' + ', '.join(failures)}")
-        sys.exit(1 if failures else 0)
     check_decode()
     check_decode_repeated()
     check_decode_cuda_graph()
     check_prefill()
+    rows = []
     time_decode_batch_1(rows)
     time_decode(rows)
     time_prefill(rows)

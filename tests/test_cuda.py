@@ -97,35 +97,6 @@ def test_graphs_that_sample_hand_ids_across_every_path(qwen3_dir, overlap):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-@pytest.mark.parametrize("enforce_eager", [True, False])
-def test_rotary_fused_into_decode_gives_the_two_kernel_tokens(model_dir, monkeypatch, enforce_eager, kv_cache_dtype):
-    """Decode with the q/k norm, rotary and K/V store inside the attention kernel (the Triton backend's default)
-    against the rotary kernel followed by decode (fuses_rotary_into_decode off): the same greedy tokens for Qwen3
-    (q/k norm) and Qwen2 (none), at batch 1 and a padded batch, across page boundaries; float32, transformers'."""
-    from nanovllm.layers.attention_backends import TritonBackend
-    if kv_cache_dtype == "fp8" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("an fp8 cache needs compute capability 8.9 or newer")
-    batch = prompts(7, (1, 15, 16, 17, 40, 100, 250))
-    outs = {}
-    for fused in (True, False):
-        monkeypatch.setattr(TritonBackend, "fuses_rotary_into_decode", fused)
-        llm = LLM(model_dir, attention_backend="triton", kvcache_block_size=16, max_model_len=512,
-                  enforce_eager=enforce_eager, kv_cache_dtype=kv_cache_dtype, gpu_memory_utilization=0.3,
-                  max_num_batched_tokens=2048)
-        outs[fused] = [o["token_ids"] for o in llm.generate(batch, GREEDY, use_tqdm=False)]
-        outs[fused] += [o["token_ids"] for o in llm.generate(batch[-1:], GREEDY, use_tqdm=False)]    # batch 1
-        llm.exit()
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
-    assert outs[True] == outs[False]
-    if kv_cache_dtype == "auto":
-        for prompt, tokens in zip(batch + batch[-1:], outs[True]):
-            assert tokens == hf_greedy(model_dir, prompt, GREEDY.max_tokens, device="cuda")
-
-
-@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
 def test_triton_and_torch_logits_close_on_dummy_qwen3_0_6b():
     """Real shapes in bfloat16: the Triton kernels' logits stay close to the PyTorch reference's."""
     from nanovllm.engine.model_runner import EAGER

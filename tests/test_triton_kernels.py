@@ -25,7 +25,7 @@ from nanovllm.kernels import paged_attention_torch as ref
 from nanovllm.kernels import paged_attention_triton as backend
 from nanovllm.layers.attention_backends import BACKENDS, PagedKV
 from nanovllm.utils.context import Context
-from tests.triton_interpreter import CUDA, INTERPRETING, assert_waits_before_memory_access, run_check
+from tests.triton_interpreter import CUDA, INTERPRETING, run_check
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
@@ -357,99 +357,6 @@ def test_decode_split_heuristic_depends_on_shapes_only():
     assert 1 <= splits(1, 1, 100_000, 64, cpu) <= backend.DECODE_MAX_SPLITS
 
 
-# ---- decode with the q/k norm, rotary and K/V store in its kernel (rotary_decode_attention) --------------------
-
-def poison_slots(cache, slots):
-    """Every byte of these slots 0xFF: NaN in float32, bf16 and e4m3fn alike (fp8 has no NaN to assign)."""
-    cache.view(torch.uint8).view(-1, *cache.shape[2:-1], cache.shape[-1] * cache.element_size())[slots] = 0xFF
-
-
-def assert_same(actual, expected):
-    """Interpreted, the fused decode rounds exactly as the two kernels it replaces. Compiled, the new K's RMS is
-    summed over one head's tile, not over all heads' (another reduction order), so a rare element may differ."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    actual, expected = actual.view(torch.uint8), expected.view(torch.uint8)
-    if not CUDA:
-        assert torch.equal(actual, expected)
-    else:
-        assert (actual != expected).float().mean().item() < 0.01
-
-
-def check_rotary_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, dtype, kv_dtype, with_norm):
-    """The fused decode against the two kernels it replaces, fused_layers.qk_norm_rotary(store=...) then
-    paged_decode_attention, on the same inputs (q, k, v views of a packed qkv projection, as in the model): equal
-    outputs and caches equal byte for byte. The new tokens' slots hold NaN before the call (the fused kernel must
-    not read them); padding rows (context_len 0, slot -1, an out-of-range block table) give zeros, write nothing."""
-    from nanovllm.kernels import fused_layers
-    from nanovllm.layers.rotary_embedding import RotaryEmbedding
-    torch.manual_seed(sum(context_lens) + heads + kv_heads + (num_splits or 0))
-    batch = len(context_lens)
-    k_cache, v_cache, tables = paged_cache(context_lens, block_size, kv_heads, head_dim, kv_dtype)
-    k_scale, v_scale = kv_scales(kv_dtype)
-    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
-    real = lens > 0
-    positions = (lens - 1).clamp_min(0).long()
-    pages = tables.long().clamp_min(0).gather(1, (positions // block_size)[:, None])[:, 0]
-    slots = torch.where(real, pages * block_size + positions % block_size, -1)
-    poison_slots(k_cache, slots[real])
-    poison_slots(v_cache, slots[real])
-    tables[~real] = 10**6           # would fault (GPU) or raise (interpreter) if a padded row were read
-    rotary = RotaryEmbedding(head_dim, max(context_lens) + 1, 10000.0).to(DEVICE)
-    qkv = (torch.randn(batch, (heads + 2 * kv_heads) * head_dim, device=DEVICE) * 2).to(dtype)
-    q, k, v = (x.view(batch, -1, head_dim) for x in qkv.split([heads * head_dim, kv_heads * head_dim,
-                                                               kv_heads * head_dim], dim=-1))
-    norm = dict(q_weight=(torch.randn(head_dim, device=DEVICE) * 0.5 + 1).to(dtype),
-                k_weight=(torch.randn(head_dim, device=DEVICE) * 0.5 + 1).to(dtype), eps=1e-6) if with_norm else {}
-    scale = head_dim ** -0.5
-
-    fused_kv = PagedKV(k_cache.clone(), v_cache.clone(), k_scale, v_scale)
-    out = torch.full((batch, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
-    fused = backend.rotary_decode_attention(positions, q, k, v, rotary.cos, rotary.sin, fused_kv.k_cache,
-                                            fused_kv.v_cache, slots, lens, tables, scale, **norm, out=out,
-                                            num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
-    two_kv = PagedKV(k_cache.clone(), v_cache.clone(), k_scale, v_scale)
-    q_rotated, _ = fused_layers.qk_norm_rotary(positions, q, k, rotary.cos, rotary.sin, **norm,
-                                               store=(v, two_kv, slots))
-    expected = backend.paged_decode_attention(q_rotated, two_kv.k_cache, two_kv.v_cache, lens, tables, scale,
-                                              num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
-    assert torch.isfinite(fused).all() and (fused[~real] == 0).all()
-    assert_same(fused, expected)
-    assert_same(fused_kv.k_cache, two_kv.k_cache)
-    assert_same(fused_kv.v_cache, two_kv.v_cache)
-    assert torch.isfinite(fused_kv.k_cache.view(-1, kv_heads, head_dim)[slots[real]].float()).all()
-    if num_splits is None:      # the backend's entry point, as the Attention layer calls it, launches the same
-        ctx = Context(slot_mapping=slots, context_lens=lens, block_tables=tables)
-        again = PagedKV(k_cache.clone(), v_cache.clone(), k_scale, v_scale)
-        out = BACKENDS["triton"]().rotary_decode(positions, q, k, v, again, ctx, scale, rotary.cos, rotary.sin, **norm)
-        assert torch.equal(out, fused) and torch.equal(again.k_cache.view(torch.uint8),
-                                                       fused_kv.k_cache.view(torch.uint8))
-
-
-# (heads, kv_heads, head_dim): GQA groups of 2 and 3 (padded to 16 rows), 1 (multi-head), one KV head.
-ROTARY_SHAPES = [(4, 2, 32), (6, 2, 16), (2, 2, 16), (3, 1, 32)]
-
-
-@pytest.mark.parametrize("with_norm", [True, False], ids=["qwen3", "llama"])
-@pytest.mark.parametrize("num_splits", [1, 3, None])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", ROTARY_SHAPES)
-def test_rotary_decode_equals_rotary_then_decode(heads, kv_heads, head_dim, num_splits, with_norm):
-    run_check(check_rotary_decode, DECODE_CONTEXTS_16, heads, kv_heads, head_dim, 16, num_splits, torch.float32,
-              torch.float32, with_norm)
-
-
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, pytest.param(FP8, marks=fp8_capable)])
-@pytest.mark.parametrize("num_splits", [1, 2])
-def test_rotary_decode_bf16_and_fp8_caches(num_splits, kv_dtype):
-    """bf16 activations over a bf16 or an fp8 cache (the new token attended as the fp8 cache would return it),
-    two 64-token tiles per page."""
-    run_check(check_rotary_decode, DECODE_CONTEXTS_128, 4, 2, 32, 128, num_splits, torch.bfloat16, kv_dtype, True)
-
-
-@fp8_capable
-def test_rotary_decode_fp8_cache_float32_model():
-    run_check(check_rotary_decode, DECODE_CONTEXTS_16, 4, 2, 32, 16, 3, torch.float32, FP8, True)
-
-
 # ---- backend interface ----------------------------------------------------------------------------------------
 
 def test_block_size_rule():
@@ -574,7 +481,7 @@ def compile_for_h100(fn, constexprs, pointer_dtypes, num_warps, num_stages, maxn
         elif name.endswith("_ptr"):
             signature[name] = "*" + pointer_dtypes.get(name, "bf16")
         else:
-            signature[name] = "fp32" if name in ("qk_scale", "eps") else "i32"
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
         if name.endswith("_ptr") or "stride" in name:
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs)
@@ -584,17 +491,11 @@ def compile_for_h100(fn, constexprs, pointer_dtypes, num_warps, num_stages, maxn
 
 def qwen3_kernel_configs(fp8: bool):
     """(kernel, constexprs, pointer dtypes, warps, stages, streams K/V) as the backend launches them for Qwen3-0.6B,
-    over a bf16 or an fp8 cache, on Hopper (decode and merge with programmatic dependent launch)."""
+    over a bf16 or an fp8 cache."""
     k = backend.kernels
     tables = dict(context_lens_ptr="i32", block_tables_ptr="i32")
     decode = backend.decode_launch(torch.float8_e4m3fn if fp8 else torch.bfloat16)
     cache = dict(k_cache_ptr="fp8e4nv", v_cache_ptr="fp8e4nv", k_scale_ptr="fp32", v_scale_ptr="fp32") if fp8 else {}
-    decode_sizes = dict(GROUP=2, GROUP_PAD=16, BLOCK_SIZE=256, HEAD_DIM=128, BLOCK_N=decode.block_n,
-                        DOT_PRECISION="tf32", KV_FP8=fp8, WIDEN_K="k" in decode.widen, WIDEN_V="v" in decode.widen,
-                        ROTARY=False, NORM=False, PDL=True)
-    # the runner's decode inputs are one int64 buffer (engine/decode_inputs.py)
-    decode_pointers = dict(part_out_ptr="fp32", part_lse_ptr="fp32", context_lens_ptr="i64", block_tables_ptr="i64",
-                           **cache)
     return {
         "store": (k.store_kvcache_kernel, dict(NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128, KV_FP8=fp8),
                   dict(slot_mapping_ptr="i64", **cache), 4, 3, True),
@@ -602,12 +503,13 @@ def qwen3_kernel_configs(fp8: bool):
                                            BLOCK_N=backend.PREFILL_BLOCK_N, DOT_PRECISION="tf32", KV_FP8=fp8),
                     dict(cu_seqlens_q_ptr="i32", **tables, **cache), backend.PREFILL_WARPS, backend.PREFILL_STAGES,
                     True),
-        "decode": (k.decode_split_kernel, decode_sizes, decode_pointers, decode.warps, decode.stages, True),
-        # ... from the raw q/k/v projection, Qwen3's q/k norm, rotary and K/V store included
-        "rotary_decode": (k.decode_split_kernel, dict(decode_sizes, ROTARY=True, NORM=True),
-                          dict(decode_pointers, positions_ptr="i64", cos_ptr="fp32", sin_ptr="fp32",
-                               slot_mapping_ptr="i64"), decode.warps, decode.stages, True),
-        "merge": (k.decode_merge_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128, PDL=True),
+        "decode": (k.decode_split_kernel, dict(GROUP=2, GROUP_PAD=16, BLOCK_SIZE=256, HEAD_DIM=128,
+                                               BLOCK_N=decode.block_n, DOT_PRECISION="tf32", KV_FP8=fp8,
+                                               WIDEN_K="k" in decode.widen, WIDEN_V="v" in decode.widen),
+                   # the runner's decode inputs are one int64 buffer (engine/decode_inputs.py)
+                   dict(part_out_ptr="fp32", part_lse_ptr="fp32", context_lens_ptr="i64", block_tables_ptr="i64",
+                        **cache), decode.warps, decode.stages, True),
+        "merge": (k.decode_merge_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128),
                   dict(part_out_ptr="fp32", part_lse_ptr="fp32"), 4, 1, False),
     }
 
@@ -617,32 +519,26 @@ def qwen3_kernel_configs(fp8: bool):
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 @pytest.mark.parametrize("kernel,fp8", [("store", False), ("prefill", False), ("decode", False), ("merge", False),
-                                        ("rotary_decode", False), ("store", True), ("prefill", True),
-                                        ("decode", True), ("rotary_decode", True)])
+                                        ("store", True), ("prefill", True), ("decode", True)])
 def test_kernels_compile_for_h100_with_16_byte_loads(kernel, fp8):
     """Catches what the interpreter cannot: lowering errors, shared memory over an H100's, and scalar K/V loads
     (the cache must be streamed with 16-byte vector loads to approach full bandwidth). An fp8 store must round
-    with the hardware's nearest-even, saturating conversion (the interpreter's rounding is patched, see above).
-    Decode and merge run with programmatic dependent launch: they must wait before touching global memory."""
+    with the hardware's nearest-even, saturating conversion (the interpreter's rounding is patched, see above)."""
     fn, constexprs, pointer_dtypes, warps, stages, streams_kv = qwen3_kernel_configs(fp8)[kernel]
     launch = backend.decode_launch(FP8 if fp8 else torch.bfloat16)
-    registers = launch.max_registers if kernel.endswith("decode") else None
+    registers = launch.max_registers if kernel == "decode" else None
     compiled = compile_for_h100(fn, constexprs, pointer_dtypes, warps, stages, registers)
-    if constexprs.get("PDL"):
-        assert_waits_before_memory_access(compiled.asm["ptx"])
     assert compiled.metadata.shared <= H100_SHARED_MEMORY
     if registers:   # the cap is there so that more programs fit an SM: their shared memory must fit too
         programs = 64 * 1024 // (registers * 32 * warps)
         assert programs * compiled.metadata.shared <= H100_SHARED_MEMORY, (programs, compiled.metadata.shared)
     ptx = compiled.asm["ptx"]
-    if kernel == "rotary_decode":   # the new token's rows are single 256-byte loads; the cache is streamed as before
-        assert "cp.async.cg.shared.global" in ptx and "ld.global.b8" not in ptx
-    elif streams_kv:
+    if streams_kv:
         scalar_load = "ld.global.b8" if fp8 and kernel != "store" else "ld.global.b16"
         assert scalar_load not in ptx and ("cp.async.cg.shared.global" in ptx or "ld.global.v4" in ptx)
-    if fp8 and kernel in ("store", "rotary_decode"):    # the new K/V, quantized
+    if fp8 and kernel == "store":
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
-    if fp8 and kernel.endswith(("prefill", "decode")):   # widened straight to float16, not on through float32 to bf16
+    if fp8 and kernel in ("prefill", "decode"):    # widened straight to float16, not on through float32 to bf16
         assert "cvt.rn.f16x2.e4m3x2" in ptx and "cvt.bf16.f16" not in ptx
 
 
@@ -676,16 +572,6 @@ def test_real_size_decode(num_splits, kv_dtype, launch):
     out, expected, real = run_decode(contexts, **QWEN3_0_6B, num_splits=num_splits, dtype=torch.bfloat16,
                                      scale=128 ** -0.5, kv_dtype=kv_dtype, launch=launch)
     assert_matches(out[real], expected[real], **BF16_TOL)
-
-
-@pytest.mark.cuda
-@cuda_only
-@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-@pytest.mark.parametrize("num_splits", [None, 1, 5])
-def test_real_size_rotary_decode(num_splits, kv_dtype):
-    torch.manual_seed(2)
-    contexts = [1, 63, 64, 65, 255, 256, 257, 511, 512, 513, 4096, 0, 0] + torch.randint(1, 3000, (40,)).tolist()
-    check_rotary_decode(contexts, 16, 8, 128, 256, num_splits, torch.bfloat16, kv_dtype, True)
 
 
 @pytest.mark.cuda

@@ -8,7 +8,6 @@ that worker, they run in-process. The worker ends with the test module that star
 """
 import multiprocessing
 import os
-import re
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -61,12 +60,3 @@ def stop_worker():
     if _pool is not None:
         _pool.shutdown(cancel_futures=True)
         _pool = None
-
-
-def assert_waits_before_memory_access(ptx: str) -> None:
-    """A kernel compiled with programmatic dependent launch (kernels/pdl.py) may start while the one before it still
-    writes its inputs: it must let its dependents start and then wait (griddepcontrol.wait) before its first global
-    load or store."""
-    body = ptx.split(".entry", 1)[1]
-    first_access = re.search(r"(ld|st)\.global", body).start()
-    assert body.index("griddepcontrol.launch_dependents") < body.index("griddepcontrol.wait") < first_access

@@ -8,9 +8,14 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels import pdl
-from nanovllm.kernels.triton_attention_kernels import norm_rotate_heads, round_to, store_token_kv
+from nanovllm.kernels.triton_attention_kernels import store_token_kv
 
 SILU_BLOCK = 1024   # columns per silu program: several programs per row keep a 1-token decode from using one SM
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):     # x (float32) as the torch code holds it in `dtype`, back in float32
+    return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -24,9 +29,9 @@ def rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, 
     mask = tl.arange(0, BLOCK) < N
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if ADD_RESIDUAL:
-        x = round_to(x + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32), dtype)
+        x = _round(x + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32), dtype)
         tl.store(residual_out_ptr + offsets, x.to(dtype), mask=mask)
-    normed = round_to(x * tl.rsqrt(tl.sum(x * x, axis=0) / N + eps), dtype)
+    normed = _round(x * tl.rsqrt(tl.sum(x * x, axis=0) / N + eps), dtype)
     weight = tl.load(weight_ptr + tl.arange(0, BLOCK), mask=mask).to(tl.float32)
     tl.store(out_ptr + offsets, (normed * weight).to(dtype), mask=mask)
 
@@ -40,20 +45,26 @@ def silu_and_mul_kernel(x_ptr, out_ptr, D: tl.constexpr, BLOCK: tl.constexpr, PD
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     gate = tl.load(x_ptr + row * 2 * D + cols, mask=cols < D).to(tl.float32)
     up = tl.load(x_ptr + row * 2 * D + D + cols, mask=cols < D).to(tl.float32)
-    silu = round_to(gate / (1.0 + tl.exp(-gate)), out_ptr.dtype.element_ty)    # torch rounds it before the product
+    silu = _round(gate / (1.0 + tl.exp(-gate)), out_ptr.dtype.element_ty)    # torch rounds it before the product
     tl.store(out_ptr + row * D + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=cols < D)
 
 
 @triton.jit
 def _norm_rotate_heads(x_ptr, out_ptr, stride_t, stride_h, weight_ptr, cos, sin, eps, token,
                        HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr):
-    # Norms (NORM) and rotates the HEADS heads of one token into out (contiguous heads).
-    x1, x2 = norm_rotate_heads(x_ptr + token * stride_t, stride_h, weight_ptr, cos, sin, eps,
-                               out_ptr.dtype.element_ty, HEADS, HEADS_PAD, HALF, NORM)
+    # Rotates (rotate-half form) the HEADS heads of one token, each RMS-normed over head_dim first when NORM.
+    dtype = out_ptr.dtype.element_ty
     heads, dims = tl.arange(0, HEADS_PAD)[:, None], tl.arange(0, HALF)[None, :]
+    src = x_ptr + token * stride_t + heads * stride_h + dims
+    x1 = tl.load(src, mask=heads < HEADS, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=heads < HEADS, other=0.0).to(tl.float32)
+    if NORM:    # as layers/layernorm.py: normed rounded to dtype, times the weight rounded again
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
+        x1 = _round(_round(x1 * rstd, dtype) * tl.load(weight_ptr + dims).to(tl.float32), dtype)
+        x2 = _round(_round(x2 * rstd, dtype) * tl.load(weight_ptr + HALF + dims).to(tl.float32), dtype)
     dst = out_ptr + token * (HEADS * 2 * HALF) + heads * (2 * HALF) + dims
-    tl.store(dst, x1, mask=heads < HEADS)
-    tl.store(dst + HALF, x2, mask=heads < HEADS)
+    tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=heads < HEADS)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dtype), mask=heads < HEADS)
 
 
 @triton.jit

@@ -16,7 +16,6 @@ from typing import NamedTuple
 import torch
 import triton
 
-from nanovllm.kernels import pdl
 from nanovllm.kernels import triton_attention_kernels as kernels
 
 LOG2E = 1.4426950408889634
@@ -151,30 +150,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     merges them by log-sum-exp. No host sync and a grid that depends on shapes only, so it is graph-capturable;
     rows with context_len 0 (graph padding) read nothing and produce zeros. num_splits overrides the heuristic.
     """
-    return _decode(q, k_cache, v_cache, context_lens, block_tables, scale, out, num_splits, k_scale, v_scale, {})
-
-
-def rotary_decode_attention(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            slot_mapping: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                            scale: float, *, q_weight: torch.Tensor | None = None,
-                            k_weight: torch.Tensor | None = None, eps: float = 0.0, out: torch.Tensor | None = None,
-                            num_splits: int | None = None, k_scale=None, v_scale=None) -> torch.Tensor:
-    """A decode step's attention from its raw projections: fused_layers.qk_norm_rotary(positions, q, k, ...,
-    store=(v, cache, slot_mapping)) and then paged_decode_attention, in the same split kernel (one dependent
-    launch fewer a layer), with the same output and cache (see decode_split_kernel's ROTARY). q [B, heads,
-    head_dim], k and v [B, kv_heads, head_dim] (views of the packed qkv: any token and head strides, the last
-    dimension contiguous), token b at position context_lens[b] - 1 (positions[b]), stored to slot_mapping[b]
-    (-1: nowhere)."""
-    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
-    rotary = dict(k_ptr=k, v_ptr=v, k_stride_b=k.stride(0), k_stride_h=k.stride(1), v_stride_b=v.stride(0),
-                  v_stride_h=v.stride(1), positions_ptr=positions, cos_ptr=cos, sin_ptr=sin, q_weight_ptr=q_weight,
-                  k_weight_ptr=k_weight, eps=eps, slot_mapping_ptr=slot_mapping, ROTARY=True,
-                  NORM=q_weight is not None)
-    return _decode(q, k_cache, v_cache, context_lens, block_tables, scale, out, num_splits, k_scale, v_scale, rotary)
-
-
-def _decode(q, k_cache, v_cache, context_lens, block_tables, scale, out, num_splits, k_scale, v_scale, rotary):
     _check_shapes(q, k_cache)
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -190,7 +165,6 @@ def _decode(q, k_cache, v_cache, context_lens, block_tables, scale, out, num_spl
     else:
         part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    with_pdl = pdl.launch_kwargs(q.device)
     kernels.decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, part_out, part_lse, context_lens, block_tables, k_scale, v_scale, scale * LOG2E,
         num_splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -198,11 +172,11 @@ def _decode(q, k_cache, v_cache, context_lens, block_tables, scale, out, num_spl
         part_lse.stride(1), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
         KV_FP8=k_cache.dtype == torch.float8_e4m3fn, WIDEN_K="k" in launch.widen, WIDEN_V="v" in launch.widen,
-        num_warps=launch.warps, num_stages=launch.stages, **rotary, **with_pdl,
+        num_warps=launch.warps, num_stages=launch.stages,
         **({"maxnreg": launch.max_registers} if launch.max_registers else {}))
     if num_splits > 1:
         kernels.decode_merge_kernel[(batch, num_heads)](
             part_out, part_lse, out, num_splits, part_out.stride(0), part_out.stride(1), part_out.stride(2),
             part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, **with_pdl)
+            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
     return out

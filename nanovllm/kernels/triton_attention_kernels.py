@@ -1,6 +1,4 @@
 """Triton device code for the paged KV cache: store, causal varlen prefill, split-KV decode and its merge.
-Decode can also take the step's raw q/k/v projection and do the q/k RMSNorm, rotary embedding and K/V store itself
-(ROTARY), one dependent kernel a layer fewer in a batch-1 step, where each costs its launch, ramp and tail.
 
 The launch logic (grids, tile sizes, number of splits) lives in paged_attention_triton.py; this file holds only
 @triton.jit functions, written with the plain Triton language shared by Triton 3.6 and 3.9.
@@ -18,8 +16,6 @@ import os
 
 import triton
 import triton.language as tl
-
-from nanovllm.kernels import pdl
 
 # KV_FP8 (a constexpr: other caches compile exactly as without it, their scale pointers may be None) marks a
 # float8_e4m3fn cache holding K / k_scale and V / v_scale, the scales read through pointers so CUDA graphs see
@@ -61,41 +57,12 @@ def store_token_kv(key_ptr, key_stride_h, value_ptr, value_stride_h, k_cache_ptr
     mask = heads < NUM_KV_HEADS
     key = tl.load(key_ptr + heads * key_stride_h + dims, mask=mask)
     value = tl.load(value_ptr + heads * value_stride_h + dims, mask=mask)
-    key, value = kv_as_stored(key, value, k_scale_ptr, v_scale_ptr, k_cache_ptr.dtype.element_ty, KV_FP8)
-    dst = slot.to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
-    tl.store(k_cache_ptr + dst, key, mask=mask)
-    tl.store(v_cache_ptr + dst, value, mask=mask)
-
-
-@triton.jit
-def kv_as_stored(key, value, k_scale_ptr, v_scale_ptr, cache_dtype: tl.constexpr, KV_FP8: tl.constexpr):
-    """K and V rows as a cache of `cache_dtype` holds them (KV_FP8: K / k_scale and V / v_scale, quantized)."""
     if KV_FP8:  # IEEE division (not the approximate default), as torch divides; clamped, so outliers saturate
         key = tl.clamp(tl.math.div_rn(key.to(tl.float32), tl.load(k_scale_ptr)), -FP8_MAX, FP8_MAX)
         value = tl.clamp(tl.math.div_rn(value.to(tl.float32), tl.load(v_scale_ptr)), -FP8_MAX, FP8_MAX)
-    return key.to(cache_dtype), value.to(cache_dtype)
-
-
-@triton.jit
-def round_to(x, dtype: tl.constexpr):     # x (float32) as the torch code holds it in `dtype`, back in float32
-    return x.to(dtype).to(tl.float32)
-
-
-@triton.jit
-def norm_rotate_heads(src_ptr, stride_h, weight_ptr, cos, sin, eps, dtype: tl.constexpr, HEADS: tl.constexpr,
-                      HEADS_PAD: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr):
-    """Heads 0..HEADS of one token (src_ptr: its head 0), each RMS-normed over head_dim first when NORM, rotated
-    (rotate-half form) by cos and sin ([1, HALF], float32): the two halves [HEADS_PAD, HALF] in `dtype`, padding rows
-    0. The rotary kernel and the fused decode both use it, so they round alike."""
-    heads, dims = tl.arange(0, HEADS_PAD)[:, None], tl.arange(0, HALF)[None, :]
-    src = src_ptr + heads * stride_h + dims
-    x1 = tl.load(src, mask=heads < HEADS, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=heads < HEADS, other=0.0).to(tl.float32)
-    if NORM:    # as layers/layernorm.py: normed rounded to dtype, times the weight rounded again
-        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
-        x1 = round_to(round_to(x1 * rstd, dtype) * tl.load(weight_ptr + dims).to(tl.float32), dtype)
-        x2 = round_to(round_to(x2 * rstd, dtype) * tl.load(weight_ptr + HALF + dims).to(tl.float32), dtype)
-    return (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
+    dst = slot.to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
+    tl.store(k_cache_ptr + dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 # A plain fp8 -> float16 conversion before tl.dot is moved by Triton past the shared-memory staging of the dot's
@@ -221,27 +188,13 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
                         part_stride_b, part_stride_h, part_stride_s, lse_stride_b, lse_stride_h,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-                        WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
-                        k_ptr=None, v_ptr=None, k_stride_b=0, k_stride_h=0, v_stride_b=0, v_stride_h=0,
-                        positions_ptr=None, cos_ptr=None, sin_ptr=None, q_weight_ptr=None, k_weight_ptr=None,
-                        eps=0.0, slot_mapping_ptr=None, ROTARY: tl.constexpr = False, NORM: tl.constexpr = False,
-                        PDL: tl.constexpr = False):
+                        WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False):
     """Grid (sequences, KV heads, splits): all query heads of one KV group against one split of the KV range.
 
     Each sequence's own context is cut into num_splits equal runs of whole tiles, so every program of a sequence
     gets the same share whatever its length. Writes the split's normalised output and its log2-sum-exp; a split
     with no keys (short context, or context_len 0 on a padded CUDA-graph row) writes 0 and -inf.
-
-    ROTARY: q, k, v are the step's raw projections (the token at position context_len - 1 of each sequence, at
-    positions[seq]); each program norms (NORM) and rotates its group's query heads and its head's new K as
-    fused_layers.qk_norm_rotary does, and the new key is attended from registers, rounded as the cache would hold
-    it, while the cache is read for the keys before it only. So no program reads what another writes: the one
-    program whose split holds the new position stores its K/V to slot_mapping[seq] (-1: nowhere). Output and cache
-    are those of qk_norm_rotary(store=...) followed by this kernel without ROTARY, bit for bit in the interpreter;
-    compiled, the new K's RMS is summed over one head's tile rather than all heads', so a rare element may differ.
     """
-    pdl.launch_dependents(PDL)
-    pdl.wait_for_inputs(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     num_tiles = (context_len + BLOCK_N - 1) // BLOCK_N
@@ -255,18 +208,8 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
     row_valid = group_rows < GROUP
     heads = kv_head * GROUP + group_rows
     dims = tl.arange(0, HEAD_DIM)
-    if ROTARY:
-        q, new_k, new_v = _rotate_and_store_new_token(
-            q_ptr + seq * q_stride_b + kv_head * GROUP * q_stride_h, q_stride_h, k_ptr + seq * k_stride_b
-            + kv_head * k_stride_h, v_ptr + seq * v_stride_b + kv_head * v_stride_h, tl.load(positions_ptr + seq),
-            cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr, eps, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-            (start < context_len) & (context_len <= end), tl.load(slot_mapping_ptr + seq), stride_row,
-            kv_head * stride_head, GROUP, GROUP_PAD, HEAD_DIM, NORM, KV_FP8)
-        cached_len = context_len - 1        # the newest key is in registers, not read from the cache
-    else:
-        q = tl.load(q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + dims[None, :],
-                    mask=row_valid[:, None], other=0.0)
-        cached_len = context_len
+    q = tl.load(q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + dims[None, :],
+                mask=row_valid[:, None], other=0.0)
     table_ptr = block_tables_ptr + seq * table_stride
     if KV_FP8:
         qk_scale *= tl.load(k_scale_ptr)
@@ -275,22 +218,11 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    # ROTARY: the split's last tile, which may hold the new key, is peeled off the loop.
-    last_tile = start + (end - start - 1) // BLOCK_N * BLOCK_N
-    for tile_start in range(start, last_tile if ROTARY else end, BLOCK_N):
-        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, tile_start, cached_len, kv_head, stride_page,
+    for tile_start in range(start, end, BLOCK_N):
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, tile_start, context_len, kv_head, stride_page,
                              stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
         acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, _widen(k, q.dtype, WIDEN_K), _widen(v, q.dtype, WIDEN_V),
                                         tile_start, context_len, group_rows, qk_scale, False, BLOCK_N, DOT_PRECISION)
-    if ROTARY:
-        if start < end:
-            k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, last_tile, cached_len, kv_head, stride_page,
-                                 stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
-            is_new = (last_tile + tl.arange(0, BLOCK_N) == cached_len)[:, None]
-            k = tl.where(is_new, new_k.to(q.dtype), _widen(k, q.dtype, WIDEN_K))
-            v = tl.where(is_new, new_v.to(q.dtype), _widen(v, q.dtype, WIDEN_V))
-            acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, k, v, last_tile, context_len, group_rows, qk_scale,
-                                            False, BLOCK_N, DOT_PRECISION)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)       # no keys: acc is 0, m_i is -inf, so out = 0 and lse = -inf
     out = acc / l_safe[:, None]
@@ -303,44 +235,11 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
 
 
 @triton.jit
-def _rotate_and_store_new_token(q_ptr, q_stride_h, k_ptr, v_ptr, position, cos_ptr, sin_ptr, q_weight_ptr,
-                                k_weight_ptr, eps, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, store, slot,
-                                stride_row, head_offset, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                                HEAD_DIM: tl.constexpr, NORM: tl.constexpr, KV_FP8: tl.constexpr):
-    """The decode token's GROUP query heads (q_ptr: the first; [GROUP_PAD, HEAD_DIM], padding rows 0) and its K and
-    V rows for one KV head ([1, HEAD_DIM], as the cache holds them), normed and rotated as qk_norm_rotary does;
-    with `store` and a slot >= 0, K and V are also written to that cache slot (head_offset: the head's)."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    table = position * HALF + tl.arange(0, HALF)[None, :]
-    cos, sin = tl.load(cos_ptr + table), tl.load(sin_ptr + table)
-    q1, q2 = norm_rotate_heads(q_ptr, q_stride_h, q_weight_ptr, cos, sin, eps, q_ptr.dtype.element_ty, GROUP,
-                               GROUP_PAD, HALF, NORM)
-    k1, k2 = norm_rotate_heads(k_ptr, 0, k_weight_ptr, cos, sin, eps, k_ptr.dtype.element_ty, 1, 1, HALF, NORM)
-    v = tl.load(v_ptr + tl.arange(0, HEAD_DIM)[None, :])
-    k, v = kv_as_stored(_join_halves(k1, k2), v, k_scale_ptr, v_scale_ptr, k_cache_ptr.dtype.element_ty, KV_FP8)
-    if store & (slot >= 0):
-        dst = slot.to(tl.int64) * stride_row + head_offset + tl.arange(0, HEAD_DIM)[None, :]
-        tl.store(k_cache_ptr + dst, k)
-        tl.store(v_cache_ptr + dst, v)
-    return _join_halves(q1, q2), k, v
-
-
-@triton.jit
-def _join_halves(x1, x2):
-    """[rows, HALF] and [rows, HALF] -> [rows, 2 * HALF], each row x1's then x2's."""
-    rows: tl.constexpr = x1.shape[0]
-    half: tl.constexpr = x1.shape[1]
-    return tl.reshape(tl.permute(tl.join(x1, x2), (0, 2, 1)), (rows, 2 * half))
-
-
-@triton.jit
 def decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits,
                         part_stride_b, part_stride_h, part_stride_s, lse_stride_b, lse_stride_h,
                         out_stride_b, out_stride_h,
-                        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr = False):
+                        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Grid (sequences, query heads): combine the splits' outputs, each weighted by its share of the softmax sum."""
-    pdl.launch_dependents(PDL)
-    pdl.wait_for_inputs(PDL)
     seq, head = tl.program_id(0), tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
     split_valid = splits < num_splits

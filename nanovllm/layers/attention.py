@@ -11,8 +11,7 @@ from nanovllm.utils.context import get_context
 class Attention(nn.Module):
     """Self-attention over the paged KV cache, from q, k, v to the heads' outputs: q/k RMSNorm per head (Qwen3),
     the rotary embedding, the store of this step's K/V, and attention through the step's backend. On CUDA one
-    kernel norms and rotates q and k, and also stores K/V where the backend's store is ours (`fuses_kv_store`);
-    a decode step on a backend that `fuses_rotary_into_decode` does all of it in its attention kernel."""
+    kernel norms and rotates q and k, and also stores K/V where the backend's store is ours (`fuses_kv_store`)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, rotary_emb: RotaryEmbedding,
                  qk_norm_eps: float | None = None):
@@ -35,10 +34,6 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k, v = (x.view(-1, self.num_kv_heads, self.head_dim) for x in (k, v))
         ctx = get_context()
-        if self.kv is not None and not ctx.is_prefill and q.is_cuda and ctx.backend.fuses_rotary_into_decode:
-            rotary = self.rotary_emb
-            return ctx.backend.rotary_decode(positions, q, k, v, self.kv, ctx, self.scale, rotary.cos, rotary.sin,
-                                             **self._head_norm()).flatten(1)
         stored = q.is_cuda and self.kv is not None and ctx.backend.fuses_kv_store
         q, k = self._norm_and_rotate(positions, q, k, (v, self.kv, ctx.slot_mapping) if stored else None)
         if self.kv is None:     # the warm-up that measures activation memory (and K/V for fp8) runs before the cache
@@ -54,17 +49,12 @@ class Attention(nn.Module):
         rotary = self.rotary_emb
         if q.is_cuda:   # imported here: Triton is installed only on Linux, and only CUDA needs it
             from nanovllm.kernels import fused_layers
-            return fused_layers.qk_norm_rotary(positions, q, k, rotary.cos, rotary.sin, store=store,
-                                               **self._head_norm())
+            norm = {} if self.q_norm is None else dict(q_weight=self.q_norm.weight, k_weight=self.k_norm.weight,
+                                                       eps=self.q_norm.eps)
+            return fused_layers.qk_norm_rotary(positions, q, k, rotary.cos, rotary.sin, store=store, **norm)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return rotary(positions, q, k)
-
-    def _head_norm(self) -> dict:
-        """The q/k RMSNorm as the CUDA kernels take it (none for Qwen2 and Llama)."""
-        if self.q_norm is None:
-            return {}
-        return dict(q_weight=self.q_norm.weight, k_weight=self.k_norm.weight, eps=self.q_norm.eps)
 
     def set_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.kv = PagedKV(k_cache, v_cache, self.k_scale, self.v_scale)

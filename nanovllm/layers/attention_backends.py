@@ -3,7 +3,6 @@ a class behind the contract of `AttentionBackend`, listed in `BACKENDS`; adding 
 here. Cache layout (every backend): k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim]; the token at
 position p of a sequence lives in block block_table[p // block_size], row p % block_size."""
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,14 +28,12 @@ class AttentionBackend:
     and what to pass instead. The runner calls `prepare` once per step (inside the capture for a CUDA graph), before
     any layer; the layers then call `store_kvcache` (unless the rotary kernel stored K/V itself: `fuses_kv_store`),
     then `prefill` (new tokens over their cached prefix and themselves) or `decode` (one query per sequence over its
-    context_lens[i] cached tokens), which return [tokens, heads, head_dim]. A backend that `fuses_rotary_into_decode`
-    takes a decode step's raw q, k, v in `rotary_decode` instead, and norms, rotates, stores and attends at once.
-    The base class runs `kernels`, a module of paged_attention_torch's functions."""
+    context_lens[i] cached tokens), which return [tokens, heads, head_dim]. The base class runs `kernels`, a module
+    of paged_attention_torch's functions."""
     name: ClassVar[str]
     supports_fp8: ClassVar[bool] = False        # can read and write a float8_e4m3fn cache
     supports_cuda_graphs: ClassVar[bool] = True     # decode never syncs with the host, so it can be captured
     fuses_kv_store: ClassVar[bool] = False      # its store is our Triton kernel, which the rotary kernel runs inline
-    fuses_rotary_into_decode: ClassVar[bool] = False    # has `rotary_decode`
     kernels = reference
 
     @classmethod
@@ -75,11 +72,8 @@ class TorchBackend(AttentionBackend):
 
 
 class TritonBackend(AttentionBackend):
-    """Our Triton kernels (kernels/paged_attention_triton.py): the default on CUDA. Its decode kernel also does the
-    q/k norm, rotary and K/V store (one kernel a layer fewer); NANOVLLM_FUSED_DECODE=0 leaves them to the rotary
-    kernel, to measure what that buys."""
+    """Our Triton kernels (kernels/paged_attention_triton.py): the default on CUDA."""
     name, supports_fp8, fuses_kv_store = "triton", True, True
-    fuses_rotary_into_decode = os.environ.get("NANOVLLM_FUSED_DECODE", "1") != "0"
 
     @classmethod
     def check(cls, device: str, block_size: int, fp8: bool) -> None:
@@ -93,16 +87,6 @@ class TritonBackend(AttentionBackend):
     def __init__(self):
         from nanovllm.kernels import paged_attention_triton
         self.kernels = paged_attention_triton
-
-    def rotary_decode(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: PagedKV,
-                      ctx: Context, scale: float, cos: torch.Tensor, sin: torch.Tensor, q_weight=None, k_weight=None,
-                      eps: float = 0.0) -> torch.Tensor:
-        """decode() of the step's raw q, k, v: each head normed with q_weight / k_weight (if given), rotated by the
-        float32 cos/sin tables at `positions`, K and V stored to ctx.slot_mapping; returns [seqs, heads, head_dim]."""
-        return self.kernels.rotary_decode_attention(
-            positions, q, k, v, cos, sin, kv.k_cache, kv.v_cache, ctx.slot_mapping, ctx.context_lens,
-            ctx.block_tables, scale, q_weight=q_weight, k_weight=k_weight, eps=eps, k_scale=kv.k_scale,
-            v_scale=kv.v_scale)
 
 
 class FlashAttnBackend(AttentionBackend):
