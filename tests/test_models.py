@@ -88,6 +88,13 @@ def test_dtype_option(qwen3_dir):
         LLM(qwen3_dir, device="cpu", dtype="fp16")
 
 
+def test_the_layers_share_one_rotary_table(qwen3_dir):
+    """A cos/sin table per layer would cost Qwen3-0.6B 28 x 21 MB of memory the KV cache can use."""
+    model = LLM(qwen3_dir, device="cpu", kvcache_block_size=16).executor.runner.model
+    tables = {layer.self_attn.attn.rotary_emb.cos.data_ptr() for layer in model.model.layers}
+    assert len(model.model.layers) > 1 and len(tables) == 1
+
+
 # ---- checkpoints as they come --------------------------------------------------------------------------------
 
 def edited_checkpoint(tmp_path, source, edit_config=None, edit_weights=None) -> str:
