@@ -131,6 +131,27 @@ def test_engines_with_cuda_graphs_one_after_another(qwen3_dir):
 
 
 @cuda
+def test_an_engine_after_a_dropped_one_gets_the_memory_back(tmp_path):
+    """Seen on the H200 (2026-12-03, tests/test_models.py): after an engine sized by gpu_memory_utilization=0.3
+    ran beside transformers on the GPU and was dropped, every later engine in the process found that memory still
+    taken ("no GPU memory is left for the KV cache")."""
+    from tests.tiny_checkpoint import build_tiny_checkpoint
+    kwargs = dict(attention_backend="triton", kvcache_block_size=16, max_model_len=256, max_num_batched_tokens=256,
+                  gpu_memory_utilization=0.3, enforce_eager=True)
+    blocks = []
+    for i in range(3):
+        path = build_tiny_checkpoint(str(tmp_path / str(i)), arch="llama", seed=20 + i)   # transformers loads it
+        llm = LLM(path, **kwargs)
+        blocks.append(llm.executor.runner.num_kvcache_blocks)
+        prompt = ids(i, 20)
+        out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+        assert out["token_ids"] == hf_greedy(path, prompt, GREEDY.max_tokens, "cuda")
+        llm.exit()
+        del llm
+    assert min(blocks) >= 0.95 * max(blocks), blocks
+
+
+@cuda
 def test_a_failed_capture_leaves_the_process_usable(qwen3_dir, monkeypatch):
     from nanovllm.engine.cuda_graph import CUDAGraphs
     real_forward = CUDAGraphs._forward

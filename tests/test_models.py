@@ -56,7 +56,7 @@ def test_greedy_matches_transformers_on_cuda(case_dir, enforce_eager):
     rng = random.Random(4)
     prompts = [[rng.randrange(3, 384) for _ in range(n)] for n in (1, 17, 70, 150)]
     llm = LLM(case_dir, device="cuda", attention_backend="triton", kvcache_block_size=16, max_model_len=512,
-              max_num_batched_tokens=64, enforce_eager=enforce_eager, gpu_memory_utilization=0.3)
+              max_num_batched_tokens=64, enforce_eager=enforce_eager, num_kvcache_blocks=64)
     assert (llm.executor.runner.graphs is None) == enforce_eager
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for prompt, out in zip(prompts, outs):

@@ -57,6 +57,13 @@ class ModelRunner:
         self.last_sampled: torch.Tensor | None = None
         self.broadcast_sampled_ids = config.overlap_scheduling and tp_size() > 1
         self.graphs: CUDAGraphs | None = None
+        if self.device.type == "cuda":
+            # An engine dropped just before (`del llm`, or one waiting for the cycle collector) leaves its KV cache in
+            # PyTorch's allocator cache. Give it back to the driver before this engine allocates anything: a tensor
+            # of ours placed inside that cached memory would keep all of it from ever being returned, and this
+            # engine would size its cache as if the dropped one still held it.
+            gc.collect()
+            torch.cuda.empty_cache()
         self.model = self._load_model()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self._calibrate()
@@ -136,10 +143,7 @@ class ModelRunner:
     @torch.inference_mode()
     def warmup_model(self):
         """Run the largest prefill and sampling batch once, so the cache is sized after peak activation memory."""
-        # An engine dropped just before (`del llm`) may still be waiting for the cycle collector: free its KV cache
-        # before measuring what is left, or this engine would size its own from the memory that one still holds.
-        gc.collect()
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()    # (what loading the weights left cached is not ours to count)
         torch.cuda.reset_peak_memory_stats()
         cfg = self.config
         hidden = self.warmup_forward(cfg.max_num_batched_tokens)
