@@ -12,7 +12,7 @@
 #   serve     the server on bench.py's workload (random Qwen3-0.6B weights, a byte-level tokenizer so that text is
 #             detokenized): bench.py offline, then serve_bench.py whole answers, streaming, and at request rates
 #   timeline  where a small-batch decode step's time goes (benchmarks/lab/step_timeline.py, batch 1)
-#   startup   LLM() start-up with an empty Triton cache, then a warm one (benchmarks/lab/startup_profile.py)
+#   startup   LLM() start-up cold and warm, compiling ahead off and on, by phase (benchmarks/lab/startup_profile.py)
 #   tp        two GPUs: the tensor-parallel CUDA tests, then bench.py --dummy --tensor-parallel-size 2
 # BENCH_ARGS adds flags to every bench.py run (e.g. BENCH_ARGS="--repeat 2").
 set -uo pipefail
@@ -107,8 +107,7 @@ if has timeline; then
   done
 fi
 if has startup; then
-  TRITON_CACHE_DIR=$(mktemp -d) python benchmarks/lab/startup_profile.py 2>&1 | tee "$OUT/startup_cold.log" | head -60
-  python benchmarks/lab/startup_profile.py 2>&1 | tee "$OUT/startup_warm.log" | head -60
+  python benchmarks/lab/startup_profile.py 2>&1 | tee "$OUT/startup.log" | tail -8
 fi
 if has tp; then
   timeout 600 python -m pytest -q -rs -p no:logging tests/test_tensor_parallel.py -k cuda 2>&1 \

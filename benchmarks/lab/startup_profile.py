@@ -1,33 +1,105 @@
-"""What LLM() start-up spends its time on: the import, then cProfile of the constructor, by cumulative time.
+"""LLM() start-up, cold then warm, by phase: each start-up in a fresh process, the cold one with an empty Triton cache
+(a temporary TRITON_CACHE_DIR), the warm one with the cache the cold one filled; with compiling ahead off and on
+(NANOVLLM_COMPILE_AHEAD=0 / 1) unless --ahead picks one; --old DIR adds another tree's nano-vllm (a "before", e.g.
+`mkdir .old && git archive <commit> | tar -x -C .old`). One line of seconds per start-up.
 
-    PYTHONPATH=. python benchmarks/lab/startup_profile.py [--model-config qwen3-0.6b]    # TRITON_CACHE_DIR to pick cold/warm
+    PYTHONPATH=. python benchmarks/lab/startup_profile.py [--model-config qwen3-0.6b | --model DIR] [--ahead 1]
+        [--old .old]
+    ... --child [--profile 30]      one start-up in this process (what the parent runs), with cProfile's top 30
+
+Phases: import torch; import nanovllm; load (build the model, read or fake the weights); warmup (the memory warm-up
+that sizes the cache, with its compile-ahead); kv (allocating the cache); ahead (compiling the warm-up's and the
+graphs' kernels ahead); kernels (the kernel warm-up); capture (the CUDA graphs); other (the rest of LLM(): config,
+tokenizer, scheduler). The first process also pays for reading torch's libraries from disk (its import times).
 """
 import argparse
-import cProfile
-import pstats
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
-t0 = time.perf_counter()
-import torch  # noqa: E402
-t1 = time.perf_counter()
-from nanovllm import LLM  # noqa: E402
-t2 = time.perf_counter()
-from bench import MODEL_CONFIGS  # noqa: E402
+PHASES = ("load", "warmup", "kv", "ahead", "kernels", "capture")
+
+
+def child(args):
+    t0 = time.perf_counter()
+    import torch  # noqa: F401
+    t1 = time.perf_counter()
+    from nanovllm import LLM
+    t2 = time.perf_counter()
+    from nanovllm.engine import model_runner
+    times, depth = dict.fromkeys(PHASES, 0.0), [0]
+
+    def timed(fn, phase):       # a phase's time counts only outside the others (the warm-up nests a compile-ahead)
+        def wrapper(*a, **k):
+            start, depth[0] = time.perf_counter(), depth[0] + 1
+            try:
+                return fn(*a, **k)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    times[phase] += time.perf_counter() - start
+        return wrapper
+    runner = model_runner.ModelRunner
+    for method, phase in (("_load_model", "load"), ("_calibrate", "warmup"), ("_allocate_kv_cache", "kv"),
+                          ("warmup_kernels", "kernels"), ("_capture_cuda_graphs", "capture")):
+        setattr(runner, method, timed(getattr(runner, method), phase))
+    if hasattr(model_runner, "compile_ahead"):      # (not in an --old tree)
+        model_runner.compile_ahead = timed(model_runner.compile_ahead, "ahead")
+
+    if args.profile:
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
+    t = time.perf_counter()
+    if args.model:
+        llm = LLM(args.model, max_model_len=4096)
+    else:
+        from nanovllm.configs import MODEL_CONFIGS
+        llm = LLM(MODEL_CONFIGS[args.model_config], load_format="dummy", max_model_len=4096)
+    total = time.perf_counter() - t
+    if args.profile:
+        import pstats
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(args.profile)
+    llm.exit()
+    print(json.dumps({"torch": t1 - t0, "nanovllm": t2 - t1, **times, "other": total - sum(times.values()),
+                      "LLM()": total}))
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model-config", default="qwen3-0.6b", choices=list(MODEL_CONFIGS))
-    p.add_argument("--rows", type=int, default=35)
+    p.add_argument("--model-config", default="qwen3-0.6b", help="a shipped config, run on random weights")
+    p.add_argument("--model", help="a checkpoint directory instead (its real weights)")
+    p.add_argument("--ahead", nargs="+", default=["0", "1"], help="NANOVLLM_COMPILE_AHEAD values to run")
+    p.add_argument("--old", help="also the nano-vllm of this directory (rows 'old')")
+    p.add_argument("--child", action="store_true")
+    p.add_argument("--profile", type=int, default=0, help="with --child: print cProfile's top N to stderr")
     args = p.parse_args()
-    profiler = cProfile.Profile()
-    t = time.perf_counter()
-    profiler.enable()
-    llm = LLM(MODEL_CONFIGS[args.model_config], load_format="dummy", max_model_len=4096)
-    profiler.disable()
-    print(f"import torch {t1 - t0:.2f}s, import nanovllm {t2 - t1:.2f}s, LLM() {time.perf_counter() - t:.2f}s")
-    pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.rows)
-    llm.exit()
+    if args.child:
+        return child(args)
+    columns = ("torch", "nanovllm", *PHASES, "other", "LLM()")
+    print(f"{'ahead':>5} {'cache':>5} " + " ".join(f"{c:>8}" for c in columns))
+    forwarded = ["--model", args.model] if args.model else ["--model-config", args.model_config]
+    runs = [(ahead, {"NANOVLLM_COMPILE_AHEAD": ahead}) for ahead in args.ahead]
+    if args.old:
+        runs.insert(0, ("old", {"PYTHONPATH": os.path.abspath(args.old)}))
+    for ahead, settings in runs:
+        cache = tempfile.mkdtemp(prefix="triton-cache-")
+        for state in ("cold", "warm"):
+            env = dict(os.environ, TRITON_CACHE_DIR=cache, **settings)
+            out = subprocess.run([sys.executable, __file__, "--child", *forwarded], env=env, capture_output=True,
+                                 text=True)
+            if out.returncode != 0:
+                print(out.stderr[-3000:])
+                sys.exit(f"the {state} start-up with {settings} failed")
+            for line in out.stderr.splitlines():       # a fallback to compiling at first launch must show
+                if "ahead failed" in line:
+                    print(line.strip())
+            seconds = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{ahead:>5} {state:>5} " + " ".join(f"{seconds[c]:8.2f}" for c in columns), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import gc
 from contextlib import suppress
 
 import torch
@@ -44,16 +45,35 @@ class CUDAGraphs:
         logits = self.model.compute_logits(hidden, out=self.outputs[:bs])
         gumbel_sample(logits, inputs.temperatures[:bs], out=self.sampled[:bs])
 
+    def _reset_inputs(self):
+        self.inputs.buffer.zero_()
+        self.inputs.slot_mapping.fill_(-1)
+
     @torch.inference_mode()
-    def capture(self):
-        """Capture every batch size, largest first so the smaller graphs reuse its memory pool; each runs eagerly
-        first, so that capture only records launches. A failure raises, leaving the process able to capture again."""
-        pool, inputs = None, self.inputs
-        inputs.buffer.zero_()
-        inputs.slot_mapping.fill_(-1)
+    def run_eagerly(self):
+        """Run every batch size once, eagerly, as capture records it (compile_ahead discovers their kernels so)."""
+        self._reset_inputs()
         try:
             for bs in reversed(self.batch_sizes):
                 self._forward(bs)
+        finally:
+            reset_context()
+
+    @torch.inference_mode()
+    def capture(self, warmed_up: bool = False):
+        """Capture every batch size, largest first so the smaller graphs reuse its memory pool. Capture must only
+        record launches (no first-launch compiling or loading), so each size runs eagerly first, unless `warmed_up`:
+        run_eagerly ran them all already, and only the largest runs once more, which warms the allocator.
+        A failure raises, leaving the process able to capture again."""
+        pool = None
+        self._reset_inputs()
+        # ~36 captures allocate many Python objects; a collection in between only costs time.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for bs in reversed(self.batch_sizes):
+                if not warmed_up or pool is None:
+                    self._forward(bs)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
                     self._forward(bs)
@@ -73,6 +93,8 @@ class CUDAGraphs:
                                f"pass enforce_eager=True to run without CUDA graphs") from e
         finally:
             reset_context()
+            if gc_was_enabled:
+                gc.enable()
 
     def can_run(self, batch: int) -> bool:
         return bool(self.graphs) and batch <= self.batch_sizes[-1]

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.config import Config
+from nanovllm.engine.compile_ahead import compile_ahead
 from nanovllm.engine.cuda_graph import CUDAGraphs
 from nanovllm.engine.decode_inputs import DecodeInputs
 from nanovllm.engine.sequence import Sequence
@@ -74,9 +75,15 @@ class ModelRunner:
                           f"{self.block_size}), fewer than max_model_len={config.max_model_len}; "
                           f"lowering max_model_len to {self.max_model_len}")
         if self.device.type == "cuda":
-            self.warmup_kernels()
             if not config.enforce_eager and self.attention_backend.supports_cuda_graphs:
-                self._capture_cuda_graphs()
+                self.graphs = self._cuda_graphs()
+            # Compile what the warm-up and every graph size launch, in parallel; the eager run of every size this
+            # takes also stands for capture's own warm-up runs.
+            discovered = compile_ahead(self.device, self.warmup_kernels,
+                                       *([self.graphs.run_eagerly] if self.graphs is not None else []))
+            self.warmup_kernels()
+            if self.graphs is not None:     # (every rank captures alike: their forwards meet in collectives)
+                self._capture_cuda_graphs(warmed_up=bool(self._min_over_ranks(int(discovered))))
 
     def exit(self, synchronize: bool = True):
         """Free the CUDA graphs (NCCL will not destroy a communicator while a graph that captured its
@@ -112,7 +119,11 @@ class ModelRunner:
         the same model gets the same scales under any max_num_batched_tokens."""
         if self.device.type == "cuda":
             try:
-                self.warmup_model()
+                # The discovery pass allocates all that the real one would: its peak memory sizes the cache as well
+                # (the fp8 calibration's kernels are discovered first, as warmup_model resets the peak).
+                calibration = [lambda: self.warmup_forward(CALIBRATION_TOKENS)] if self.kv_dtype == FP8 else []
+                if not self._min_over_ranks(int(compile_ahead(self.device, *calibration, self.warmup_model))):
+                    self.warmup_model()     # (on every rank or none, as its forward meets theirs in collectives)
             except torch.cuda.OutOfMemoryError as e:
                 raise RuntimeError(
                     f"CUDA ran out of memory in the warm-up forward over max_num_batched_tokens="
@@ -124,7 +135,7 @@ class ModelRunner:
             self.warmup_forward(CALIBRATION_TOKENS)
         set_kv_scales(self.attention_layers)
 
-    def _capture_cuda_graphs(self):
+    def _cuda_graphs(self) -> CUDAGraphs:
         config, model_config = self.config, self.config.model_config
         inputs = DecodeInputs.empty(min(config.max_num_seqs, 512), -(-self.max_model_len // self.block_size),
                                     self.device)
@@ -132,9 +143,12 @@ class ModelRunner:
         # max_num_seqs), and from which the next replay takes its pending input ids.
         sampled = (torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device) if tp_size() == 1
                    else None)
-        self.graphs = CUDAGraphs(self.model, inputs, self.attention_backend, model_config.hidden_size,
-                                 model_config.dtype, sampled, model_config.vocab_size)
-        self.graphs.capture()
+        return CUDAGraphs(self.model, inputs, self.attention_backend, model_config.hidden_size, model_config.dtype,
+                          sampled, model_config.vocab_size)
+
+    def _capture_cuda_graphs(self, warmed_up: bool):
+        inputs = self.graphs.inputs
+        self.graphs.capture(warmed_up)
         # Two pinned host copies of the graphs' inputs, used in turn: the one filled now was last copied two
         # steps ago (an event says when that copy is done), so filling never races a queued copy.
         self._staging = [(DecodeInputs.empty(inputs.rows, inputs.width, torch.device("cpu"), True),
