@@ -238,6 +238,41 @@ def test_prefill_matches_reference(heads, kv_heads, head_dim, block_size):
     run_check(check_prefill, heads, kv_heads, head_dim, block_size)
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2)])
+def test_cacheless_warmup_attention_is_causal_softmax_attention(heads, kv_heads):
+    """The warm-up's attention (no cache; the fp8 scales are measured through it) against softmax(q k^T) v written
+    out in float64, per sequence, each query head reading its group's K/V head."""
+    gen = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    lens = [1, 7, 33]
+    q, k, v = (torch.randn(sum(lens), n, 16, generator=gen) for n in (heads, kv_heads, kv_heads))
+    cu = torch.tensor([0, 1, 8, 41], dtype=torch.int32)
+    out = ref.varlen_causal_attention(q, k, v, cu, 0.3)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        group = heads // kv_heads
+        qs, ks, vs = q[start:end].double(), k[start:end].double(), v[start:end].double()
+        ks, vs = ks.repeat_interleave(group, 1), vs.repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) * 0.3
+        n = end - start
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vs)
+        torch.testing.assert_close(out[start:end].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@cuda_only
+def test_cacheless_warmup_attention_builds_no_score_matrix():
+    """At Qwen3-0.6B's heads, one 4,096-token sequence: the [heads, L, L] scores alone would be 512 MB in bf16.
+    The warm-up sizes the KV cache after its peak memory, so a score matrix here would shrink the cache."""
+    q = torch.randn(4096, 16, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(4096, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cu = torch.tensor([0, 4096], dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    ref.varlen_causal_attention(q, k, v, cu, 0.088)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < 64 * 2**20
+
+
 @fp8_capable
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 32, 16), (4, 1, 16, 128)])
 def test_prefill_fp8_cache_matches_reference(heads, kv_heads, head_dim, block_size):

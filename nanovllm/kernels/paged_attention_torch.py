@@ -81,11 +81,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                             scale: float) -> torch.Tensor:
-    """Causal attention over packed sequences with no cache at all; used by the memory-profiling warm-up."""
+    """Causal attention over packed sequences with no cache at all; used by the memory-profiling warm-up.
+    Torch's fused kernels (flash on CUDA and on the CPU) take only 4-D inputs with as many K/V heads as query
+    heads: anything else falls back to the math path, which builds every [L, L] score matrix: slow, and a peak of
+    activation memory that real steps never reach, which the KV cache would then be sized around."""
     out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
     starts = cu_seqlens.tolist()
     for start, end in zip(starts[:-1], starts[1:]):
+        q_seq, k_seq, v_seq = (x[start:end].transpose(0, 1) for x in (q, k, v))
         out[start:end] = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
-            is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+            q_seq[None], k_seq.repeat_interleave(group, 0)[None], v_seq.repeat_interleave(group, 0)[None],
+            is_causal=True, scale=scale)[0].transpose(0, 1)
     return out
