@@ -46,9 +46,10 @@ batch1_fraction() {
 }
 
 if has tests; then
+  # (tests.gpu_memory_trace logs each test's GPU memory: which test leaves memory taken, if one does)
   # shellcheck disable=SC2046
-  python -m pytest -q -rs -p no:logging $(grep -l "cuda.is_available\|mark.cuda" tests/test_*.py) 2>&1 \
-    | tee "$OUT/pytest_cuda.log" | tail -15
+  GPU_MEMORY_TRACE=$OUT/gpu_memory_trace.log python -m pytest -q -rs -p no:logging -p tests.gpu_memory_trace \
+    $(grep -l "cuda.is_available\|mark.cuda" tests/test_*.py) 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
 fi
 if has bench; then
   bench bench_bf16.log
