@@ -2,6 +2,7 @@ import atexit
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence as SequenceABC
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from numbers import Integral
 from typing import NamedTuple
@@ -25,6 +26,10 @@ class StepOutput(NamedTuple):
     num_decode_tokens: int
 
 
+def _eos_of(tokenizer) -> tuple[int, ...]:
+    return (tokenizer.eos_token_id,) if tokenizer is not None and tokenizer.eos_token_id is not None else ()
+
+
 class LLMEngine:
     """The core loop, as in nano-vllm: `add_request`, then `step` until `is_finished`. It owns the tokenizer, the
     scheduler and rank 0's executor (the model on every rank); requests are validated here, before any is queued.
@@ -42,11 +47,17 @@ class LLMEngine:
         # Refused here, before any worker starts; every rank's runner selects the same backend again.
         select_attention_backend(config.attention_backend, config.device, config.kvcache_block_size,
                                  config.kv_cache_dtype)
-        self.tokenizer = load_tokenizer(config.model, config.model_config.gguf_file)
-        eos = config.model_config.eos_token_ids
-        if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos = (self.tokenizer.eos_token_id,)
-        self.executor = Executor(config, frozenset(eos))
+        # The tokenizer loads (importing transformers alone takes seconds) while the model loads and warms up,
+        # unless the end-of-sequence ids must come from it.
+        with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+            tokenizer = pool.submit(load_tokenizer, config.model, config.model_config.gguf_file)
+            eos = config.model_config.eos_token_ids or _eos_of(tokenizer.result())
+            self.executor = Executor(config, frozenset(eos))
+            try:
+                self.tokenizer = tokenizer.result()
+            except BaseException:
+                self.executor.exit()
+                raise
         if config.tensor_parallel_size > 1:     # ahead of multiprocessing's own handler, which would wait for workers
             atexit.register(self.exit)
         runner = self.executor.runner
