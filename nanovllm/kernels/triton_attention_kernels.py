@@ -17,8 +17,6 @@ import os
 import triton
 import triton.language as tl
 
-from nanovllm.kernels import pdl
-
 # KV_FP8 (a constexpr: other caches compile exactly as without it, their scale pointers may be None) marks a
 # float8_e4m3fn cache holding K / k_scale and V / v_scale, the scales read through pointers so CUDA graphs see
 # calibrated values. Readers widen fp8 to q's dtype, which is exact, and fold the scales in: scores are multiplied
@@ -190,15 +188,13 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
                         part_stride_b, part_stride_h, part_stride_s, lse_stride_b, lse_stride_h,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-                        WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False, PDL: tl.constexpr = False):
+                        WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False):
     """Grid (sequences, KV heads, splits): all query heads of one KV group against one split of the KV range.
 
     Each sequence's own context is cut into num_splits equal runs of whole tiles, so every program of a sequence
     gets the same share whatever its length. Writes the split's normalised output and its log2-sum-exp; a split
     with no keys (short context, or context_len 0 on a padded CUDA-graph row) writes 0 and -inf.
     """
-    pdl.launch_dependents(PDL)
-    pdl.wait_for_inputs(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     num_tiles = (context_len + BLOCK_N - 1) // BLOCK_N
@@ -242,10 +238,8 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
 def decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits,
                         part_stride_b, part_stride_h, part_stride_s, lse_stride_b, lse_stride_h,
                         out_stride_b, out_stride_h,
-                        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr = False):
+                        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Grid (sequences, query heads): combine the splits' outputs, each weighted by its share of the softmax sum."""
-    pdl.launch_dependents(PDL)
-    pdl.wait_for_inputs(PDL)
     seq, head = tl.program_id(0), tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
     split_valid = splits < num_splits
