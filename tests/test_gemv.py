@@ -82,7 +82,7 @@ def test_norm_gemv_matches_rms_norm_then_linear(dtype, with_residual):
 def test_norm_and_linear_fuses_on_cuda_for_one_row_only(monkeypatch):
     calls = []
     real = gemv.norm_gemv
-    monkeypatch.setattr(gemv, "norm_gemv", lambda *args, **kw: calls.append(args[0].shape) or real(*args, **kw))
+    monkeypatch.setattr(gemv, "norm_gemv", lambda *args: calls.append(args[0].shape) or real(*args))
     for device in ["cpu"] + (["cuda"] if CUDA else []):
         calls.clear()
         norm, layer = RMSNorm(1024).to(device), QKVParallelLinear(1024, 64, 4, 2).to(device)
@@ -132,8 +132,7 @@ def test_row_parallel_layer_uses_the_gemv_on_cuda_only(monkeypatch, gated):
 
 GEMV_SIGNATURE = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M="i32", N="i32", K="i32", stride_xm="i32",
                       stride_wn="i32", stride_om="i32", residual_ptr="*bf16", norm_weight_ptr="*bf16",
-                      residual_out_ptr="*bf16", eps="fp32", prefetch0="*bf16", prefetch0_bytes="i64",
-                      prefetch1="*bf16", prefetch1_bytes="i64", prefetch2="*bf16", prefetch2_bytes="i64")
+                      residual_out_ptr="*bf16", eps="fp32")
 
 
 @pytest.mark.skipif(CUDA, reason="with CUDA the other tests compile and run the kernel for real")
@@ -158,23 +157,6 @@ def test_gemv_compiles_for_h100_with_16_byte_weight_loads(m_pad, variant, block_
     assert loads[0] < wait < loads[-1]
 
 
-@pytest.mark.skipif(CUDA, reason="with CUDA the other tests compile and run the kernel for real")
-@pytest.mark.skipif(INTERPRETING, reason="this process runs Triton's interpreter, which cannot compile")
-@pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("count", [0, 1, 3])
-def test_gemv_streams_later_weights_into_l2_after_its_output(count):
-    """With PREFETCH the kernel asks for each later weight with one bulk L2 prefetch per thread (no load into
-    registers), after it has stored its output so that the prefetches do not delay it."""
-    ptx = compile_for_h100(gemv.gemv_kernel, GEMV_SIGNATURE, dict(
-        BLOCK_N=gemv.GEMV_BLOCK_N, NORM=True, ADD_RESIDUAL=True, PDL=True, PREFETCH=count,
-        LANES=32 * 4))
-    body = ptx[ptx.index(".entry"):]
-    prefetches = [m.start() for m in re.finditer(r"cp\.async\.bulk\.prefetch\.L2\.global", body)]
-    assert len(prefetches) == count
-    assert all(p > body.rindex("st.global") for p in prefetches)
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n,k", [(1024, 2048), (1024, 3072)])     # Qwen3-0.6B's o_proj and down_proj
@@ -193,23 +175,3 @@ def test_real_sizes_eager_and_in_a_cuda_graph(n, k):
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert torch.equal(out, gemv.gemv(x, weight)) and not torch.equal(out, eager)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_prefetching_into_l2_changes_nothing_it_touches():
-    """A bulk prefetch only warms L2: the output, the new residual and the prefetched weights are unchanged."""
-    x, residual = (torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    norm_weight = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
-    weight = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16) / 32
-    later = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for n in (1024 * 2048, 6144 * 1024, 8)]
-    copies = [t.clone() for t in later]
-    plain = gemv.norm_gemv(x, residual, norm_weight, 1e-6, weight)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        prefetched = gemv.norm_gemv(x, residual, norm_weight, 1e-6, weight, prefetch=tuple(later))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert gemv.l2_prefetch_supported(x.device) == (torch.cuda.get_device_capability()[0] >= 9)
-    assert all(torch.equal(a, b) for a, b in zip(plain, prefetched))
-    assert all(torch.equal(a, b) for a, b in zip(later, copies))

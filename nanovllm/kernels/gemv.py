@@ -8,9 +8,6 @@ requests its first slice before it waits for x: launched with programmatic depen
 load runs while the kernel before it still computes. cuBLAS is as fast or faster from 3 rows, and for many output
 columns without a fused norm.
 """
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -29,16 +26,12 @@ GEMV_BLOCK_N, GEMV_MAX_BLOCK_K, GEMV_WARPS = 4, 4096, 4
 def gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, residual_ptr=None,
                 norm_weight_ptr=None, residual_out_ptr=None, eps=0.0, M_PAD: tl.constexpr = 1,
                 BLOCK_N: tl.constexpr = 4, BLOCK_K: tl.constexpr = 4096, GATED: tl.constexpr = False,
-                NORM: tl.constexpr = False, ADD_RESIDUAL: tl.constexpr = False, PDL: tl.constexpr = False,
-                prefetch0=None, prefetch0_bytes=0, prefetch1=None, prefetch1_bytes=0, prefetch2=None,
-                prefetch2_bytes=0, PREFETCH: tl.constexpr = 0, LANES: tl.constexpr = 128):
+                NORM: tl.constexpr = False, ADD_RESIDUAL: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program n: out[:M, n * BLOCK_N : (n + 1) * BLOCK_N] = x[:M] @ W[those rows].T, accumulated in float32.
     GATED: x holds [gate | up] (2K columns) and the input is silu(gate) * up, rounded where the torch code and
     fused_layers.silu_and_mul round it, so the MLP needs no separate activation kernel.
     NORM: the input is RMSNorm(x (+ residual)) * norm_weight, rounded as fused_layers.rms_norm rounds it; every
-    program computes the rows' RMS itself (a first pass over x), program 0 stores x + residual as the new residual.
-    PREFETCH: then the first PREFETCH of prefetch0..2 (byte counts a multiple of 16) are streamed into L2 (LANES:
-    the program's threads, so that no thread repeats another's request)."""
+    program computes the rows' RMS itself (a first pass over x), program 0 stores x + residual as the new residual."""
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_valid = cols < N
@@ -74,25 +67,6 @@ def gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
         acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         w = w_next
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(dtype), mask=row_valid & col_valid[None, :])
-    if PREFETCH > 0:
-        _prefetch_l2(prefetch0, prefetch0_bytes, LANES)
-    if PREFETCH > 1:
-        _prefetch_l2(prefetch1, prefetch1_bytes, LANES)
-    if PREFETCH > 2:
-        _prefetch_l2(prefetch2, prefetch2_bytes, LANES)
-
-
-@triton.jit
-def _prefetch_l2(ptr, nbytes, LANES: tl.constexpr):
-    # This program's share of ptr's nbytes, split over LANES threads, each asking the copy engine to bring its piece
-    # into L2 (a Hopper bulk prefetch: no registers, no wait). Pieces are multiples of 16 bytes, as it requires.
-    lanes = tl.num_programs(0) * LANES
-    piece = ((nbytes + lanes - 1) // lanes + 15) // 16 * 16
-    offsets = (tl.program_id(0) * LANES + tl.arange(0, LANES)).to(tl.int64) * piece
-    sizes = tl.minimum(nbytes - offsets, piece).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr.to(tl.pointer_type(tl.int8)) + offsets, sizes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -146,27 +120,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> torch.Te
 
 
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-              weight: torch.Tensor, prefetch: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F.linear(rms_norm(x (+ residual)), weight), x (+ residual)) in one kernel, for `gemv_fuses_norm` shapes.
-    `prefetch`: up to three tensors (weights read soon after) that the kernel then streams into L2 where the GPU can
-    (sm_90+; NANOVLLM_L2_PREFETCH=0 turns it off, to measure what it buys)."""
+              weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F.linear(rms_norm(x (+ residual)), weight), x (+ residual)) in one kernel, for `gemv_fuses_norm` shapes."""
     m, n, k = x.size(0), weight.size(0), weight.size(1)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     residual_out = x if residual is None else torch.empty_like(x)
-    prefetch = [t for t in prefetch if t.nbytes % 16 == 0 and t.data_ptr() % 16 == 0] \
-        if l2_prefetch_supported(x.device) else []
-    prefetch_args = [a for t in prefetch for a in (t, t.nbytes)]
     gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), residual, norm_weight, residual_out,
         eps, M_PAD=triton.next_power_of_2(m), NORM=True, ADD_RESIDUAL=residual is not None, BLOCK_N=GEMV_BLOCK_N,
-        BLOCK_K=_block_k(k), num_warps=GEMV_WARPS, num_stages=1, **pdl.launch_kwargs(x.device),
-        **dict(zip(("prefetch0", "prefetch0_bytes", "prefetch1", "prefetch1_bytes", "prefetch2", "prefetch2_bytes"),
-                   prefetch_args)), PREFETCH=len(prefetch), LANES=GEMV_WARPS * 32)
+        BLOCK_K=_block_k(k), num_warps=GEMV_WARPS, num_stages=1, **pdl.launch_kwargs(x.device))
     return out, residual_out
-
-
-@functools.lru_cache
-def l2_prefetch_supported(device: torch.device) -> bool:
-    """Whether the GEMV can prefetch into L2: a bulk prefetch needs sm_90+ (and the interpreter runs no PTX)."""
-    return (device.type == "cuda" and os.environ.get("NANOVLLM_L2_PREFETCH", "1") != "0"
-            and os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(device)[0] >= 9)

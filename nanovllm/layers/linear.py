@@ -27,13 +27,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gat
 def norm_and_linear(norm: nn.Module, layer: "LinearBase", x: torch.Tensor, residual: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(layer(norm(x + residual)), x + residual): a block's pre-norm and first projection (residual None: x alone).
-    In a batch-1 step on CUDA one GEMV kernel does both (kernels/gemv.py): one launch a block less; it then streams
-    the weights of `layer.prefetch_after` into L2."""
+    In a batch-1 step on CUDA one GEMV kernel does both (kernels/gemv.py): one launch a block less."""
     if x.is_cuda and layer.bias is None and (residual is None or residual.is_contiguous()):
         from nanovllm.kernels import gemv   # imported here: Triton is installed only on Linux
         if gemv.gemv_fuses_norm(x, layer.weight):
-            return gemv.norm_gemv(x, residual, norm.weight, norm.eps, layer.weight,
-                                  prefetch=tuple(later.weight for later in layer.prefetch_after))
+            return gemv.norm_gemv(x, residual, norm.weight, norm.eps, layer.weight)
     normed, residual = (norm(x), x) if residual is None else norm(x, residual)
     return layer(normed), residual
 
@@ -43,7 +41,6 @@ class LinearBase(nn.Module):
         super().__init__()
         self.tp_dim = tp_dim
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
-        self.prefetch_after: tuple[LinearBase, ...] = ()   # layers run soon after this one (see norm_and_linear)
         self.weight = nn.Parameter(torch.empty(output_size, input_size))
         self.weight.weight_loader = self.weight_loader
         if bias:

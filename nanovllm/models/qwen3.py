@@ -53,8 +53,6 @@ class Qwen3DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Qwen3Attention(config, rotary_emb)
         self.mlp = Qwen3MLP(config)
-        # A batch-1 step's attention reads little memory: meanwhile the block's other weights stream into L2.
-        self.self_attn.qkv_proj.prefetch_after = (self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
 
     def forward(self, positions, hidden_states, residual):
         hidden_states, residual = self.self_attn(positions, hidden_states, residual)
