@@ -40,8 +40,8 @@ def find_gguf(model: str) -> str | None:
 
 
 def _open(path: str):
-    """(reader, metadata dict), parsed once for config, weights and tokenizer together (the reader spends ~2 s on
-    SmolLM2's 100k vocabulary strings); keyed by size and mtime too, so that a rewritten file is read anew."""
+    """(reader, metadata dict), parsed once for config, weights and tokenizer together (a vocabulary's strings take
+    the reader a while); keyed by size and mtime too, so that a rewritten file is read anew."""
     stat = os.stat(path)
     return _read(os.path.realpath(path), (stat.st_size, stat.st_mtime_ns))
 
@@ -56,8 +56,19 @@ def _read(path: str, _stamp: tuple):
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    class PlainArrayReader(gguf.GGUFReader):
+        """The reader over a plain-array view of its memory map: each slice of an np.memmap is another memmap
+        object, and the reader slices the file some 250k times (a vocabulary's strings, the weights' blocks)."""
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, mapped: np.memmap):
+            self._plain = mapped.view(np.ndarray)
+
     try:    # a length or offset past the end of the file fails somewhere in numpy (ValueError, IndexError, ...)
-        reader = gguf.GGUFReader(path)
+        reader = PlainArrayReader(path)
         return reader, {name: field.contents() for name, field in reader.fields.items()}
     except Exception as e:
         raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__} in the GGUF reader: {e}); "
