@@ -1,10 +1,8 @@
 import atexit
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence as SequenceABC
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import fields
 from numbers import Integral
 from typing import NamedTuple
@@ -26,18 +24,6 @@ class StepOutput(NamedTuple):
     finished: list
     num_prefill_tokens: int
     num_decode_tokens: int
-
-
-@contextmanager
-def _short_gil_turns(seconds: float = 5e-4):
-    """A shorter GIL switch interval (Python's default is 5 ms): start-up makes many short CUDA calls, each of which
-    releases the GIL, and a thread busy importing holds it for up to an interval before it hands it back."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
 
 
 def _eos_of(tokenizer) -> tuple[int, ...]:
@@ -63,7 +49,7 @@ class LLMEngine:
                                  config.kv_cache_dtype)
         # The tokenizer loads (importing transformers alone takes seconds) while the model loads and warms up,
         # unless the end-of-sequence ids must come from it.
-        with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool, _short_gil_turns():
+        with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
             tokenizer = pool.submit(load_tokenizer, config.model, config.model_config.gguf_file)
             eos = config.model_config.eos_token_ids or _eos_of(tokenizer.result())
             self.executor = Executor(config, frozenset(eos))
