@@ -2,9 +2,11 @@
 the separate rotary kernel (one dependent phase of seven a layer) goes. Each GEMV program owns 4 columns, a head
 needs all 128 of its own: the program that finishes a head last (a per-head counter) norms, rotates and stores it.
 
-Chains of 28 layers in one CUDA graph, PDL on, attention left out (microseconds a layer):
-    today    norm+qkv GEMV, q/k norm + rotary + K/V store kernel, o GEMV, norm+gate_up GEMV, gated down GEMV
-    fused    norm+qkv GEMV with that epilogue, o GEMV, norm+gate_up GEMV, gated down GEMV
+Chains of 28 layers in one CUDA graph, PDL on (microseconds a layer):
+    today    norm+qkv GEMV, q/k norm + rotary + K/V store kernel, decode attention (split + merge, 32 splits as a
+             batch-1 graph has them, a 300-token context), o GEMV, norm+gate_up GEMV, gated down GEMV
+    fused    the same with the qkv GEMV doing the rotary kernel's work
+(--no-attention leaves attention out).
 First it checks the fused kernel's q, k and cache rows against today's kernels (also on the CPU, under
 TRITON_INTERPRET=1, at toy sizes: `--check-only`).
 
@@ -19,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels import fused_layers, gemv as g, pdl
+from nanovllm.kernels import fused_layers, gemv as g, paged_attention_triton, pdl
 
 
 @triton.jit
@@ -143,6 +145,7 @@ def main():
     p.add_argument("--model-config", default="qwen3-0.6b")
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--check-only", action="store_true", help="only the toy-size check (runs on the CPU too)")
+    p.add_argument("--no-attention", action="store_true", help="leave the decode attention kernels out")
     args = p.parse_args()
     if args.check_only:
         return check(64, 4, 2, 16, "cuda" if torch.cuda.is_available() else "cpu", torch.float32)
@@ -159,18 +162,27 @@ def main():
                          v_cache=torch.zeros(64, 256, kv_heads, hd, device=dev, dtype=dt), k_scale=None, v_scale=None)
     x, residual = (torch.randn(1, h, device=dev, dtype=dt) for _ in range(2))
     positions, slot = torch.tensor([300], device=dev), torch.tensor([300], device=dev)
+    kv.k_cache.normal_(), kv.v_cache.normal_()
+    context_lens = torch.tensor([301], device=dev, dtype=torch.int32)
+    block_tables = torch.arange(16, device=dev, dtype=torch.int32)[None]     # 4,096 tokens: 32 splits of 128
     attn = torch.randn(1, heads * hd, device=dev, dtype=dt)
+
+    def attention(q):
+        if args.no_attention:
+            return attn
+        return paged_attention_triton.paged_decode_attention(q, kv.k_cache, kv.v_cache, context_lens, block_tables,
+                                                             hd ** -0.5).view(1, -1)
 
     def chain(fuse):
         res = residual
         for L in layers:
             if fuse:
-                _, _, _, res = fused(x, res, L["n1"], 1e-6, L["qkv"], L["counters"], positions, cos, sin, L["qn"],
+                _, q, _, res = fused(x, res, L["n1"], 1e-6, L["qkv"], L["counters"], positions, cos, sin, L["qn"],
                                      L["kn"], kv, slot, heads, kv_heads, hd)
             else:
-                _, _, _, res = today(x, res, L["n1"], 1e-6, L["qkv"], positions, cos, sin, L["qn"], L["kn"], kv,
+                _, q, _, res = today(x, res, L["n1"], 1e-6, L["qkv"], positions, cos, sin, L["qn"], L["kn"], kv,
                                      slot, heads, kv_heads, hd)
-            o = g.gemv(attn, L["o"])
+            o = g.gemv(attention(q), L["o"])
             gu, res = g.norm_gemv(o, res, L["n2"], 1e-6, L["gu"])
             g.gemv(gu, L["down"], gated=True)
 
