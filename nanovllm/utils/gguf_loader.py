@@ -56,6 +56,7 @@ def _read(path: str, _stamp: tuple):
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+
     class PlainArrayReader(gguf.GGUFReader):
         """The reader over a plain-array view of its memory map: each slice of an np.memmap is another memmap
         object, and the reader slices the file some 250k times (a vocabulary's strings, the weights' blocks)."""
