@@ -34,6 +34,19 @@ def test_a_noop_on_the_cpu_and_when_switched_off(monkeypatch):
     assert not ca.enabled(torch.device("cuda:0"))
 
 
+def test_the_triton_install_hash_starts_on_a_thread(monkeypatch):
+    """The function every kernel's cache key waits for is found in the installed Triton and filled by the thread."""
+    pytest.importorskip("triton")
+    from triton.runtime.cache import triton_key
+    assert ca.hash_triton_install_in_background(torch.device("cpu")) is None
+    monkeypatch.delenv("NANOVLLM_COMPILE_AHEAD", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    triton_key.cache_clear()
+    thread = ca.hash_triton_install_in_background(torch.device("cuda"))
+    thread.join()
+    assert triton_key.cache_info().currsize == 1
+
+
 class FakeJIT:
     params = ()     # a kernel without parameters: its launches differ only in keyword arguments here
 

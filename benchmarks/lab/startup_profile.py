@@ -5,7 +5,8 @@
 
     PYTHONPATH=. python benchmarks/lab/startup_profile.py [--model-config qwen3-0.6b | --model DIR] [--ahead 1]
         [--old .old]
-    ... --child [--profile 30]      one start-up in this process (what the parent runs), with cProfile's top 30
+    ... --child [--profile 30 [--sort tottime]]    one start-up in this process (what the parent runs), with
+        cProfile's top 30 of the main thread; it also prints each phase's and the tokenizer thread's span
 
 Phases: import torch; import nanovllm; load (build the model, read or fake the weights); warmup (the memory warm-up
 that sizes the cache, with its compile-ahead); kv (allocating the cache); ahead (compiling the warm-up's and the
@@ -30,7 +31,9 @@ def child(args):
     from nanovllm import LLM
     t2 = time.perf_counter()
     from nanovllm.engine import model_runner
+    from nanovllm.engine import llm_engine
     times, depth = dict.fromkeys(PHASES, 0.0), [0]
+    spans = {}      # phase -> [first start, last end], seconds from the start of LLM()
 
     def timed(fn, phase):       # a phase's time counts only outside the others (the warm-up nests a compile-ahead)
         def wrapper(*a, **k):
@@ -41,7 +44,18 @@ def child(args):
                 depth[0] -= 1
                 if depth[0] == 0:
                     times[phase] += time.perf_counter() - start
+                    spans.setdefault(phase, [start - t, 0.0])[1] = time.perf_counter() - t
         return wrapper
+
+    def tokenizer_span(load):      # on its own thread, overlapping the phases: its span, not a phase
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return load(*a, **k)
+            finally:
+                spans["tokenizer"] = [start - t, time.perf_counter() - t]
+        return wrapper
+    llm_engine.load_tokenizer = tokenizer_span(llm_engine.load_tokenizer)
     runner = model_runner.ModelRunner
     for method, phase in (("_load_model", "load"), ("_calibrate", "warmup"), ("_allocate_kv_cache", "kv"),
                           ("warmup_kernels", "kernels"), ("_capture_cuda_graphs", "capture")):
@@ -53,7 +67,7 @@ def child(args):
         import cProfile
         profiler = cProfile.Profile()
         profiler.enable()
-    t = time.perf_counter()
+    t = time.perf_counter()     # (read by the wrappers above when they run)
     if args.model:
         llm = LLM(args.model, max_model_len=4096)
     else:
@@ -63,8 +77,10 @@ def child(args):
     if args.profile:
         import pstats
         profiler.disable()
-        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(args.profile)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats(args.sort).print_stats(args.profile)
     llm.exit()
+    print("spans (s from LLM()'s start): " + ", ".join(f"{name} {a:.2f}-{b:.2f}" for name, (a, b) in spans.items()),
+          file=sys.stderr)
     print(json.dumps({"torch": t1 - t0, "nanovllm": t2 - t1, **times, "other": total - sum(times.values()),
                       "LLM()": total}))
 
@@ -77,6 +93,7 @@ def main():
     p.add_argument("--old", help="also the nano-vllm of this directory (rows 'old')")
     p.add_argument("--child", action="store_true")
     p.add_argument("--profile", type=int, default=0, help="with --child: print cProfile's top N to stderr")
+    p.add_argument("--sort", default="cumulative", help="with --profile: cProfile's sort key (tottime...)")
     args = p.parse_args()
     if args.child:
         return child(args)

@@ -27,6 +27,24 @@ def enabled(device: torch.device) -> bool:
             and os.environ.get("TRITON_INTERPRET") != "1")
 
 
+def hash_triton_install_in_background(device: torch.device) -> threading.Thread | None:
+    """Start Triton's hash of its own install on a thread. Every kernel's cache key includes it, so the first kernel
+    of a process waits for it even when the disk cache holds every kernel; it reads and hashes Triton's ~0.5 GB
+    library, which releases the GIL, so done now it overlaps loading the weights instead."""
+    if not enabled(device):
+        return None
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:
+        try:
+            from triton.compiler.compiler import triton_key
+        except ImportError:
+            return None
+    thread = threading.Thread(target=triton_key, name="triton-key", daemon=True)
+    thread.start()
+    return thread
+
+
 def compile_ahead(device: torch.device, *passes) -> bool:
     """Run the callables `passes` as a discovery pass (Triton launches skipped, their kernels compiled in parallel)
     and wait for the compiles. Returns whether it all ran: False when disabled or after a failure (then warned)."""

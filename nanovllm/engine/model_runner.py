@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.config import Config
-from nanovllm.engine.compile_ahead import compile_ahead
+from nanovllm.engine.compile_ahead import compile_ahead, hash_triton_install_in_background
 from nanovllm.engine.cuda_graph import CUDAGraphs
 from nanovllm.engine.decode_inputs import DecodeInputs
 from nanovllm.engine.sequence import Sequence
@@ -65,6 +65,7 @@ class ModelRunner:
             # engine would size its cache as if the dropped one still held it.
             gc.collect()
             torch.cuda.empty_cache()
+        hash_triton_install_in_background(self.device)
         self.model = self._load_model()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self._calibrate()
