@@ -6,7 +6,7 @@
     PYTHONPATH=. python benchmarks/lab/startup_profile.py [--model-config qwen3-0.6b | --model DIR] [--ahead 1]
         [--old .old]
     ... --child [--profile 30 [--sort tottime]]    one start-up in this process (what the parent runs), with
-        cProfile's top 30 of the main thread; it also prints each phase's and the tokenizer thread's span
+        cProfile's top 30 (every thread's, on Python 3.12+); it also prints each phase's and the tokenizer thread's span
 
 Phases: import torch; import nanovllm; load (build the model, read or fake the weights); warmup (the memory warm-up
 that sizes the cache, with its compile-ahead); kv (allocating the cache); ahead (compiling the warm-up's and the
@@ -30,8 +30,7 @@ def child(args):
     t1 = time.perf_counter()
     from nanovllm import LLM
     t2 = time.perf_counter()
-    from nanovllm.engine import model_runner
-    from nanovllm.engine import llm_engine
+    from nanovllm.engine import llm_engine, model_runner
     times, depth = dict.fromkeys(PHASES, 0.0), [0]
     spans = {}      # phase -> [first start, last end], seconds from the start of LLM()
 
