@@ -3,8 +3,9 @@ distinct weights, one CUDA graph, attention left out): cuBLAS behind the separat
 (today's path from 3 rows), against a Triton GEMM (tensor cores, Triton's software pipelining, launched with PDL) with
 the norm, residual add and gate fused, over its launch parameters. Microseconds per layer.
 
-(A first version, gemv.py's kernel with tl.dot and its weight slices held in registers ahead of the PDL wait, ran
-2-7x slower than cuBLAS at 4-256 rows: without Triton's pipelining every slice waits for its own load.)
+Measured on the H200 (docs/BENCHMARKS.md, 2026-12-03 fourth session): 2.6x slower than cuBLAS at 16 rows. gemv.py's
+kernel on tensor cores (commit before this file's last, `DOT`), its weight slices held in registers ahead of the
+PDL wait, was 2-7x slower at 4-256 rows with slices of 64-256 and 3.5-4.3x with 512-2048.
 
     PYTHONPATH=. python benchmarks/lab/decode_gemm_sweep.py [--model-config qwen3-0.6b] [--rows 4 16 64 128]
 """
@@ -19,7 +20,6 @@ import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
 from nanovllm.engine.compile_ahead import compile_ahead
-from nanovllm.kernels import gemv as g
 from nanovllm.kernels import pdl
 from nanovllm.kernels.fused_layers import rms_norm, silu_and_mul
 
@@ -72,17 +72,6 @@ def gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(dtype), mask=row_valid & (cols[None, :] < N))
 
 
-def launch_gemv_dot(x, w, out, residual=None, norm_weight=None, residual_out=None, *, m, gated=False, norm=False,
-                    bn, bk, warps, **_):
-    """gemv.py's kernel on tensor cores, its weights for a whole row (or BLOCK_K of it) requested before the wait."""
-    n, k = w.shape
-    g.gemv_kernel[(triton.cdiv(n, bn),)](
-        x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0), residual, norm_weight, residual_out, 1e-6,
-        M_PAD=max(16, triton.next_power_of_2(m)), BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(k)),
-        GATED=gated, NORM=norm, ADD_RESIDUAL=residual is not None, DOT=True, num_warps=warps, num_stages=1,
-        **pdl.launch_kwargs(x.device))
-
-
 def launch(x, w, out, residual=None, norm_weight=None, residual_out=None, *, m, gated=False, norm=False, bm, bn, bk,
            stages, warps):
     n, k = w.shape
@@ -97,8 +86,6 @@ def main():
     p.add_argument("--model-config", default="qwen3-0.6b")
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--rows", type=int, nargs="+", default=[4, 16, 32, 64, 128, 256])
-    p.add_argument("--kernel", choices=("pipelined", "gemv"), default="gemv",
-                   help="the pipelined GEMM above, or gemv.py's kernel with DOT and large BLOCK_K")
     args = p.parse_args()
     cfg = json.load(open(f"nanovllm/configs/{args.model_config}/config.json"))
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
@@ -110,20 +97,15 @@ def main():
                    gu=torch.randn(2 * inter, h, device=dev, dtype=dt) * 0.02, down=torch.randn(h, inter, device=dev, dtype=dt) * 0.02,
                    n1=torch.ones(h, device=dev, dtype=dt), n2=torch.ones(h, device=dev, dtype=dt)) for _ in range(args.layers)]
     nbytes = sum(t.numel() * 2 for t in layers[0].values())
-    global launch
-    if args.kernel == "gemv":
-        launch = launch_gemv_dot
-    grid = [dict(bn=bn, bk=bk, warps=w) for bn, bk, w in itertools.product((16, 32), (512, 1024, 2048), (4, 8))]
-    if args.kernel == "pipelined":
-        grid = [dict(bn=bn, bk=bk, stages=s, warps=w) for bn, bk, s, w in itertools.product((32, 64, 128), (64, 128),
-                                                                                          (3, 4), (4,))]
+    grid = [dict(bn=bn, bk=bk, stages=s, warps=w) for bn, bk, s, w in itertools.product((32, 64, 128), (64, 128),
+                                                                                      (3, 4), (4,))]
 
     for m in args.rows:
         hidden, residual = torch.randn(m, h, device=dev, dtype=dt), torch.randn(m, h, device=dev, dtype=dt)
         qkv, a, o, gu, down = (torch.empty(m, n, device=dev, dtype=dt) for n in (qkv_n, attn, h, 2 * inter, h))
         a.normal_()
         res1, res2 = torch.empty_like(residual), torch.empty_like(residual)
-        fits = [c for c in grid if max(16, triton.next_power_of_2(m)) * c["bk"] <= 32768] if args.kernel == "gemv" else [dict(c, bm=bm) for c in grid for bm in {min(64, max(16, triton.next_power_of_2(m))),
+        fits = [dict(c, bm=bm) for c in grid for bm in {min(64, max(16, triton.next_power_of_2(m))),
                                                         min(128, max(16, triton.next_power_of_2(m)))}]
 
         def chain(cfgs):

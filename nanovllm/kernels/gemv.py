@@ -26,8 +26,7 @@ GEMV_BLOCK_N, GEMV_MAX_BLOCK_K, GEMV_WARPS = 4, 4096, 4
 def gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, residual_ptr=None,
                 norm_weight_ptr=None, residual_out_ptr=None, eps=0.0, M_PAD: tl.constexpr = 1,
                 BLOCK_N: tl.constexpr = 4, BLOCK_K: tl.constexpr = 4096, GATED: tl.constexpr = False,
-                NORM: tl.constexpr = False, ADD_RESIDUAL: tl.constexpr = False, DOT: tl.constexpr = False,
-                PDL: tl.constexpr = False):
+                NORM: tl.constexpr = False, ADD_RESIDUAL: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program n: out[:M, n * BLOCK_N : (n + 1) * BLOCK_N] = x[:M] @ W[those rows].T, accumulated in float32.
     GATED: x holds [gate | up] (2K columns) and the input is silu(gate) * up, rounded where the torch code and
     fused_layers.silu_and_mul round it, so the MLP needs no separate activation kernel.
@@ -65,10 +64,7 @@ def gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                          other=0.0)
             silu = (x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32)
             x = (silu * up.to(tl.float32)).to(dtype).to(tl.float32)
-        if DOT:     # tensor cores (M_PAD >= 16): x is already rounded to dtype, so this is the same product
-            acc = tl.dot(x.to(dtype), tl.trans(w), acc)
-        else:
-            acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         w = w_next
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(dtype), mask=row_valid & col_valid[None, :])
 
