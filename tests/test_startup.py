@@ -127,6 +127,23 @@ def test_a_failing_pass_falls_back_with_a_warning(pretend_cuda):
     assert JITFunction.run is real_run and getattr(ca._local, "seen", None) is None
 
 
+@pytest.mark.parametrize("max_bs", [1, 7, 64, 100, 256, 512])
+def test_graph_sizes_pad_little_and_stay_few(max_bs):
+    """Every batch up to the largest graph runs in the smallest graph that fits it, padded by fewer rows than it has
+    (below 16 rows), than half of them (from 16) and than 32 (from 96), and a 512-row engine captures no more than
+    24 sizes: each costs start-up a discovery run and a capture."""
+    from nanovllm.engine.cuda_graph import CUDAGraphs
+    from nanovllm.engine.decode_inputs import DecodeInputs
+    graphs = CUDAGraphs(None, DecodeInputs.empty(max_bs, 4, torch.device("cpu")), None, 8, torch.float32)
+    sizes = graphs.batch_sizes
+    assert sizes == sorted(set(sizes)) and sizes[0] == 1 and sizes[-1] == max_bs
+    assert len(sizes) <= 24
+    for batch in range(1, max_bs + 1):
+        padded = graphs.padded_size(batch)
+        assert padded == min(s for s in sizes if s >= batch)
+        assert padded - batch < (batch if batch < 16 else batch / 2 if batch < 96 else 32)
+
+
 def test_a_failed_capture_turns_the_garbage_collector_back_on(monkeypatch):
     from nanovllm.engine.cuda_graph import CUDAGraphs
     from nanovllm.engine.decode_inputs import DecodeInputs
