@@ -2,6 +2,9 @@
 bench.py-like batches: Qwen3-0.6B shapes, 256-token pages, contexts uniform in 100..2048.
 
     python benchmarks/decode_sweep.py [--kv fp8] [--configs 128,4,2 128,4,2,v,r168] [--batches 256]
+    python benchmarks/decode_sweep.py --splits 1 2 3 4 6 8 --batches 8 16 32 64 128   # the shipped launch, each
+        batch at forced split counts against the heuristic's choice, timed in a CUDA graph (small batches are
+        shorter than their launches)
 
 A configuration is tile,warps,stages[,widen][,rN] (a DecodeLaunch): widen names the fp8 tiles ("k", "v", "kv")
 widened in registers, rN caps the registers per thread at N. Each cache's sweep starts with its shipped launch
@@ -16,7 +19,7 @@ import contextlib
 import random
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from nanovllm.kernels import paged_attention_triton as tk
 
@@ -66,6 +69,7 @@ def main():
     p.add_argument("--kv", choices=["both", "bf16", "fp8"], default="both")
     p.add_argument("--configs", nargs="+", help="tile,warps,stages[,widen][,rN] (default: a fixed list)")
     p.add_argument("--batches", type=int, nargs="+", default=[256, 64])
+    p.add_argument("--splits", type=int, nargs="+", help="time these split counts instead of launch parameters")
     args = p.parse_args()
     configs = [parse_config(c) for c in args.configs] if args.configs else CONFIGS
     kv_dtypes = {"both": (torch.bfloat16, torch.float8_e4m3fn), "bf16": (torch.bfloat16,),
@@ -76,6 +80,9 @@ def main():
         for batch in args.batches:
             q, k, v, lens, tables, nbytes = inputs(batch, kv_dtype)
             scales = dict(k_scale=scale, v_scale=scale) if kv_dtype == torch.float8_e4m3fn else {}
+            if args.splits:
+                sweep_splits(q, k, v, lens, tables, nbytes, scales, args.splits)
+                continue
             reference = None
             for config in [shipped] + [c for c in configs if c != shipped]:
                 try:
@@ -90,6 +97,18 @@ def main():
                           + ("  (shipped)" if config == shipped else ""))
                 except Exception as e:      # a configuration may not fit (shared memory): say so, go on
                     print(f"{kv_dtype} B={batch} {describe(config)}: {type(e).__name__}")
+
+
+def sweep_splits(q, k, v, lens, tables, nbytes, scales, counts):
+    batch, kv_dtype = q.size(0), k.dtype
+    chosen = tk.decode_num_splits(batch, KV_HEADS, WIDTH * BLOCK, tk.decode_launch(kv_dtype).block_n, q.device)
+    reference = tk.paged_decode_attention(q, k, v, lens, tables, HEAD_DIM ** -0.5, **scales).float()
+    for n in sorted(set(counts) | {chosen}):
+        run = lambda: tk.paged_decode_attention(q, k, v, lens, tables, HEAD_DIM ** -0.5, num_splits=n, **scales)  # noqa
+        err = (run().float() - reference).abs().max().item()
+        ms = do_bench_cudagraph(run, rep=50)
+        print(f"{str(kv_dtype).split('.')[1]:14} B={batch:3d} splits {n:2d}: {ms * 1e3:7.1f} us  "
+              f"{nbytes / ms / 1e9:5.2f} TB/s  diff {err:.1e}" + ("  (heuristic)" if n == chosen else ""), flush=True)
 
 
 if __name__ == "__main__":
