@@ -57,7 +57,7 @@ def main():
 KINDS = (   # first match wins; kernel names of cuBLAS, torch and this project's Triton kernels
     ("decode attention", r"decode|split|merge"), ("prefill attention", r"prefill|flash|attention|sdpa"),
     ("GEMV", r"gemv"), ("GEMM (cuBLAS)", r"gemm|cutlass|sm90_xmma|nvjet"), ("sampler", r"gumbel|sampl|argmax"),
-    ("norm", r"norm"), ("rotary / K,V store", r"rotary|store|rope"), ("SiLU and mul", r"silu"),
+    ("rotary / K,V store", r"rotary|store|rope"), ("norm", r"norm"), ("SiLU and mul", r"silu"),
     ("copies and fills", r"copy|fill|memcpy|memset|cat|index"), ("other", r""))
 
 
