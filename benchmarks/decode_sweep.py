@@ -29,9 +29,11 @@ CONFIGS = [tk.DecodeLaunch(*c) for c in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (1
                                           (128, 4, 2, "v", 168)]]
 
 
-def inputs(batch: int, kv_dtype: torch.dtype):
+def inputs(batch: int, kv_dtype: torch.dtype, order: str = "random"):
     rng = random.Random(batch)
     lens = [rng.randint(100, 2048) for _ in range(batch)]
+    if order != "random":       # the same lengths, longest or shortest first: how much the programs' order matters
+        lens.sort(reverse=order == "longest-first")
     blocks = batch * WIDTH
     k = torch.randn(blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
@@ -70,6 +72,8 @@ def main():
     p.add_argument("--configs", nargs="+", help="tile,warps,stages[,widen][,rN] (default: a fixed list)")
     p.add_argument("--batches", type=int, nargs="+", default=[256, 64])
     p.add_argument("--splits", type=int, nargs="+", help="time these split counts instead of launch parameters")
+    p.add_argument("--order", choices=["random", "longest-first", "shortest-first"], default="random",
+                   help="the sequences' order in the batch (the grid launches them in this order)")
     args = p.parse_args()
     configs = [parse_config(c) for c in args.configs] if args.configs else CONFIGS
     kv_dtypes = {"both": (torch.bfloat16, torch.float8_e4m3fn), "bf16": (torch.bfloat16,),
@@ -78,7 +82,7 @@ def main():
     for kv_dtype in kv_dtypes:
         shipped = tk.decode_launch(kv_dtype)
         for batch in args.batches:
-            q, k, v, lens, tables, nbytes = inputs(batch, kv_dtype)
+            q, k, v, lens, tables, nbytes = inputs(batch, kv_dtype, args.order)
             scales = dict(k_scale=scale, v_scale=scale) if kv_dtype == torch.float8_e4m3fn else {}
             if args.splits:
                 sweep_splits(q, k, v, lens, tables, nbytes, scales, args.splits)
