@@ -327,10 +327,11 @@ def decode_launch_changed(kv_dtype, changes):
 
 
 def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, dtype=torch.float32, scale=0.3,
-               kv_dtype=None, launch=None):
+               kv_dtype=None, launch=None, seq_order=None):
     """Decode with stale garbage in block-table entries past each context (as CUDA-graph replay leaves them) and
     an out-of-range table for the context_len 0 rows, over a cache of kv_dtype (default: dtype); returns (output,
-    reference, rows with a context). launch: DecodeLaunch fields to change (decode_launch_changed)."""
+    reference, rows with a context). launch: DecodeLaunch fields to change (decode_launch_changed); seq_order: the
+    order the rows' programs start in (a list; "longest": decode_order's)."""
     torch.manual_seed(0)
     kv_dtype = kv_dtype or dtype
     k_cache, v_cache, tables = paged_cache(context_lens, block_size, kv_heads, head_dim, kv_dtype)
@@ -341,17 +342,23 @@ def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, 
     lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
     stale[lens == 0] = 10**6            # would fault (GPU) or raise (interpreter) if a padded row were read
     q = torch.randn(len(context_lens), heads, head_dim, device=DEVICE).to(dtype)
+    if seq_order == "longest":
+        seq_order = torch.argsort(lens, descending=True)
+    elif seq_order is not None:
+        seq_order = torch.tensor(seq_order, device=DEVICE)
     with decode_launch_changed(kv_dtype, launch):
         out = backend.paged_decode_attention(q, k_cache, v_cache, lens, stale, scale, out=poisoned_like(q),
-                                             num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+                                             num_splits=num_splits, k_scale=k_scale, v_scale=v_scale,
+                                             seq_order=seq_order)
     expected = ref.paged_decode_attention(q.float(), clean(k_cache), clean(v_cache), lens, tables, scale,
                                           k_scale=k_scale, v_scale=v_scale)
     return out, expected, lens > 0
 
 
-def check_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, kv_dtype=None, launch=None):
+def check_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, kv_dtype=None, launch=None,
+                 seq_order=None):
     out, expected, real = run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits,
-                                     kv_dtype=kv_dtype, launch=launch)
+                                     kv_dtype=kv_dtype, launch=launch, seq_order=seq_order)
     assert_matches(out[real], expected[real])
     assert torch.isfinite(out[~real]).all(), "padded rows should come out as zeros"
 
@@ -370,6 +377,26 @@ def test_decode_matches_reference_at_split_boundaries(num_splits):
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_with_two_tiles_per_page(num_splits):
     run_check(check_decode, DECODE_CONTEXTS_128, 4, 1, 16, 128, num_splits)
+
+
+# The rows' programs started in another order: each row must still read its own context and write its own output.
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("seq_order", ["longest", [12, 0, 7, 3, 11, 1, 9, 5, 2, 10, 4, 8, 6]])
+def test_decode_rows_in_any_start_order(num_splits, seq_order):
+    run_check(check_decode, DECODE_CONTEXTS_16, 4, 2, 32, 16, num_splits, None, None, seq_order)
+
+
+def test_decode_order_is_longest_first_from_its_threshold():
+    small = torch.tensor([5, 9, 1])
+    assert backend.decode_order(small) is None      # too few rows for the order to matter
+    lens = torch.randint(0, 3000, (backend.DECODE_ORDER_MIN_BATCH,))
+    order = backend.decode_order(lens)
+    assert sorted(order.tolist()) == list(range(len(lens)))
+    assert (lens[order][:-1] >= lens[order][1:]).all()
+    for is_prefill, ordered in ((False, True), (True, False)):  # the backend orders decode steps only
+        ctx = Context(is_prefill=is_prefill, context_lens=lens)
+        BACKENDS["triton"]().prepare(ctx)
+        assert (ctx.decode_order is not None) == ordered
 
 
 # fp8 tiles widened by Triton or in registers (inline PTX; the interpreter runs the plain conversion).
@@ -541,10 +568,11 @@ def qwen3_kernel_configs(fp8: bool):
                     True),
         "decode": (k.decode_split_kernel, dict(GROUP=2, GROUP_PAD=16, BLOCK_SIZE=256, HEAD_DIM=128,
                                                BLOCK_N=decode.block_n, DOT_PRECISION="tf32", KV_FP8=fp8,
-                                               WIDEN_K="k" in decode.widen, WIDEN_V="v" in decode.widen),
+                                               WIDEN_K="k" in decode.widen, WIDEN_V="v" in decode.widen,
+                                               ORDERED=True),   # as large batches launch it (decode_order)
                    # the runner's decode inputs are one int64 buffer (engine/decode_inputs.py)
                    dict(part_out_ptr="fp32", part_lse_ptr="fp32", context_lens_ptr="i64", block_tables_ptr="i64",
-                        **cache), decode.warps, decode.stages, True),
+                        seq_order_ptr="i64", **cache), decode.warps, decode.stages, True),
         "merge": (k.decode_merge_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128),
                   dict(part_out_ptr="fp32", part_lse_ptr="fp32"), 4, 1, False),
     }
@@ -607,6 +635,17 @@ def test_real_size_decode(num_splits, kv_dtype, launch):
     contexts += torch.randint(1, 3000, (40,)).tolist()
     out, expected, real = run_decode(contexts, **QWEN3_0_6B, num_splits=num_splits, dtype=torch.bfloat16,
                                      scale=128 ** -0.5, kv_dtype=kv_dtype, launch=launch)
+    assert_matches(out[real], expected[real], **BF16_TOL)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_real_size_decode_longest_first(kv_dtype):
+    torch.manual_seed(2)
+    contexts = torch.randint(1, 3000, (300,)).tolist() + [0] * 20      # programs in several waves
+    out, expected, real = run_decode(contexts, **QWEN3_0_6B, num_splits=None, dtype=torch.bfloat16,
+                                     scale=128 ** -0.5, kv_dtype=kv_dtype, seq_order="longest")
     assert_matches(out[real], expected[real], **BF16_TOL)
 
 

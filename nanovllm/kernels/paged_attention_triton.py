@@ -43,6 +43,7 @@ DECODE_LAUNCH = {2: DecodeLaunch(128, 4, 2), 1: DecodeLaunch(128, 4, 2, widen="v
                  4: DecodeLaunch(64, 4, 3)}
 DECODE_PROGRAMS_PER_SM = 4      # split decode until batch * kv_heads * splits covers this many programs per SM
 DECODE_MAX_SPLITS = 32
+DECODE_ORDER_MIN_BATCH = 32     # decode_order: below this the rows are not sorted (one sort a step for no tail)
 
 
 def check_block_size(block_size: int) -> None:
@@ -140,15 +141,27 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: 
     return max(1, min(splits, triton.cdiv(max_context, block_n), DECODE_MAX_SPLITS))
 
 
+def decode_order(context_lens: torch.Tensor) -> torch.Tensor | None:
+    """The rows longest context first, for paged_decode_attention's seq_order, or None where the order cannot
+    matter. A batch's decode programs run in several waves from DECODE_ORDER_MIN_BATCH sequences on; started in
+    row order, a long context drawn late runs alone at the end (longest-processing-time-first scheduling keeps
+    that tail short). A device sort, one kernel a step: no host sync, so it can be captured in a CUDA graph."""
+    if context_lens.numel() < DECODE_ORDER_MIN_BATCH:
+        return None
+    return torch.argsort(context_lens, descending=True)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, *,
                            out: torch.Tensor | None = None, num_splits: int | None = None, k_scale=None,
-                           v_scale=None) -> torch.Tensor:
+                           v_scale=None, seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence (q: [B, heads, head_dim]) over its first context_lens[b] cached tokens.
 
     Split-KV (flash-decoding): grid (B, kv_heads, splits) writes per-split partial results, a second kernel
     merges them by log-sum-exp. No host sync and a grid that depends on shapes only, so it is graph-capturable;
     rows with context_len 0 (graph padding) read nothing and produce zeros. num_splits overrides the heuristic.
+    seq_order (a permutation of the B rows, on the device; decode_order makes one) is the order in which the rows'
+    programs start; the output is the same in any order.
     """
     _check_shapes(q, k_cache)
     batch, num_heads, head_dim = q.shape
@@ -172,7 +185,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_lse.stride(1), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
         KV_FP8=k_cache.dtype == torch.float8_e4m3fn, WIDEN_K="k" in launch.widen, WIDEN_V="v" in launch.widen,
-        num_warps=launch.warps, num_stages=launch.stages,
+        seq_order_ptr=seq_order, ORDERED=seq_order is not None, num_warps=launch.warps, num_stages=launch.stages,
         **({"maxnreg": launch.max_registers} if launch.max_registers else {}))
     if num_splits > 1:
         kernels.decode_merge_kernel[(batch, num_heads)](

@@ -188,14 +188,19 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
                         part_stride_b, part_stride_h, part_stride_s, lse_stride_b, lse_stride_h,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-                        WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False):
+                        WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
+                        seq_order_ptr=None, ORDERED: tl.constexpr = False):
     """Grid (sequences, KV heads, splits): all query heads of one KV group against one split of the KV range.
 
     Each sequence's own context is cut into num_splits equal runs of whole tiles, so every program of a sequence
     gets the same share whatever its length. Writes the split's normalised output and its log2-sum-exp; a split
-    with no keys (short context, or context_len 0 on a padded CUDA-graph row) writes 0 and -inf.
+    with no keys (short context, or context_len 0 on a padded CUDA-graph row) writes 0 and -inf. ORDERED: the
+    programs of grid row i work on sequence seq_order[i] (a permutation of the rows): the GPU starts blocks in grid
+    order, so the caller can start the longest contexts first and leave short ones for the last wave.
     """
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if ORDERED:
+        seq = tl.load(seq_order_ptr + seq)
     context_len = tl.load(context_lens_ptr + seq)
     num_tiles = (context_len + BLOCK_N - 1) // BLOCK_N
     split_len = (num_tiles + num_splits - 1) // num_splits * BLOCK_N

@@ -88,6 +88,16 @@ class TritonBackend(AttentionBackend):
         from nanovllm.kernels import paged_attention_triton
         self.kernels = paged_attention_triton
 
+    def prepare(self, ctx):
+        """The order in which decode programs start: longest context first (paged_attention_triton.decode_order)."""
+        if not ctx.is_prefill:
+            ctx.decode_order = self.kernels.decode_order(ctx.context_lens)
+
+    def decode(self, q, kv, ctx, scale):
+        return self.kernels.paged_decode_attention(q, kv.k_cache, kv.v_cache, ctx.context_lens, ctx.block_tables,
+                                                   scale, k_scale=kv.k_scale, v_scale=kv.v_scale,
+                                                   seq_order=ctx.decode_order)
+
 
 class FlashAttnBackend(AttentionBackend):
     """flash-attn's kernels (our Triton store). An explicit choice only: it has no wheel on the package registry and

@@ -8,7 +8,7 @@ import torch
 class Context:
     """Attention metadata for the current step: the arrays of its StepBatch on the device (slot_mapping -1: store
     nothing), set by the ModelRunner and read by every Attention layer. `backend` (an AttentionBackend) attends;
-    its `prepare` may add what it derives once per step (cu_seqlens_k)."""
+    its `prepare` may add what it derives once per step (cu_seqlens_k, decode_order)."""
     is_prefill: bool = False
     cu_seqlens_q: torch.Tensor | None = None
     max_seqlen_q: int = 0
@@ -19,6 +19,7 @@ class Context:
     has_cached_prefix: bool = False
     backend: object = None
     cu_seqlens_k: torch.Tensor | None = None
+    decode_order: torch.Tensor | None = None
 
 
 # One current step per thread: an engine steps in the thread that calls it, so engines in different threads (or a
