@@ -195,8 +195,8 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
     Each sequence's own context is cut into num_splits equal runs of whole tiles, so every program of a sequence
     gets the same share whatever its length. Writes the split's normalised output and its log2-sum-exp; a split
     with no keys (short context, or context_len 0 on a padded CUDA-graph row) writes 0 and -inf. ORDERED: the
-    programs of grid row i work on sequence seq_order[i] (a permutation of the rows): the GPU starts blocks in grid
-    order, so the caller can start the longest contexts first and leave short ones for the last wave.
+    programs of grid row i work on sequence seq_order[i] (a permutation of the rows): the GPU dispatches blocks in
+    about grid order (observed, not promised by CUDA), so the caller can start the longest contexts first.
     """
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if ORDERED:
