@@ -3,7 +3,7 @@
 On the CPU: compile_ahead is a no-op there and with NANOVLLM_COMPILE_AHEAD=0, falls back (a warning, False) on any
 failure, and skips launches only in the thread that discovers; a failed capture turns the garbage collector back on.
 On a GPU: the same greedy tokens with and without it, and with an empty Triton cache nothing compiles on the main
-thread (every kernel was compiled on the pool).
+thread (every kernel was compiled on the pool, though the discovery pass ran one decoder layer).
 """
 import gc
 import os
@@ -163,6 +163,21 @@ def test_a_failed_capture_turns_the_garbage_collector_back_on(monkeypatch):
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_discovery_pass_runs_the_first_layer_only_and_the_model_gets_all_back():
+    from torch import nn
+
+    from nanovllm.engine.model_runner import first_layer_only
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
+    with first_layer_only(model):
+        assert list(model.model.layers) == [layers[0]]
+    assert model.model.layers is layers
+    with pytest.raises(RuntimeError), first_layer_only(model):
+        raise RuntimeError("discovery failed")
+    assert model.model.layers is layers and len(layers) == 3
 
 
 @cuda

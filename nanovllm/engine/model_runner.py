@@ -1,5 +1,6 @@
 import gc
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,8 +81,9 @@ class ModelRunner:
                 self.graphs = self._cuda_graphs()
             # Compile what the warm-up and every graph size launch, in parallel; the eager run of every size this
             # takes also stands for capture's own warm-up runs.
-            discovered = compile_ahead(self.device, self.warmup_kernels,
-                                       *([self.graphs.run_eagerly] if self.graphs is not None else []))
+            with first_layer_only(self.model):
+                discovered = compile_ahead(self.device, self.warmup_kernels,
+                                           *([self.graphs.run_eagerly] if self.graphs is not None else []))
             self.warmup_kernels()
             if self.graphs is not None:     # (every rank captures alike: their forwards meet in collectives)
                 self._capture_cuda_graphs(warmed_up=bool(self._min_over_ranks(int(discovered))))
@@ -350,6 +352,18 @@ class ModelRunner:
             return self.run_model(input_ids, positions, EAGER)
         finally:
             reset_context()
+
+
+@contextmanager
+def first_layer_only(model: torch.nn.Module):
+    """The model with its first decoder layer only, for a discovery pass: every layer launches the same kernels with
+    the same shapes, so one finds them all, and the Python of the other layers' forwards is start-up time saved."""
+    layers = model.model.layers
+    model.model.layers = layers[:1]
+    try:
+        yield
+    finally:
+        model.model.layers = layers
 
 
 def _fill_decode_inputs(host: DecodeInputs, batch: StepBatch, padded: int):
