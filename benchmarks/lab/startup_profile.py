@@ -7,6 +7,8 @@
         [--old .old]
     ... --child [--profile 30 [--sort tottime]]    one start-up in this process (what the parent runs), with
         cProfile's top 30 (every thread's, on Python 3.12+); it also prints each phase's and the tokenizer thread's span
+    ... --child --import-transformers-first | --tokenizer-after _load_model    where the tokenizer thread's import
+        of transformers lands: done before LLM(), or held until a stage of start-up has returned
 
 Phases: import torch; import nanovllm; load (build the model, read or fake the weights); warmup (the memory warm-up
 that sizes the cache, with its compile-ahead); kv (allocating the cache); ahead (compiling the warm-up's and the
@@ -31,6 +33,27 @@ def child(args):
     from nanovllm import LLM
     t2 = time.perf_counter()
     from nanovllm.engine import llm_engine, model_runner
+    if args.import_transformers_first:      # the main thread's own start-up, without the tokenizer thread's import
+        start = time.perf_counter()
+        import transformers
+        transformers.PreTrainedTokenizerFast
+        print(f"import transformers before LLM(): {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    if args.tokenizer_after:        # hold the tokenizer's thread until that ModelRunner stage has returned
+        import threading
+        stage_done, stage, load = threading.Event(), getattr(model_runner.ModelRunner, args.tokenizer_after), \
+            llm_engine.load_tokenizer
+
+        def stage_then_release(*a, **k):
+            try:
+                return stage(*a, **k)
+            finally:
+                stage_done.set()
+
+        def load_when_released(*a, **k):
+            stage_done.wait()
+            return load(*a, **k)
+        setattr(model_runner.ModelRunner, args.tokenizer_after, stage_then_release)
+        llm_engine.load_tokenizer = load_when_released
     times, depth = dict.fromkeys(PHASES, 0.0), [0]
     spans = {}      # phase -> [first start, last end], seconds from the start of LLM()
 
@@ -93,6 +116,10 @@ def main():
     p.add_argument("--child", action="store_true")
     p.add_argument("--profile", type=int, default=0, help="with --child: print cProfile's top N to stderr")
     p.add_argument("--sort", default="cumulative", help="with --profile: cProfile's sort key (tottime...)")
+    p.add_argument("--import-transformers-first", action="store_true",
+                   help="with --child: import transformers before LLM() (its time printed apart)")
+    p.add_argument("--tokenizer-after", choices=["_load_model", "_calibrate"],
+                   help="with --child: start loading the tokenizer only once this start-up stage has returned")
     args = p.parse_args()
     if args.child:
         return child(args)
