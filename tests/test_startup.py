@@ -3,7 +3,8 @@
 On the CPU: compile_ahead is a no-op there and with NANOVLLM_COMPILE_AHEAD=0, falls back (a warning, False) on any
 failure, and skips launches only in the thread that discovers; a failed capture turns the garbage collector back on.
 On a GPU: the same greedy tokens with and without it, and with an empty Triton cache nothing compiles on the main
-thread (every kernel was compiled on the pool, though the discovery pass ran one decoder layer).
+thread (every kernel was compiled on the pool, though the discovery pass ran two decoder layers), tiny
+and at real widths.
 """
 import gc
 import os
@@ -165,19 +166,19 @@ def test_a_failed_capture_turns_the_garbage_collector_back_on(monkeypatch):
         gc.enable()
 
 
-def test_a_discovery_pass_runs_the_first_layer_only_and_the_model_gets_all_back():
+def test_a_discovery_pass_runs_the_first_two_layers_only_and_the_model_gets_all_back():
     from torch import nn
 
-    from nanovllm.engine.model_runner import first_layer_only
+    from nanovllm.engine.model_runner import first_two_layers_only
     model = nn.Module()
     model.model = nn.Module()
-    model.model.layers = layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
-    with first_layer_only(model):
-        assert list(model.model.layers) == [layers[0]]
+    model.model.layers = layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(4))
+    with first_two_layers_only(model):
+        assert list(model.model.layers) == [layers[0], layers[1]]
     assert model.model.layers is layers
-    with pytest.raises(RuntimeError), first_layer_only(model):
+    with pytest.raises(RuntimeError), first_two_layers_only(model):
         raise RuntimeError("discovery failed")
-    assert model.model.layers is layers and len(layers) == 3
+    assert model.model.layers is layers and len(layers) == 4
 
 
 @cuda
@@ -208,20 +209,37 @@ triton.compiler.compile = compile
 from nanovllm import LLM
 # A fixed cache size: the pytest process that starts this one may still hold GPU memory of its own engines.
 llm = LLM(sys.argv[1], attention_backend="triton", kvcache_block_size=16, max_model_len=512,
-          num_kvcache_blocks=256, max_num_batched_tokens=1024, max_num_seqs=40)
+          num_kvcache_blocks=256, max_num_batched_tokens=1024, max_num_seqs=40, load_format=sys.argv[2])
 assert llm.executor.runner.graphs.graphs
 print("compiles", len(where), "on the main thread", sum(where))
 """
 
 
+def count_compiles(model: str, load_format: str, cache_dir, ahead: str) -> tuple[int, int]:
+    """(kernels compiled, of them on the main thread) while `LLM(model)` starts in a fresh process with an empty
+    Triton cache."""
+    env = dict(os.environ, TRITON_CACHE_DIR=str(cache_dir), NANOVLLM_COMPILE_AHEAD=ahead, PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-W", "error::UserWarning:nanovllm.engine.compile_ahead", "-c",
+                             COUNT_COMPILES, model, load_format], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    words = result.stdout.split()
+    return int(words[-6]), int(words[-1])
+
+
 @cuda
 @pytest.mark.parametrize("ahead", ["1", "0"])
 def test_with_an_empty_triton_cache_every_kernel_compiles_on_the_pool(qwen3_dir, tmp_path, ahead):
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path), NANOVLLM_COMPILE_AHEAD=ahead, PYTHONPATH=ROOT)
-    result = subprocess.run([sys.executable, "-W", "error::UserWarning:nanovllm.engine.compile_ahead", "-c",
-                             COUNT_COMPILES, qwen3_dir], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    words = result.stdout.split()
-    total, on_main = int(words[-6]), int(words[-1])
+    total, on_main = count_compiles(qwen3_dir, "auto", tmp_path, ahead)
     assert total > 10
-    assert on_main == (0 if ahead == "1" else total), result.stdout
+    assert on_main == (0 if ahead == "1" else total)
+
+
+@cuda
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "smollm2-135m"])
+def test_at_real_shapes_the_discovery_pass_finds_every_kernel(name, tmp_path):
+    """Triton specializes on widths (multiples of 16, the K tile), and the tiny test model's are not the real ones:
+    at the shipped configs' shapes too, the two-layer discovery pass must find every kernel that any layer launches."""
+    from nanovllm.configs import MODEL_CONFIGS
+    total, on_main = count_compiles(MODEL_CONFIGS[name], "dummy", tmp_path, "1")
+    assert total > 10 and on_main == 0

@@ -81,7 +81,7 @@ class ModelRunner:
                 self.graphs = self._cuda_graphs()
             # Compile what the warm-up and every graph size launch, in parallel; the eager run of every size this
             # takes also stands for capture's own warm-up runs.
-            with first_layer_only(self.model):
+            with first_two_layers_only(self.model):
                 discovered = compile_ahead(self.device, self.warmup_kernels,
                                            *([self.graphs.run_eagerly] if self.graphs is not None else []))
             self.warmup_kernels()
@@ -355,11 +355,11 @@ class ModelRunner:
 
 
 @contextmanager
-def first_layer_only(model: torch.nn.Module):
-    """The model with its first decoder layer only, for a discovery pass: every layer launches the same kernels with
-    the same shapes, so one finds them all, and the Python of the other layers' forwards is start-up time saved."""
+def first_two_layers_only(model: torch.nn.Module):
+    """The model with its first two decoder layers only, for a discovery pass: the first gets no residual, and the
+    second launches the kernels of every later one, shapes and all; the other layers' Python is start-up saved."""
     layers = model.model.layers
-    model.model.layers = layers[:1]
+    model.model.layers = layers[:2]
     try:
         yield
     finally:
