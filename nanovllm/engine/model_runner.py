@@ -80,7 +80,7 @@ class ModelRunner:
             if not config.enforce_eager and self.attention_backend.supports_cuda_graphs:
                 self.graphs = self._cuda_graphs()
             # Compile what the warm-up and every graph size launch, in parallel; the eager run of every size this
-            # takes also stands for capture's own warm-up runs.
+            # takes (through two layers, which launch every layer's kernels) also stands for capture's warm-up runs.
             with first_two_layers_only(self.model):
                 discovered = compile_ahead(self.device, self.warmup_kernels,
                                            *([self.graphs.run_eagerly] if self.graphs is not None else []))
