@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from nanovllm.layers.sampler import Sampler, SamplingTensors, sample as fast_sample, seed_key, seeded_exponential
+from nanovllm.layers.sampler import Sampler, SamplingTensors, seed_key, seeded_exponential
 from tests.triton_interpreter import run_check
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -251,7 +251,7 @@ def test_vanishing_temperature_is_argmax_with_finite_logprobs():
     in the Sampler itself (the fast path and the full one), not only through SamplingParams."""
     logits = torch.randn(8, 300) * 4
     temperatures = torch.full((8,), 1e-40)
-    assert torch.equal(fast_sample(logits, temperatures), logits.argmax(-1))
+    assert torch.equal(Sampler()(logits, temperatures)[0], logits.argmax(-1))
     extras = SamplingTensors(top_ks=torch.full((8,), 5), top_ps=torch.full((8,), 0.9), min_ps=torch.full((8,), 0.2),
                              num_logprobs=2)
     tokens, (sampled, top, _) = Sampler()(logits, temperatures, extras)

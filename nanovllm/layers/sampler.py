@@ -149,20 +149,10 @@ def _top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tenso
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-    """The fast path on the CPU, and the reference of the CUDA kernel (kernels/sampling.py)."""
-    logits = logits.float()
-    greedy = logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperatures.clamp_min(1e-5).unsqueeze(1), dim=-1)
-    # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race), with no sort and no host sync.
-    sampled = probs.div_(torch.empty_like(probs).exponential_(1).clamp_min_(1e-10)).argmax(dim=-1)
-    return torch.where(temperatures < SAMPLING_EPS, greedy, sampled)
-
-
 class Sampler(nn.Module):
     """Picks one token per row of a batch with mixed per-request parameters (as SamplingParams defines them) in one
-    batched pass; a batch with no `SamplingTensors` takes the fast path (one Triton pass on CUDA). Logprobs are those
-    of the distribution sampled from (the penalized logits' for a greedy row): vLLM's "processed" logprobs."""
+    batched pass; a batch with no `SamplingTensors` takes one Triton pass on CUDA. Logprobs are those of the
+    distribution sampled from (the penalized logits' for a greedy row): vLLM's "processed" logprobs."""
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, extras: SamplingTensors | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
@@ -172,7 +162,7 @@ class Sampler(nn.Module):
             if logits.is_cuda:  # imported here: Triton is installed only on Linux, and only CUDA needs it
                 from nanovllm.kernels.sampling import gumbel_sample
                 return gumbel_sample(logits, temperatures), None
-            return sample(logits, temperatures), None
+            extras = SamplingTensors()      # elsewhere: the path below, every filter off
         logits = logits.float()
         if extras.banned_rows is not None:
             logits = logits.clone()     # leave the caller's logits as they were
@@ -188,6 +178,7 @@ class Sampler(nn.Module):
             logits = logits.masked_fill(logits < threshold, float("-inf"))
         if extras.top_ks is not None:
             logits = _top_k_top_p(logits, extras.top_ks, extras.top_ps)
+        # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race), with no sort and no host sync.
         noise = torch.empty_like(logits).exponential_(1).clamp_min_(1e-10)
         if extras.seed_rows is not None:
             noise[extras.seed_rows] = seeded_exponential(extras.seed_keys, logits.size(-1))
