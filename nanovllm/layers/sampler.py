@@ -71,9 +71,8 @@ def prepare_sampling(params: list[SamplingParams], output_lens: list[int], eos_t
 def token_counts(rows: list[tuple], vocab_size: int, device: torch.device, last_tokens: torch.Tensor | None
                  ) -> torch.Tensor:
     """float32 [2, rows, vocab]: how often each token is in a row's completion so far, and in its prompt. `rows`:
-    (sequence, tokens generated, whether its prompt counts: a repetition penalty). One scatter on the device from the
-    token ids the host holds, plus `last_tokens` (a decode step's inputs, on the device) for each row's last token,
-    which the host may not hold yet. Rebuilt each step, as vLLM does: host work in the penalized rows' tokens only."""
+    (sequence, tokens generated, whether its prompt counts: a repetition penalty); `last_tokens`: prepare_sampling's.
+    One scatter on the device, rebuilt each step as vLLM does: host work in the penalized rows' tokens only."""
     index = [[], []]
     for j, (seq, num_generated, with_prompt) in enumerate(rows):
         start = seq.num_prompt_tokens
