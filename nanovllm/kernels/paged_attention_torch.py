@@ -32,19 +32,19 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
 
 
 def gather_kv(k_cache, v_cache, block_table, length: int, k_scale, v_scale) -> list[torch.Tensor]:
-    """The first `length` tokens of one sequence's K and V, dequantized: [kv_heads, length, head_dim] each."""
+    """The first `length` tokens of one sequence's K and V, dequantized, in float32: [kv_heads, length, head_dim]."""
     blocks = block_table[:(length + k_cache.shape[1] - 1) // k_cache.shape[1]].long()
-    return [dequantize(cache[blocks].flatten(0, 1)[:length], scale).transpose(0, 1)
+    return [dequantize(cache[blocks].flatten(0, 1)[:length], scale).transpose(0, 1).float()
             for cache, scale in ((k_cache, k_scale), (v_cache, v_scale))]
 
 
 def _attend(q, k, v, scale, offset: int | None = 0):
-    """Attention of q [Hq, Lq, D] over k/v [Hkv, Lk, D] (Hq a multiple of Hkv), in float32 through torch's fused
-    kernel. Query j sits at key position offset + j and sees keys up to it (causal); offset None: sees all keys.
-    (torch's CPU flash kernel takes 4-D inputs with as many K/V heads as query heads; others fall back to a path
-    ~8x slower, enable_gqa included.)"""
+    """Attention of q [Hq, Lq, D] over k/v [Hkv, Lk, D] (Hq a multiple of Hkv) through torch's fused kernel. Query j
+    sits at key position offset + j and sees keys up to it (causal); offset None: sees all keys. (Torch's fused
+    kernels, flash on CUDA and on the CPU, take only 4-D inputs with as many K/V heads as query heads; anything else,
+    enable_gqa included, falls back to the math path, which builds every [Lq, Lk] score matrix: ~8x slower on CPU.)"""
     group = q.shape[0] // k.shape[0]
-    q, k, v = q.float()[None], k.float().repeat_interleave(group, 0)[None], v.float().repeat_interleave(group, 0)[None]
+    q, k, v = q[None], k.repeat_interleave(group, 0)[None], v.repeat_interleave(group, 0)[None]
     mask = None if not offset else (
         torch.arange(q.shape[-2], device=q.device)[:, None] + offset >= torch.arange(k.shape[-2], device=q.device))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=offset == 0, scale=scale)[0]
@@ -57,11 +57,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """Causal attention of each sequence's new tokens (q: [N, heads, head_dim]) over its cached + new K/V.
     (max_seqlen_q: unused, as the Triton version takes it.)"""
     out = torch.empty_like(q)
-    starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
-    for i, context_len in enumerate(lens):
-        start, end = starts[i], starts[i + 1]
+    starts = cu_seqlens_q.tolist()
+    for i, (start, end, context_len) in enumerate(zip(starts, starts[1:], context_lens.tolist())):
         k, v = gather_kv(k_cache, v_cache, block_tables[i], context_len, k_scale, v_scale)
-        out[start:end] = _attend(q[start:end].transpose(0, 1), k, v, scale, context_len - (end - start)).transpose(0, 1)
+        q_seq = q[start:end].transpose(0, 1).float()
+        out[start:end] = _attend(q_seq, k, v, scale, context_len - (end - start)).transpose(0, 1)
     return out
 
 
@@ -75,22 +75,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     for i, context_len in enumerate(context_lens.tolist()):
         if context_len > 0:
             k, v = gather_kv(k_cache, v_cache, block_tables[i], context_len, k_scale, v_scale)
-            out[i] = _attend(q[i].unsqueeze(1), k, v, scale, None).squeeze(1)
+            out[i] = _attend(q[i].unsqueeze(1).float(), k, v, scale, None).squeeze(1)
     return out
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                             scale: float) -> torch.Tensor:
-    """Causal attention over packed sequences with no cache at all; used by the memory-profiling warm-up.
-    Torch's fused kernels (flash on CUDA and on the CPU) take only 4-D inputs with as many K/V heads as query
-    heads: anything else falls back to the math path, which builds every [L, L] score matrix: slow, and a peak of
-    activation memory that real steps never reach, which the KV cache would then be sized around."""
+    """Causal attention over packed sequences with no cache at all, in their dtype; used by the memory-profiling
+    warm-up, where the math path's score matrices (see _attend) would be a peak of activation memory that real steps
+    never reach, which the KV cache would then be sized around."""
     out = torch.empty_like(q)
-    group = q.shape[1] // k.shape[1]
     starts = cu_seqlens.tolist()
-    for start, end in zip(starts[:-1], starts[1:]):
-        q_seq, k_seq, v_seq = (x[start:end].transpose(0, 1) for x in (q, k, v))
-        out[start:end] = F.scaled_dot_product_attention(
-            q_seq[None], k_seq.repeat_interleave(group, 0)[None], v_seq.repeat_interleave(group, 0)[None],
-            is_causal=True, scale=scale)[0].transpose(0, 1)
+    for start, end in zip(starts, starts[1:]):
+        out[start:end] = _attend(*(x[start:end].transpose(0, 1) for x in (q, k, v)), scale).transpose(0, 1)
     return out
