@@ -67,10 +67,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, *, k_scale=None,
-                           v_scale=None) -> torch.Tensor:
+                           v_scale=None, seq_order=None) -> torch.Tensor:
     """One query token per sequence (q: [B, heads, head_dim]) over its first context_lens[b] cached tokens; a row
     with no context gives zeros. Sequence by sequence: gathering only each one's blocks moves far fewer bytes than
-    a batch padded to the longest."""
+    a batch padded to the longest. (seq_order: unused, as the Triton version takes it.)"""
     out = torch.zeros_like(q)
     for i, context_len in enumerate(context_lens.tolist()):
         if context_len > 0:

@@ -58,7 +58,8 @@ class AttentionBackend:
 
     def decode(self, q: torch.Tensor, kv: PagedKV, ctx: Context, scale: float) -> torch.Tensor:
         return self.kernels.paged_decode_attention(q, kv.k_cache, kv.v_cache, ctx.context_lens, ctx.block_tables,
-                                                   scale, k_scale=kv.k_scale, v_scale=kv.v_scale)
+                                                   scale, k_scale=kv.k_scale, v_scale=kv.v_scale,
+                                                   seq_order=ctx.decode_order)
 
 
 class TorchBackend(AttentionBackend):
@@ -92,11 +93,6 @@ class TritonBackend(AttentionBackend):
         """The order in which decode programs start: longest context first (paged_attention_triton.decode_order)."""
         if not ctx.is_prefill:
             ctx.decode_order = self.kernels.decode_order(ctx.context_lens)
-
-    def decode(self, q, kv, ctx, scale):
-        return self.kernels.paged_decode_attention(q, kv.k_cache, kv.v_cache, ctx.context_lens, ctx.block_tables,
-                                                   scale, k_scale=kv.k_scale, v_scale=kv.v_scale,
-                                                   seq_order=ctx.decode_order)
 
 
 class FlashAttnBackend(AttentionBackend):
