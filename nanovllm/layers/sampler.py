@@ -56,8 +56,7 @@ def prepare_sampling(params: list[SamplingParams], output_lens: list[int], eos_t
         extras.seed_rows = to_device(seeded, torch.int64, device)
         extras.seed_keys = to_device([seed_key(params[i].seed, output_lens[i]) for i in seeded], torch.int64, device)
     if banned:
-        extras.banned_rows = to_device([i for i, _ in banned], torch.int64, device)
-        extras.banned_ids = to_device([t for _, t in banned], torch.int64, device)
+        extras.banned_rows, extras.banned_ids = to_device(banned, torch.int64, device).T
     if penalized := [i for i, p in enumerate(params) if p.has_penalties]:
         extras.penalty_rows = to_device(penalized, torch.int64, device)
         extras.penalties = to_device([[params[i].presence_penalty, params[i].frequency_penalty,
