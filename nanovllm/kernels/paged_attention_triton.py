@@ -136,8 +136,7 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: 
     splitting until about DECODE_PROGRAMS_PER_SM programs per SM exist keeps memory busy, and costs only a small
     merge. No more splits than KV tiles in the longest possible context, so a split is never empty by shape.
     """
-    target = DECODE_PROGRAMS_PER_SM * _num_sms(device)
-    splits = triton.cdiv(target, batch * num_kv_heads)
+    splits = triton.cdiv(DECODE_PROGRAMS_PER_SM * _num_sms(device), batch * num_kv_heads)
     return max(1, min(splits, triton.cdiv(max_context, block_n), DECODE_MAX_SPLITS))
 
 
@@ -173,10 +172,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, block_n, q.device)
     q = _last_dim_contiguous(q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    if num_splits == 1:     # the single split's normalised output is the answer: write it in place, skip the merge
-        part_out = out.unsqueeze(2)
-    else:
-        part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    # One split: its normalised output is the answer, written in place with no merge.
+    part_out = out.unsqueeze(2) if num_splits == 1 else torch.empty(batch, num_heads, num_splits, head_dim,
+                                                                    dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     kernels.decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, part_out, part_lse, context_lens, block_tables, k_scale, v_scale, scale * LOG2E,
