@@ -4,12 +4,11 @@ Same functions and cache layout as paged_attention_torch (the reference they are
 code is in triton_attention_kernels.py, this file chooses tiles, grids and the number of decode splits.
 
 Rules the kernels rely on (checked here, with a ValueError that says which):
-- kvcache_block_size is a power of two >= 16: KV tiles (16..64 tokens, a power of two) then never straddle a
+- kvcache_block_size is a power of two >= 16: KV tiles (a power of two, at most a page) then never straddle a
   page, so each tile needs a single block-table lookup, and tl.dot gets tiles of at least 16 rows.
 - head_dim is a power of two >= 16 (tl.arange needs a power of two; tl.dot needs an inner dimension >= 16).
 - Caches have a contiguous layout (k_cache/v_cache as allocated by the ModelRunner).
-- An fp8 (float8_e4m3fn) cache needs k_scale and v_scale, float32 device tensors; the other caches ignore them.
-"""
+- An fp8 (float8_e4m3fn) cache needs k_scale and v_scale, float32 device tensors; the other caches ignore them."""
 import functools
 from typing import NamedTuple
 
@@ -75,10 +74,8 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
-    """Write row j of key/value ([N, kv_heads, head_dim], any row/head strides) to cache slot slot_mapping[j].
-
-    Slot -1 (padding) is skipped on the GPU, without a host sync, so the call can be graph-captured.
-    """
+    """Write row j of key/value ([N, kv_heads, head_dim], any row/head strides) to cache slot slot_mapping[j];
+    slot -1 (padding) is skipped on the GPU, without a host sync, so the call can be graph-captured."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the KV cache must be contiguous")
@@ -93,11 +90,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
                             scale: float, max_seqlen_q: int | None = None, *, out: torch.Tensor | None = None,
                             k_scale=None, v_scale=None) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens (q: [N, heads, head_dim]) over its cached + new K/V.
-
-    max_seqlen_q (the longest q_len, which the step's Context carries) sizes the grid; without it it is
-    read from cu_seqlens_q at the cost of one host sync. `out` ([N, heads, head_dim], contiguous) may be given.
-    """
+    """Causal attention of each sequence's new tokens (q: [N, heads, head_dim]) over its cached + new K/V, into
+    `out` if given (q's shape, contiguous). max_seqlen_q (the longest q_len, which the step's Context carries) sizes
+    the grid; without it it is read from cu_seqlens_q at the cost of one host sync."""
     _check_shapes(q, k_cache)
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, block_size = cu_seqlens_q.numel() - 1, k_cache.shape[1]
@@ -131,11 +126,9 @@ def decode_launch(kv_dtype: torch.dtype) -> DecodeLaunch:
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
     """How many programs share each sequence's KV range, from shapes only (so a CUDA graph can capture it).
-
     One program per (sequence, KV head) leaves most SMs idle at small batch (8 x 8 = 64 programs on 132 SMs);
     splitting until about DECODE_PROGRAMS_PER_SM programs per SM exist keeps memory busy, and costs only a small
-    merge. No more splits than KV tiles in the longest possible context, so a split is never empty by shape.
-    """
+    merge. No more splits than KV tiles in the longest possible context, so a split is never empty by shape."""
     splits = triton.cdiv(DECODE_PROGRAMS_PER_SM * _num_sms(device), batch * num_kv_heads)
     return max(1, min(splits, triton.cdiv(max_context, block_n), DECODE_MAX_SPLITS))
 
@@ -155,13 +148,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            out: torch.Tensor | None = None, num_splits: int | None = None, k_scale=None,
                            v_scale=None, seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence (q: [B, heads, head_dim]) over its first context_lens[b] cached tokens.
-
-    Split-KV (flash-decoding): grid (B, kv_heads, splits) writes per-split partial results, a second kernel
-    merges them by log-sum-exp. No host sync and a grid that depends on shapes only, so it is graph-capturable;
-    rows with context_len 0 (graph padding) read nothing and produce zeros. num_splits overrides the heuristic.
-    seq_order (a permutation of the B rows, on the device; decode_order makes one) is the order in which the rows'
-    programs start; the output is the same in any order.
-    """
+    Split-KV (flash-decoding): num_splits (decode_num_splits' unless given) partial results per row, merged by
+    log-sum-exp in a second kernel. No host sync and a grid from shapes only, so it is graph-capturable; rows with
+    context_len 0 (graph padding) give zeros. seq_order (decode_order's) only sets the order the rows start in."""
     _check_shapes(q, k_cache)
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
