@@ -1,7 +1,5 @@
-"""Triton device code for the paged KV cache: store, causal varlen prefill, split-KV decode and its merge.
-
-The launch logic (grids, tile sizes, number of splits) lives in paged_attention_triton.py; this file holds only
-@triton.jit functions, written with the plain Triton language shared by Triton 3.6 and 3.9.
+"""Triton device code for the paged KV cache (launched by paged_attention_triton.py): store, causal varlen prefill,
+split-KV decode and its merge, in the plain Triton language shared by Triton 3.6 and 3.9.
 
 Conventions shared by every kernel:
 - Caches are [num_blocks, block_size, kv_heads, head_dim] with a contiguous last dimension; a KV tile of BLOCK_N
@@ -10,8 +8,7 @@ Conventions shared by every kernel:
 - Scores are kept in the log2 domain (multiplied by scale * log2(e)) so the softmax uses exp2, a single
   hardware instruction; running max, sum and output accumulate in float32.
 - Every load that could reach past a sequence's context is masked: cache rows beyond it may hold anything
-  (stale tokens, uninitialised memory, NaN), and block-table entries beyond it may be stale (CUDA-graph replay).
-"""
+  (stale tokens, uninitialised memory, NaN), and block-table entries beyond it may be stale (CUDA-graph replay)."""
 import os
 
 import triton
@@ -77,8 +74,7 @@ WIDEN_FP8_IN_REGISTERS = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 @triton.jit
 def _widen(x, dtype: tl.constexpr, IN_REGISTERS: tl.constexpr):
-    """x (a K or V tile) in `dtype` for tl.dot. IN_REGISTERS: an e4m3 tile is widened to float16 by inline PTX
-    (cvt.rn.f16x2.e4m3x2, four bytes a call), which Triton cannot move past the operand's shared-memory staging."""
+    """x (a K or V tile) in `dtype` for tl.dot; IN_REGISTERS: an e4m3 tile is widened by inline PTX, as above."""
     if IN_REGISTERS and WIDEN_FP8_IN_REGISTERS and x.dtype == tl.float8e4nv and dtype == tl.float16:
         return tl.inline_asm_elementwise(
             "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
@@ -104,11 +100,9 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, start, kv_len, kv_head, s
 def _attend_kv_tile(acc, m_i, l_i, q, k, v, start, kv_len, q_pos, qk_scale,
                     CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold the K/V tile (in q's dtype) of tokens [start, start + BLOCK_N) of one sequence into an online softmax.
-
     q: [M, HEAD_DIM] query rows; acc [M, HEAD_DIM], m_i and l_i [M]: running output, max and sum (log2 domain).
     Keys at or beyond kv_len are masked out; with CAUSAL, so are keys after each row's position q_pos [M].
-    The caller guarantees start < kv_len, so every row sees at least one finite score once key 0 was seen.
-    """
+    The caller guarantees start < kv_len, so every row sees at least one finite score once key 0 was seen."""
     keys = start + tl.arange(0, BLOCK_N)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     allowed = (keys < kv_len)[None, :]
@@ -132,11 +126,9 @@ def prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, c
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    k_scale_ptr=None, v_scale_ptr=None, KV_FP8: tl.constexpr = False):
     """Grid (query tiles, sequences, query heads): BLOCK_M new tokens of one sequence and head, causal over its cache.
-
     Query row j of sequence i sits at absolute position context_len - q_len + j, so a cached prefix or earlier
     chunks (already in the cache) are attended without any copy. The fp8 arguments come last, with defaults, so
-    that callers of the bf16 signature (the anchor's flash_attn shim) keep working.
-    """
+    that callers of the bf16 signature (the anchor's flash_attn shim) keep working."""
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
@@ -191,13 +183,11 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
                         WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
                         seq_order_ptr=None, ORDERED: tl.constexpr = False):
     """Grid (sequences, KV heads, splits): all query heads of one KV group against one split of the KV range.
-
     Each sequence's own context is cut into num_splits equal runs of whole tiles, so every program of a sequence
     gets the same share whatever its length. Writes the split's normalised output and its log2-sum-exp; a split
     with no keys (short context, or context_len 0 on a padded CUDA-graph row) writes 0 and -inf. ORDERED: the
     programs of grid row i work on sequence seq_order[i] (a permutation of the rows): the GPU dispatches blocks in
-    about grid order (observed, not promised by CUDA), so the caller can start the longest contexts first.
-    """
+    about grid order (observed, not promised by CUDA), so the caller can start the longest contexts first."""
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if ORDERED:
         seq = tl.load(seq_order_ptr + seq)
