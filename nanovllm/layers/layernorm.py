@@ -3,8 +3,7 @@ from torch import nn
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """weight * RMSNorm(x) over the last dimension, in float32; with `residual`, (that of x + residual,
-    x + residual). The CPU path and the reference of the CUDA kernel (kernels/fused_layers.py)."""
+    """RMSNorm's CPU path, and the reference of the CUDA kernel (kernels/fused_layers.py)."""
     if residual is not None:
         x = residual = x + residual
     xf = x.float()
@@ -13,7 +12,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32; with `residual` it first adds it and returns the sum as the new residual."""
+    """weight * RMSNorm(x) over the last dimension in float32; with `residual`, (that of x + residual, x + residual)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
