@@ -40,8 +40,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        inv_freq = scaled_inv_freq(inv_freq, scaling)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.int64).float(), inv_freq)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.int64).float(), scaled_inv_freq(inv_freq, scaling))
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
