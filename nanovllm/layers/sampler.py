@@ -91,9 +91,8 @@ def token_counts(rows: list[tuple], vocab_size: int, device: torch.device, last_
 
 def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, penalties: torch.Tensor, counts: torch.Tensor
                     ) -> torch.Tensor:
-    """vLLM's penalties on `rows` of the logits (a new tensor): the repetition penalty (transformers' too) divides
-    the positive logits of tokens seen in the prompt or the completion and multiplies the others; then, as OpenAI
-    defines them, frequency * count and presence * (count > 0) over the completion are subtracted."""
+    """vLLM's penalties on `rows` of the logits (a new tensor): the repetition penalty as transformers defines it,
+    over the prompt and the completion; then the frequency and presence penalties as OpenAI's, over the completion."""
     presence, frequency, repetition = (p.unsqueeze(1) for p in penalties.unbind(1))
     completion, prompt = counts
     x = logits[rows]
