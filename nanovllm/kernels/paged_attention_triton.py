@@ -1,7 +1,5 @@
-"""Paged attention with our own Triton kernels: the launch side of the "triton" backend (the default on CUDA).
-
-Same functions and cache layout as paged_attention_torch (the reference they are tested against); the device
-code is in triton_attention_kernels.py, this file chooses tiles, grids and the number of decode splits.
+"""The launch side of the "triton" backend (the default on CUDA): paged_attention_torch's functions (the reference
+they are tested against) on our kernels in triton_attention_kernels.py, choosing their tiles, grids and splits.
 
 Rules the kernels rely on (checked here, with a ValueError that says which):
 - kvcache_block_size is a power of two >= 16: KV tiles (a power of two, at most a page) then never straddle a
