@@ -2,9 +2,8 @@
 split-KV decode and its merge, in the plain Triton language shared by Triton 3.6 and 3.9.
 
 Conventions shared by every kernel:
-- Caches are [num_blocks, block_size, kv_heads, head_dim] with a contiguous last dimension; a KV tile of BLOCK_N
-  tokens never straddles a page (BLOCK_N divides BLOCK_SIZE, both powers of two), so one block-table load per
-  tile finds its page.
+- Caches are [num_blocks, block_size, kv_heads, head_dim], last dimension contiguous; a KV tile of BLOCK_N tokens
+  never straddles a page (BLOCK_N divides BLOCK_SIZE, both powers of two): one block-table load finds its page.
 - Scores are kept in the log2 domain (multiplied by scale * log2(e)) so the softmax uses exp2, a single
   hardware instruction; running max, sum and output accumulate in float32.
 - Every load that could reach past a sequence's context is masked: cache rows beyond it may hold anything
