@@ -90,7 +90,6 @@ class TritonBackend(AttentionBackend):
         self.kernels = paged_attention_triton
 
     def prepare(self, ctx):
-        """The order in which decode programs start: longest context first (paged_attention_triton.decode_order)."""
         if not ctx.is_prefill:
             ctx.decode_order = self.kernels.decode_order(ctx.context_lens)
 
@@ -141,8 +140,7 @@ BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 def select_attention_backend(name: str, device: str, block_size: int, kv_cache_dtype: str) -> AttentionBackend:
-    """The backend for `attention_backend=name` ("auto": Triton on CUDA, torch elsewhere), refused with a
-    ValueError where it cannot run."""
+    """The backend `name` picks ("auto": Triton on CUDA, torch elsewhere); a ValueError where it cannot run."""
     if not isinstance(name, str) or name not in BACKEND_CHOICES:
         raise ValueError(f"attention_backend must be one of {BACKEND_CHOICES}, got {name!r}")
     cls = BACKENDS[("triton" if device == "cuda" else "torch") if name == "auto" else name]
