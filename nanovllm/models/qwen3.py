@@ -7,8 +7,7 @@ from nanovllm.model_config import ModelConfig
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
-from nanovllm.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                    norm_and_linear)
+from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, norm_and_linear
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
 
