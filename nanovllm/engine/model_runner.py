@@ -86,7 +86,7 @@ class ModelRunner:
                                            *([self.graphs.run_eagerly] if self.graphs is not None else []))
             self.warmup_kernels()
             if self.graphs is not None:     # (every rank captures alike: their forwards meet in collectives)
-                self._capture_cuda_graphs(warmed_up=bool(self._min_over_ranks(int(discovered))))
+                self.graphs.capture(warmed_up=bool(self._min_over_ranks(int(discovered))))
 
     def exit(self, synchronize: bool = True):
         """Free the CUDA graphs (NCCL will not destroy a communicator while a graph that captured its
@@ -142,20 +142,15 @@ class ModelRunner:
         config, model_config = self.config, self.config.model_config
         inputs = DecodeInputs.empty(min(config.max_num_seqs, 512), -(-self.max_model_len // self.block_size),
                                     self.device)
-        # One GPU: the graphs sample too, into a buffer that any step's rows index (a prefill has up to
-        # max_num_seqs), and from which the next replay takes its pending input ids.
-        sampled = (torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device) if tp_size() == 1
-                   else None)
-        return CUDAGraphs(self.model, inputs, self.attention_backend, model_config.hidden_size, model_config.dtype,
-                          sampled, model_config.vocab_size)
-
-    def _capture_cuda_graphs(self, warmed_up: bool):
-        inputs = self.graphs.inputs
-        self.graphs.capture(warmed_up)
         # Two pinned host copies of the graphs' inputs, used in turn: the one filled now was last copied two
         # steps ago (an event says when that copy is done), so filling never races a queued copy.
         self._staging = [(DecodeInputs.empty(inputs.rows, inputs.width, torch.device("cpu"), True),
                           torch.cuda.Event()) for _ in range(2)]
+        # One GPU: the graphs sample too, into a buffer that any step's rows index (a prefill has up to
+        # max_num_seqs), and from which the next replay takes its pending input ids.
+        sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device) if tp_size() == 1 else None
+        return CUDAGraphs(self.model, inputs, self.attention_backend, model_config.hidden_size, model_config.dtype,
+                          sampled, model_config.vocab_size)
 
     @torch.inference_mode()
     def warmup_model(self):
