@@ -196,14 +196,12 @@ class ModelRunner:
         The cache holds nothing yet, so any blocks will do; the sampled tokens are thrown away."""
         vocab = self.config.model_config.vocab_size
         seq = Sequence([i % vocab for i in range(min(self.max_model_len - 1, 2 * self.block_size + 1))])
-        seq.block_table = list(range(-(-len(seq) // self.block_size)))
-        seq.num_scheduled_tokens = len(seq)
-        self.run(StepBatch.build([seq], True, self.block_size))
-        seq.num_computed_tokens = len(seq)
-        seq.append_token(0)     # booked: the decode below reads it from the host
-        seq.block_table = list(range(-(-len(seq) // self.block_size)))
-        seq.num_scheduled_tokens = 1
-        self.run(StepBatch.build([seq], False, self.block_size))
+        for is_prefill in (True, False):
+            seq.block_table = list(range(-(-len(seq) // self.block_size)))
+            seq.num_scheduled_tokens = seq.num_uncomputed_tokens
+            self.run(StepBatch.build([seq], is_prefill, self.block_size))
+            seq.num_computed_tokens = len(seq)
+            seq.append_token(0)     # booked: the decode reads it from the host
 
     def _allocate_kv_cache(self) -> int:
         """Allocate the cache from what memory is left (or the configured block count); returns the block count."""
