@@ -117,9 +117,8 @@ class ModelRunner:
         return model
 
     def _calibrate(self):
-        """On CUDA, run the largest batch once so that the cache is sized after peak activation memory. With an fp8
-        cache, the scales come from K and V of one forward of CALIBRATION_TOKENS tokens, whatever the batch budget:
-        the same model gets the same scales under any max_num_batched_tokens."""
+        """On CUDA, measure peak activation memory (`warmup_model`). With an fp8 cache, the scales come from K and V
+        of one forward of CALIBRATION_TOKENS tokens, so that a model gets the same scales under any batch budget."""
         if self.device.type == "cuda":
             try:
                 # The discovery pass allocates all that the real one would: its peak memory sizes the cache as well
@@ -247,12 +246,11 @@ class ModelRunner:
     def plan(self, batch: StepBatch) -> StepPlan:
         """Eager for a prefill, without graphs or past the largest graph; else the graph that fits, whose own draw
         (temperature only) is the answer unless a row needs the sampler's other paths."""
-        n = batch.num_seqs
-        if batch.is_prefill or self.graphs is None or not self.graphs.can_run(n):
+        if batch.is_prefill or self.graphs is None or not self.graphs.can_run(batch.num_seqs):
             return EAGER
         samples = (self.graphs.sampled is not None and batch.sampling is not None
                    and not any(p.needs_sampler_extras for p in batch.sampling.params))
-        return StepPlan(self.graphs.padded_size(n), samples)
+        return StepPlan(self.graphs.padded_size(batch.num_seqs), samples)
 
     def _to_device(self, data, dtype) -> torch.Tensor:
         return to_device(data, dtype, self.device)
@@ -310,8 +308,7 @@ class ModelRunner:
         return out if self.graphs.sampled is not None else self.model.compute_logits(out)
 
     def run(self, batch: StepBatch) -> "SampledTokens | None":
-        """Launch one step: the forward and the sampling are queued on the GPU and the sampled ids are copied back
-        without waiting; `result()` of what is returned waits for them. Only rank 0 samples (the lm head gathers
+        """Launch one step without waiting for the GPU (see SampledTokens). Only rank 0 samples (the lm head gathers
         the logits there, and only its batch carries `sampling`): the other ranks return None."""
         plan = self.plan(batch)
         input_ids, positions = self.prepare_prefill(batch) if batch.is_prefill else self.prepare_decode(batch, plan)
@@ -391,6 +388,4 @@ class SampledTokens:
         if self._done is not None:
             self._done.synchronize()
         token_ids = self._host[0].tolist()
-        if self._nums is None:
-            return token_ids, None
-        return token_ids, logprob_dicts(token_ids, tuple(self._host[1:]), self._nums)
+        return token_ids, None if self._nums is None else logprob_dicts(token_ids, tuple(self._host[1:]), self._nums)
