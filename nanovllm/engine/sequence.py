@@ -75,15 +75,12 @@ class Sequence:
 
     @property
     def scheduled_token_ids(self) -> list[int]:
-        """The tokens this step runs through the model."""
-        start = self.num_computed_tokens
-        return self.token_ids[start:start + self.num_scheduled_tokens]
+        return self.token_ids[self.num_computed_tokens:self.num_computed_tokens + self.num_scheduled_tokens]
 
     def fork(self) -> list["Sequence"]:
-        """The request's n samples (SamplingParams.n): this sequence, and n - 1 more of its prompt that it carries
-        (`held_samples`) to the scheduler, which queues them right behind it, so that they read the prompt's full
-        blocks from the prefix cache instead of computing them again. Sample i has its own detokenizer and, as
-        vLLM's, the seed seed + i, so that seeded samples differ."""
+        """The request's n samples (SamplingParams.n): this sequence, which carries the n - 1 others (`held_samples`)
+        to the scheduler (see Scheduler.add). Sample i has its own detokenizer and, as vLLM's, the seed seed + i, so
+        that seeded samples differ."""
         sp = self.sampling_params
         for i in range(1, sp.n):
             sample = Sequence(self.prompt_token_ids, sp if sp.seed is None else replace(sp, seed=sp.seed + i))
