@@ -111,7 +111,7 @@ def test_abort_frees_blocks_wherever_the_request_is():
     step(s)     # running: prefilled; partial: a 1-token chunk, holding its blocks
     assert running.status == SequenceStatus.RUNNING and partial.block_table
     for seq in (running, partial, waiting):
-        s.abort(seq)
+        s.finish(seq, "abort")
     assert s.is_finished() and s.block_manager.num_free_blocks == 16
 
 
@@ -160,5 +160,5 @@ def test_n_samples_are_admitted_with_their_first():
     s.postprocess(scheduled, s.reserve_output_tokens(scheduled), [7] * 3)
     assert all(q.num_completion_tokens == 1 for q in samples)
     for q in samples:
-        s.abort(q)
+        s.finish(q, "abort")
     assert s.is_finished() and s.block_manager.num_free_blocks == 32

@@ -120,7 +120,7 @@ class LLMEngine:
         with self._step_lock:
             for seq in seqs:
                 if not seq.is_finished:
-                    self.scheduler.abort(seq)
+                    self.scheduler.finish(seq, "abort")
 
     def _step(self, on_launched: Callable[[], None] | None = None) -> StepOutput:
         """One step: launch a batch, then book what is older than the overlap allows. Returns the sequences that

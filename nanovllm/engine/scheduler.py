@@ -109,10 +109,6 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.finished_time = reason, perf_counter()
 
-    def abort(self, seq: Sequence):
-        """Drop a request wherever it is and free its blocks."""
-        self.finish(seq, "abort")
-
     def reserve_output_tokens(self, seqs: list[Sequence]) -> list[int]:
         """Book a step the runner has launched: its tokens count as computed (their KV is written before any later
         step reads it) and each sequence it completes gets its next token reserved. Returns, per row, the index
