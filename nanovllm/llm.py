@@ -36,7 +36,7 @@ class LLM(LLMEngine):
         also has "outputs": the n completions, each such a dict, the first being the one at the top level (vLLM's
         RequestOutput.outputs). All requests are validated before any runs; if anything raises (Ctrl-C included),
         this call's requests are aborted."""
-        requests = self._requests(prompts, sampling_params, stream=False)
+        requests = self._make_requests(prompts, sampling_params, stream=False)
         seqs = self._queue_samples(requests)
         try:
             self._run_until_done(seqs, use_tqdm)
@@ -72,11 +72,7 @@ class LLM(LLMEngine):
         what is new; the pieces concatenate to `generate`'s text and token ids. Requests are validated here and
         queued when iteration starts. Closing the stream (break, an exception, `close()`) aborts its unfinished
         requests; a stream kept while other calls run keeps its requests, which advance with those calls."""
-        return self._stream(self._requests(prompts, sampling_params, stream=True))
-
-    def _requests(self, prompts, sampling_params, stream: bool) -> list[list[Sequence]]:
-        """Each prompt's n samples (Sequence.fork), every request validated before any is queued."""
-        return [seq.fork() for seq in self._make_sequences(prompts, sampling_params, stream)]
+        return self._stream(self._make_requests(prompts, sampling_params, stream=True))
 
     def _queue_samples(self, requests: list[list[Sequence]]) -> list[Sequence]:
         """Queue each request's first sample (it carries the others to the scheduler); returns every sample."""

@@ -21,8 +21,7 @@ from nanovllm.utils.loader import load_tokenizer
 
 
 class StepOutput(NamedTuple):
-    """`step()`'s (seq_id, completion ids) of the requests it finished (`_step`: every sequence that got a token),
-    and the tokens it launched."""
+    """What `step()` returns (`_step`'s `finished` holds every sequence that got a token)."""
     finished: list
     num_prefill_tokens: int
     num_decode_tokens: int
@@ -193,9 +192,9 @@ class LLMEngine:
             seq.detokenizer = Detokenizer(self.tokenizer, sp, every_step=stream or bool(sp.stop))
         return seq
 
-    def _make_sequences(self, prompts: list[str] | list[list[int]],
-                        sampling_params: SamplingParams | list[SamplingParams], stream: bool) -> list[Sequence]:
-        """Validate every request of a call before any is queued."""
+    def _make_requests(self, prompts: list[str] | list[list[int]],
+                       sampling_params: SamplingParams | list[SamplingParams], stream: bool) -> list[list[Sequence]]:
+        """Validate every request of a call before any is queued; returns each prompt's n samples (Sequence.fork)."""
         if not isinstance(prompts, (list, tuple)):
             hint = "wrap a single prompt as [prompt]" if isinstance(prompts, (str, bytes)) else "pass list(prompts)"
             raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}; {hint}")
@@ -207,4 +206,5 @@ class LLMEngine:
         elif len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts; "
                              f"pass one, or one per prompt")
-        return [self._make_sequence(p, sp, stream) for p, sp in zip(prompts, sampling_params)]
+        seqs = [self._make_sequence(p, sp, stream) for p, sp in zip(prompts, sampling_params)]
+        return [seq.fork() for seq in seqs]
