@@ -3,6 +3,7 @@ import json
 import os
 import zlib
 from collections.abc import Iterator
+from contextlib import suppress
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -41,17 +42,14 @@ def tokenizer_class(model_dir: str):
     first), imported alone: importing AutoTokenizer pulls in the auto-model machinery, generation, torch.fx and sympy
     (11-14 s on the H100 machine, against ~1 s for the class). AutoTokenizer remains the fallback for anything else."""
     import transformers
-    try:
-        with open(os.path.join(model_dir, "tokenizer_config.json")) as f:
-            name = json.load(f).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError):
-        name = None
+    name = None
+    with suppress(OSError, ValueError, AttributeError), open(os.path.join(model_dir, "tokenizer_config.json")) as f:
+        name = json.load(f).get("tokenizer_class")
     if isinstance(name, str) and name.isidentifier():
         for candidate in ([name] if name.endswith("Fast") else [name + "Fast", name]):
-            try:
+            # AttributeError: not in this transformers version; ImportError: it needs a missing package.
+            with suppress(AttributeError, ImportError):
                 return getattr(transformers, candidate)
-            except (AttributeError, ImportError):    # not in this transformers version (or needs a missing package)
-                continue
     from transformers import AutoTokenizer
     return AutoTokenizer
 
@@ -76,7 +74,7 @@ def dummy_weights(config, device: torch.device) -> Iterator[tuple[str, str, torc
     """Random values under the published tensor names and shapes of `config` (a ModelConfig; vLLM's
     load_format='dummy'), seeded by name so that every rank takes its shard of one full tensor; small uniform values
     keep activations finite; norm weights are 1."""
-    h, d = config.hidden_size, config.head_dim
+    h, d, m = config.hidden_size, config.head_dim, config.intermediate_size
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
     if not config.tie_word_embeddings:
@@ -85,10 +83,9 @@ def dummy_weights(config, device: torch.device) -> Iterator[tuple[str, str, torc
         p = f"model.layers.{i}."
         shapes |= {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
                    p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                   p + "mlp.gate_proj.weight": (config.intermediate_size, h),
-                   p + "mlp.up_proj.weight": (config.intermediate_size, h),
-                   p + "mlp.down_proj.weight": (h, config.intermediate_size),
-                   p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+                   p + "mlp.gate_proj.weight": (m, h), p + "mlp.up_proj.weight": (m, h),
+                   p + "mlp.down_proj.weight": (h, m), p + "input_layernorm.weight": (h,),
+                   p + "post_attention_layernorm.weight": (h,)}
         if config.qk_norm:
             shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
         if config.attention_bias:
