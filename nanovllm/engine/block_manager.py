@@ -26,11 +26,10 @@ def chain_hash(token_ids: list[int], prefix_hash: int = -1) -> int:
 
 
 class BlockManager:
-    """Hands out KV-cache blocks with reference counts and shares full blocks between prompts (prefix caching). A
-    full block is published in `hash_to_block_id` once a launched step computes its KV: a prefill block when its
-    step is scheduled, so that later prompts of the same step already share it (see `publish_blocks`). Freed blocks
-    keep their hash and queue at the back of `free_block_ids`: the least recently freed is reused first, and a
-    later prompt may revive one."""
+    """Hands out KV-cache blocks with reference counts and shares full blocks between prompts (prefix caching): a full
+    block is findable in `hash_to_block_id` once a launched step computes its KV (see `publish_blocks`). Freed blocks
+    keep their hash and queue at the back of `free_block_ids`: the least recently freed is reused first, and a later
+    prompt may revive one."""
 
     def __init__(self, num_blocks: int, block_size: int):
         self.block_size = block_size
@@ -113,13 +112,12 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
 
     def publish_blocks(self, seq: Sequence, num_tokens: int):
-        """Make the full blocks among the first `num_tokens` tokens of `seq` findable by later prompts: tokens that
-        are computed, or that the step being scheduled computes (its launch follows at once, under the engine's step
-        lock). Any step that reads such a block through a hit is launched later, so runs after its KV is written;
-        and a later prompt of the same step reads it correctly too, as every attention layer stores the whole step's
-        K/V in the cache before it attends (all backends read the cached prefix back through the block table). Only
-        booked tokens can be hashed: a decode step's input may still be on the GPU, so a block that decode fills is
-        published when that token is booked. Blocks fill in order: the unpublished ones are the last full ones."""
+        """Make the full blocks among the first `num_tokens` tokens of `seq` findable by later prompts: tokens that are
+        computed, or that the step being scheduled computes (launched at once, under the engine's step lock, so any step
+        that hits such a block runs after its KV is written; a later prompt of the same step reads it correctly too, as
+        every attention layer stores the whole step's K/V before it attends). Only booked tokens can be hashed (a decode
+        step's input may still be on the GPU): a block that decode fills is published when its token is booked. Blocks
+        fill in order: the unpublished ones are the last full ones."""
         end = min(num_tokens, len(seq.token_ids)) // self.block_size
         first = end
         while first > 0 and self.blocks[seq.block_table[first - 1]].hash == -1:
