@@ -9,15 +9,14 @@ from nanovllm.utils.context import Context, reset_context, set_context
 
 
 class CUDAGraphs:
-    """Decode captured as CUDA graphs, one per batch size on a ladder; a step replays the smallest that fits,
-    padded. The graphs read their inputs from `inputs`, a static DecodeInputs that the runner fills before a replay
-    (padding rows: slot -1, context length 0 and temperature 0, so they write nowhere and attend to nothing).
+    """Decode captured as CUDA graphs, one per batch size on a ladder; a step replays the smallest that fits, padded.
+    The graphs read `inputs`, a static DecodeInputs that the runner fills (padding rows write and attend to nothing).
 
     With `sampled` (one GPU) a graph is the whole step: it takes the input id of each row whose last token the host
-    has not seen from `sampled` (the previous step's ids, sample_rows), runs the model and the LM head into
-    `logits`, and samples the temperature-only path into `sampled`, so a step costs the host one launch. The
-    logits stay for the sampler's other paths. Without (tensor parallelism: the LM head gathers to rank 0, which
-    broadcasts the ids), a graph stops at the hidden states and the runner does the rest."""
+    has not seen from `sampled` (the previous step's ids, sample_rows), runs the model and the LM head into `outputs`,
+    and samples the temperature-only path into `sampled`, so a step costs the host one launch; the logits stay for the
+    sampler's other paths. Without (tensor parallelism: the LM head gathers to rank 0, which broadcasts the ids), a
+    graph stops at the hidden states and the runner does the rest."""
 
     def __init__(self, model: nn.Module, inputs: DecodeInputs, backend, hidden_size: int, dtype: torch.dtype,
                  sampled: torch.Tensor | None = None, vocab_size: int = 0):
