@@ -75,8 +75,7 @@ class ModelConfig:
         return cls.from_dict(raw, source, dtype, generation, gguf_file)
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str, dtype: str = "auto", generation: dict | None = None,
-                  gguf_file: str | None = None) -> "ModelConfig":
+    def from_dict(cls, raw: dict, source: str, dtype: str, generation: dict, gguf_file: str | None) -> "ModelConfig":
         def field(key, types, ok, allowed, default=None):
             """raw[key], or `default` where it is missing or null; a key without a default must be there."""
             if key not in raw and default is None:
@@ -111,7 +110,7 @@ class ModelConfig:
                              f"supported; use one of {list(DTYPES)}")
         # What transformers' generate stops on: generation_config.json's eos when it has one, else config.json's.
         eos = _token_ids(raw.get("eos_token_id"), f"eos_token_id in {source}", vocab)
-        if "eos_token_id" in (generation or {}):
+        if "eos_token_id" in generation:
             eos = _token_ids(generation["eos_token_id"], f"eos_token_id in {source}'s generation_config.json", vocab)
         return cls(
             architecture=arch, **sizes,
