@@ -105,7 +105,7 @@ class Scheduler:
             if seq in queue:
                 queue.remove(seq)
         self.block_manager.deallocate(seq)
-        seq.drop_unbooked_tokens()
+        seq.num_tokens = len(seq.token_ids)     # booked tokens only: what a step launched after it sampled is dropped
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.finished_time = reason, perf_counter()
 
@@ -119,7 +119,7 @@ class Scheduler:
             completed = seq.num_computed_tokens == len(seq)
             token_indices.append(len(seq) if completed else -1)
             if completed:
-                seq.reserve_token()
+                seq.num_tokens += 1     # the place of the token this step samples, booked later by append_token
         return token_indices
 
     def postprocess(self, seqs: list[Sequence], token_indices: list[int], token_ids: list[int],

@@ -91,14 +91,6 @@ class Sequence:
         return [self, *self.held_samples]
 
     def append_token(self, token_id: int):
-        """Book a token: it takes the place reserved for it by `reserve_token`, or extends the sequence."""
+        """Book a token: it takes the place the scheduler reserved for it at launch, or extends the sequence."""
         self.token_ids.append(token_id)
         self.num_tokens = max(self.num_tokens, len(self.token_ids))
-
-    def reserve_token(self):
-        """The step just launched samples this sequence's next token; it is booked later by `append_token`."""
-        self.num_tokens += 1
-
-    def drop_unbooked_tokens(self):
-        """A finished sequence keeps its booked tokens only: what a speculative step sampled after it is dropped."""
-        self.num_tokens = len(self.token_ids)
