@@ -32,10 +32,9 @@ class LLM(LLMEngine):
                  use_tqdm: bool = True) -> list[dict]:
         """Complete every prompt; returns one dict per prompt, in input order, with "text", "token_ids" (the
         completion's), "prompt_token_ids", "finish_reason" ("stop" or "length"), "num_cached_tokens" (prompt tokens
-        served by the prefix cache) and, when asked for, "logprobs" (see SamplingParams.logprobs). With n > 1 it
-        also has "outputs": the n completions, each such a dict, the first being the one at the top level (vLLM's
-        RequestOutput.outputs). All requests are validated before any runs; if anything raises (Ctrl-C included),
-        this call's requests are aborted."""
+        served by the prefix cache) and, when asked for, "logprobs" (see SamplingParams.logprobs). With n > 1 it also
+        has "outputs": the n completions, each such a dict, the first being the one at the top level (vLLM's
+        RequestOutput.outputs). All requests are validated before any runs; Ctrl-C aborts them too."""
         requests = self._make_requests(prompts, sampling_params, stream=False)
         seqs = self._queue_samples(requests)
         try:

@@ -42,8 +42,7 @@ class ModelRunner:
 
     It owns the model, the KV cache and the CUDA graphs; it knows nothing of queues, requests or processes.
     With tensor parallelism every rank runs one, each holding its shard of the weights and its own KV heads;
-    only rank 0 samples. After start-up, `num_kvcache_blocks` and `max_model_len` say what the cache holds.
-    """
+    only rank 0 samples. After start-up, `num_kvcache_blocks` and `max_model_len` say what the cache holds."""
 
     def __init__(self, config: Config, eos_token_ids: frozenset[int] = frozenset()):
         self.config = config
