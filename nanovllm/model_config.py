@@ -140,8 +140,7 @@ def _architecture(raw: dict, source: str) -> str:
     by_type = {model_type: arch for arch, model_type in ARCHITECTURES.items()}
     arch = archs[0] if archs else by_type.get(raw.get("model_type"), f"model_type {raw.get('model_type')!r}")
     if arch not in ARCHITECTURES:
-        raise ValueError(f"architecture {arch!r} in {source} is not supported; "
-                         f"supported: {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"architecture {arch!r} in {source} is not supported; supported: {', '.join(ARCHITECTURES)}")
     return arch
 
 

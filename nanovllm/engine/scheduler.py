@@ -34,8 +34,7 @@ class Scheduler:
         its step or a later one, they find its prompt's full blocks in the prefix cache (published when its
         prefill is scheduled) and compute only the last partial block."""
         if len(seq.held_samples) != seq.sampling_params.n - 1:
-            raise ValueError(f"n={seq.sampling_params.n}: queue the first of Sequence.fork()'s samples, which holds "
-                             f"the others")
+            raise ValueError(f"n={seq.sampling_params.n}: queue Sequence.fork()'s first sample, which holds the others")
         self.waiting.extend([seq, *seq.held_samples])
         seq.held_samples = []
 

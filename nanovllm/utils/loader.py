@@ -65,9 +65,8 @@ def load_tokenizer(model_dir: str, gguf_file: str | None = None):
     try:
         return tokenizer_class(model_dir).from_pretrained(model_dir)
     except Exception as e:      # a broken file surfaces as a JSON, Unicode, Key or tokenizers error, among others
-        raise ValueError(f"the tokenizer in {model_dir!r} ({', '.join(present)}) does not load "
-                         f"({type(e).__name__}: {e}); re-download the tokenizer files, or remove them "
-                         f"to run on token ids only") from e
+        raise ValueError(f"the tokenizer in {model_dir!r} ({', '.join(present)}) does not load ({type(e).__name__}: "
+                         f"{e}); re-download the tokenizer files, or remove them to run on token ids only") from e
 
 
 def dummy_weights(config, device: torch.device) -> Iterator[tuple[str, str, torch.Tensor]]:
