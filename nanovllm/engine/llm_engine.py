@@ -122,10 +122,9 @@ class LLMEngine:
                     self.scheduler.finish(seq, "abort")
 
     def _step(self, on_launched: Callable[[], None] | None = None) -> StepOutput:
-        """One step: launch a batch, then book what is older than the overlap allows. Returns the sequences that
-        got a token (finished ones included) and the tokens launched. With nothing left to run (another thread's
-        step finished this caller's requests) it does nothing. `on_launched` runs between the launch and the wait
-        for the GPU: host work placed there overlaps the GPU instead of delaying the next launch."""
+        """One step: launch a batch, then book what is older than the overlap allows (see StepOutput). With nothing
+        left to run (another thread's step finished this caller's requests) it does nothing. `on_launched` runs between
+        the launch and the wait for the GPU: host work there overlaps the GPU instead of delaying the next launch."""
         with self._step_lock:
             advanced = self._book_results(self._steps_ahead)    # normally nothing: a step interrupted while waiting
             seqs, is_prefill = self.scheduler.schedule()
