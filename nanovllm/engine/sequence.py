@@ -79,8 +79,7 @@ class Sequence:
 
     def fork(self) -> list["Sequence"]:
         """The request's n samples (SamplingParams.n): this sequence, which carries the n - 1 others (`held_samples`)
-        to the scheduler (see Scheduler.add). Sample i has its own detokenizer and, as vLLM's, the seed seed + i, so
-        that seeded samples differ."""
+        to the scheduler (see Scheduler.add), each with its own detokenizer and seed (seed + i for sample i)."""
         sp = self.sampling_params
         for i in range(1, sp.n):
             sample = Sequence(self.prompt_token_ids, sp if sp.seed is None else replace(sp, seed=sp.seed + i))
