@@ -18,9 +18,8 @@ class SequenceStatus(Enum):
 class Sequence:
     """One request: its tokens (prompt then completion), its KV blocks and how far it has been computed.
 
-    With overlap scheduling a step is launched before the previous one's tokens reach the host, so a sequence may
-    have a token that is sampled (or being sampled) on the GPU but not booked yet: `len(seq)` counts it (it needs a
-    KV slot and the next step feeds it to the model), `token_ids` holds the booked tokens only."""
+    With overlap scheduling the last token may still be on the GPU, sampled but not booked: `len(seq)` counts it (it
+    needs a KV slot and the next step feeds it to the model), `token_ids` holds the booked tokens only."""
 
     def __init__(self, token_ids: list[int], sampling_params: SamplingParams = SamplingParams()):
         self.seq_id = next(_seq_ids)
