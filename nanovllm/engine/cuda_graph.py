@@ -103,7 +103,6 @@ class CUDAGraphs:
         return bool(self.graphs) and batch <= self.batch_sizes[-1]
 
     def padded_size(self, batch: int) -> int:
-        """The batch size of the graph that runs `batch` rows."""
         return next(bs for bs in self.batch_sizes if bs >= batch)
 
     def replay(self, batch: int) -> torch.Tensor:

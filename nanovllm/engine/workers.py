@@ -115,7 +115,6 @@ class WorkerPool:
     # ---- calls ----------------------------------------------------------------------------------------
 
     def send(self, name: str, args: tuple):
-        """Hand one call to every worker."""
         data = pickle.dumps((name, args), protocol=pickle.HIGHEST_PROTOCOL)
         if HEADER.size + len(data) > self.shm.size:
             raise RuntimeError(f"a {len(data)}-byte call does not fit the {self.shm.size}-byte call buffer")
