@@ -243,8 +243,7 @@ class ModelRunner:
     # ---- per step -------------------------------------------------------------------------------------
 
     def plan(self, batch: StepBatch) -> StepPlan:
-        """Eager for a prefill, without graphs or past the largest graph; else the graph that fits, whose own draw
-        (temperature only) is the answer unless a row needs the sampler's other paths."""
+        """Eager for a prefill, without graphs or past the largest graph; else the graph that fits (see StepPlan)."""
         if batch.is_prefill or self.graphs is None or not self.graphs.can_run(batch.num_seqs):
             return EAGER
         samples = (self.graphs.sampled is not None and batch.sampling is not None
