@@ -1,5 +1,3 @@
-"""The architecture a checkpoint describes, read from its config.json (or a GGUF file's metadata) and checked field by
-field at load, so that a wrong type or range is named there rather than failing in the middle of a generate."""
 import json
 import math
 import os
@@ -37,9 +35,10 @@ def _read_json(path: str) -> dict:
 
 @dataclass(slots=True)
 class ModelConfig:
-    """The architecture fields the engine needs, read straight from config.json rather than through transformers'
-    config classes, so that checkpoints of transformers 4.x (top-level `rope_theta`, `torch_dtype`) and 5.x
-    (`rope_parameters`, `dtype`) load the same way under either transformers version."""
+    """The architecture fields the engine needs, read from config.json (or a GGUF file's metadata) and checked field by
+    field at load, so that a wrong type or range is named there rather than failing in the middle of a generate; read
+    straight rather than through transformers' config classes, so that checkpoints of transformers 4.x (top-level
+    `rope_theta`, `torch_dtype`) and 5.x (`rope_parameters`, `dtype`) load the same way under either version."""
     architecture: str
     vocab_size: int
     hidden_size: int
