@@ -21,7 +21,7 @@ from nanovllm.models import MODELS
 from nanovllm.utils.context import Context, reset_context, set_context
 from nanovllm.utils.gguf_loader import gguf_weights
 from nanovllm.utils.loader import dummy_weights, load_model, safetensors_weights
-from nanovllm.utils.parallel import tp_rank, tp_size
+from nanovllm.utils.parallel import tp_size
 from nanovllm.utils.tensors import to_device
 
 
