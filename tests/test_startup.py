@@ -1,8 +1,7 @@
 """Start-up: Triton kernels compiled ahead in parallel (engine/compile_ahead.py) and the CUDA graph capture.
 
 On the CPU: compile_ahead is a no-op there and with NANOVLLM_COMPILE_AHEAD=0, falls back (a warning, False) on any
-failure, and skips launches only in the thread that discovers; a failed capture turns the garbage collector back on;
-the GIL switch interval is short only while the tokenizer loads.
+failure, and skips launches only in the thread that discovers; a failed capture turns the garbage collector back on.
 On a GPU: the same greedy tokens with and without it, and with an empty Triton cache nothing compiles on the main
 thread (every kernel was compiled on the pool, though the discovery pass ran two decoder layers), tiny
 and at real widths.
@@ -180,29 +179,6 @@ def test_a_discovery_pass_runs_the_first_two_layers_only_and_the_model_gets_all_
     with pytest.raises(RuntimeError), first_two_layers_only(model):
         raise RuntimeError("discovery failed")
     assert model.model.layers is layers and len(layers) == 4
-
-
-def test_the_gil_changes_hands_often_while_the_tokenizer_loads_and_as_before_after(qwen3_dir, monkeypatch):
-    """The short switch interval holds only while the tokenizer thread runs beside the model's load, and the default
-    comes back whether the engine starts or its tokenizer fails."""
-    from nanovllm import LLM
-    from nanovllm.engine import llm_engine
-    default, seen = sys.getswitchinterval(), []
-    real_load = llm_engine.load_tokenizer
-
-    def load(*args, fail=False):
-        seen.append(sys.getswitchinterval())
-        if fail:
-            raise ValueError("broken tokenizer")
-        return real_load(*args)
-    monkeypatch.setattr(llm_engine, "load_tokenizer", load)
-    llm = LLM(qwen3_dir, device="cpu", enforce_eager=True)
-    assert seen[-1] < default and sys.getswitchinterval() == default
-    llm.exit()
-    monkeypatch.setattr(llm_engine, "load_tokenizer", lambda *args: load(*args, fail=True))
-    with pytest.raises(ValueError, match="broken tokenizer"):
-        LLM(qwen3_dir, device="cpu", enforce_eager=True)
-    assert seen[-1] < default and sys.getswitchinterval() == default
 
 
 @cuda

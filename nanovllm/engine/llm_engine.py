@@ -1,10 +1,8 @@
 import atexit
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence as SequenceABC
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import fields
 from numbers import Integral
 from typing import NamedTuple
@@ -31,18 +29,6 @@ def _eos_of(tokenizer) -> tuple[int, ...]:
     return (tokenizer.eos_token_id,) if tokenizer is not None and tokenizer.eos_token_id is not None else ()
 
 
-@contextmanager
-def _short_gil_turns(seconds: float = 0.0005):
-    """Importing transformers is seconds of Python that holds the GIL; each time the main thread releases it (every
-    CUDA call, every tensor read) it would wait out the default 5 ms switch interval to get it back."""
-    default = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(default)
-
-
 class LLMEngine:
     """The core loop, as in nano-vllm: `add_request`, then `step` until `is_finished`. It owns the tokenizer, the
     scheduler and rank 0's executor (the model on every rank); requests are validated here, before any is queued.
@@ -62,7 +48,7 @@ class LLMEngine:
                                  config.kv_cache_dtype)
         # The tokenizer loads (importing transformers alone takes seconds) while the model loads and warms up,
         # unless the end-of-sequence ids must come from it.
-        with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool, _short_gil_turns():
+        with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
             tokenizer = pool.submit(load_tokenizer, config.model, config.model_config.gguf_file)
             eos = config.model_config.eos_token_ids or _eos_of(tokenizer.result())
             self.executor = Executor(config, frozenset(eos))
