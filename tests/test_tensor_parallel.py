@@ -279,7 +279,8 @@ if __name__ == "__main__":
     pids = [p.pid for p in llm.executor.pool.processes]
     print(json.dumps({"pids": pids, "shm": llm.executor.pool.shm.name}), flush=True)
     if mode == "generate":      # for the test to interrupt (one batch can take under a second on a GPU)
-        while True:
+        deadline = time.monotonic() + 120   # a child left by a killed pytest (its own session) stops by itself
+        while time.monotonic() < deadline:
             llm.generate(batch, long, use_tqdm=False)
     elif mode == "idle":        # for the test to kill: the workers sit waiting for a call, not in a collective
         time.sleep(60)
