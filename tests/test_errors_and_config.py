@@ -47,6 +47,18 @@ def test_mismatched_sampling_params_list(llm):
     assert all_free(llm)
 
 
+def test_add_request_with_n_samples_is_refused_and_the_engine_still_runs(llm):
+    """step() reports one completion per id, so n > 1 belongs to generate, chat and stream."""
+    with pytest.raises(ValueError, match="add_request runs one sample, got n=2; use generate"):
+        llm.add_request([5, 6, 7], SamplingParams(temperature=0.8, max_tokens=5, n=2))
+    assert all_free(llm) and llm.is_finished()
+    seq_id = llm.add_request([5, 6, 7], GREEDY)
+    finished = []
+    while not llm.is_finished():
+        finished += llm.step().finished
+    assert finished == [(seq_id, hf_greedy(llm.config.model, [5, 6, 7], 5))]
+
+
 def test_generate_empty_list(llm):
     assert llm.generate([], GREEDY) == []
 

@@ -76,6 +76,9 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
         """Queue one request; returns its sequence id (the key of its output from `step`)."""
         seq = self._make_sequence(prompt, sampling_params)
+        if seq.sampling_params.n != 1:      # step() reports one completion per id
+            raise ValueError(f"add_request runs one sample, got n={seq.sampling_params.n}; use generate, chat or "
+                             f"stream for n > 1, or add the prompt n times (with seeds seed, seed + 1, ...)")
         self._queue([seq])
         return seq.seq_id
 
