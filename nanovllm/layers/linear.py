@@ -56,10 +56,10 @@ class LinearBase(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
+# Config refuses a tensor_parallel_size that does not divide the heads and the intermediate size, before any layer
+# is built: the sizes split below are multiples of those.
 class ColumnParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        if output_size % tp_size():
-            raise ValueError(f"output size {output_size} is not divisible by tensor_parallel_size {tp_size()}")
         super().__init__(input_size, output_size // tp_size(), bias, 0)
 
 
@@ -80,11 +80,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
     """q, k and v projections (shards 0, 1 and 2) in one matmul; each rank holds its own query and KV heads."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
-        tp = tp_size()
-        if num_heads % tp or num_kv_heads % tp:
-            raise ValueError(f"{num_heads} attention heads and {num_kv_heads} KV heads must both be divisible "
-                             f"by tensor_parallel_size {tp}")
-        self.num_heads, self.num_kv_heads = num_heads // tp, num_kv_heads // tp
+        self.num_heads, self.num_kv_heads = num_heads // tp_size(), num_kv_heads // tp_size()
         super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], bias)
 
 
@@ -92,8 +88,6 @@ class RowParallelLinear(LinearBase):
     """`gated_input`: the input is [gate | up], taken as silu(gate) * up (SwiGLU, in the MLP's down projection)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, gated_input: bool = False):
-        if input_size % tp_size():
-            raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size {tp_size()}")
         super().__init__(input_size // tp_size(), output_size, bias, 1)
         self.gated_input = gated_input
 
