@@ -114,12 +114,11 @@ class BlockManager:
     def publish_blocks(self, seq: Sequence, num_tokens: int):
         """Make the full blocks among the first `num_tokens` tokens of `seq` findable by later prompts: tokens that are
         computed, or that the step being scheduled computes (launched at once, under the engine's step lock, so any step
-        that hits such a block runs after its KV is written; a later prompt of the same step reads it correctly too, as
-        every attention layer stores the whole step's K/V before it attends). Only booked tokens can be hashed (a decode
-        step's input may still be on the GPU): a block that decode fills is published when its token is booked. Blocks
-        fill in order: the unpublished ones are the last full ones."""
+        that hits such a block runs after its KV is written; for a prompt of that same step, see the scheduler). Only
+        booked tokens can be hashed (a decode step's input may still be on the GPU): a block decode fills is published
+        when its token is booked."""
         end = min(num_tokens, len(seq.token_ids)) // self.block_size
-        first = end
+        first = end     # blocks fill in order: the unpublished ones are the last full ones
         while first > 0 and self.blocks[seq.block_table[first - 1]].hash == -1:
             first -= 1
         prefix_hash = self.blocks[seq.block_table[first - 1]].hash if first else -1
