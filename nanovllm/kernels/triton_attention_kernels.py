@@ -82,39 +82,39 @@ def _widen(x, dtype: tl.constexpr, IN_REGISTERS: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, start, kv_len, kv_head, stride_page, stride_row, stride_head,
-                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The K and V tiles (cache dtype, [BLOCK_N, HEAD_DIM]) of tokens [start, start + BLOCK_N) of one sequence,
-    start < kv_len; rows at or beyond kv_len read as 0."""
-    page = tl.load(table_ptr + start // BLOCK_SIZE).to(tl.int64)     # int64: a layer's cache can pass 2**31 elements
-    rows = start % BLOCK_SIZE + tl.arange(0, BLOCK_N)
-    key_valid = (start + tl.arange(0, BLOCK_N)) < kv_len
-    offsets = page * stride_page + rows[:, None] * stride_row + kv_head * stride_head + tl.arange(0, HEAD_DIM)[None, :]
-    k = tl.load(k_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)
-    v = tl.load(v_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)
-    return k, v
+def _attend_kv_tiles(acc, m_i, l_i, q, q_pos, qk_scale, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, begin, end,
+                     kv_len, stride_page, stride_row, stride_head, CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False):
+    """Fold the K/V tiles of tokens [begin, end) of one sequence, end <= kv_len, into an online softmax; the cache's
+    tiles are widened to q's dtype (`_widen`: exact, and a no-op unless fp8). q: [M, HEAD_DIM] query rows; acc
+    [M, HEAD_DIM], m_i and l_i [M]: running output, max and sum (log2 domain). Keys at or beyond kv_len are masked
+    out; with CAUSAL, so are keys after each row's position q_pos [M]. Every tile starts below kv_len, so every row
+    sees at least one finite score once key 0 was seen."""
+    for start in range(begin, end, BLOCK_N):
+        # int64: a layer's cache can pass 2**31 elements
+        page = tl.load(table_ptr + start // BLOCK_SIZE).to(tl.int64)
+        rows = start % BLOCK_SIZE + tl.arange(0, BLOCK_N)
+        keys = start + tl.arange(0, BLOCK_N)
+        key_valid = keys < kv_len
+        offsets = (page * stride_page + rows[:, None] * stride_row + kv_head * stride_head
+                   + tl.arange(0, HEAD_DIM)[None, :])
+        k = tl.load(k_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)     # rows past kv_len read as 0
+        v = tl.load(v_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)
+        k, v = _widen(k, q.dtype, WIDEN_K), _widen(v, q.dtype, WIDEN_V)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        allowed = key_valid[None, :]
+        if CAUSAL:
+            allowed = allowed & (keys[None, :] <= q_pos[:, None])
+        qk = tl.where(allowed, qk, float("-inf"))
 
-
-@triton.jit
-def _attend_kv_tile(acc, m_i, l_i, q, k, v, start, kv_len, q_pos, qk_scale,
-                    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold the K/V tile (in q's dtype) of tokens [start, start + BLOCK_N) of one sequence into an online softmax.
-    q: [M, HEAD_DIM] query rows; acc [M, HEAD_DIM], m_i and l_i [M]: running output, max and sum (log2 domain).
-    Keys at or beyond kv_len are masked out; with CAUSAL, so are keys after each row's position q_pos [M].
-    The caller guarantees start < kv_len, so every row sees at least one finite score once key 0 was seen."""
-    keys = start + tl.arange(0, BLOCK_N)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    allowed = (keys < kv_len)[None, :]
-    if CAUSAL:
-        allowed = allowed & (keys[None, :] <= q_pos[:, None])
-    qk = tl.where(allowed, qk, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)                 # rescales what was accumulated under the old max
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)                 # rescales what was accumulated under the old max
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -152,18 +152,13 @@ def prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, c
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Keys before first_pos + 1 are visible to every row of the tile: those tiles skip the causal mask.
     unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
-    # An fp8 cache is widened to q's dtype (exact; float16 for a 16-bit model) for tl.dot; else it is a no-op.
-    for start in range(0, unmasked_end, BLOCK_N):
-        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, start, context_len, kv_head, stride_page,
-                             stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
-        acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, k.to(q.dtype), v.to(q.dtype), start, context_len, q_pos,
-                                        qk_scale, False, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _attend_kv_tiles(acc, m_i, l_i, q, q_pos, qk_scale, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, 0,
+                                     unmasked_end, context_len, stride_page, stride_row, stride_head, False,
+                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION)
     causal_end = tl.minimum(context_len, first_pos + BLOCK_M)
-    for start in range(unmasked_end, causal_end, BLOCK_N):
-        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, start, context_len, kv_head, stride_page,
-                             stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
-        acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, k.to(q.dtype), v.to(q.dtype), start, context_len, q_pos,
-                                        qk_scale, True, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _attend_kv_tiles(acc, m_i, l_i, q, q_pos, qk_scale, k_cache_ptr, v_cache_ptr, table_ptr, kv_head,
+                                     unmasked_end, causal_end, context_len, stride_page, stride_row, stride_head, True,
+                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION)
 
     out = acc / l_i[:, None]
     if KV_FP8:
@@ -212,11 +207,9 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    for tile_start in range(start, end, BLOCK_N):
-        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, tile_start, context_len, kv_head, stride_page,
-                             stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
-        acc, m_i, l_i = _attend_kv_tile(acc, m_i, l_i, q, _widen(k, q.dtype, WIDEN_K), _widen(v, q.dtype, WIDEN_V),
-                                        tile_start, context_len, group_rows, qk_scale, False, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _attend_kv_tiles(acc, m_i, l_i, q, group_rows, qk_scale, k_cache_ptr, v_cache_ptr, table_ptr,
+                                     kv_head, start, end, context_len, stride_page, stride_row, stride_head, False,
+                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION, WIDEN_K, WIDEN_V)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)       # no keys: acc is 0, m_i is -inf, so out = 0 and lse = -inf
     out = acc / l_safe[:, None]
