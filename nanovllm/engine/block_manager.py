@@ -17,7 +17,6 @@ class Block:
 
 
 def chain_hash(token_ids: list[int], prefix_hash: int = -1) -> int:
-    """Hash of a full block: its token ids chained with the previous block's hash."""
     h = xxhash.xxh64()
     if prefix_hash != -1:
         h.update(prefix_hash.to_bytes(8, "little"))
@@ -42,7 +41,6 @@ class BlockManager:
         return len(self.free_block_ids)
 
     def num_blocks(self, seq: Sequence) -> int:
-        """Blocks `seq` needs for all its tokens."""
         return -(-len(seq) // self.block_size)
 
     def _block_tokens(self, seq: Sequence, i: int) -> list[int]:
@@ -103,11 +101,9 @@ class BlockManager:
         seq.num_computed_tokens = 0
 
     def can_append(self, seq: Sequence) -> bool:
-        """Whether the next decode step of `seq` can get the block it may need."""
         return len(seq.block_table) >= self.num_blocks(seq) or self.num_free_blocks >= 1
 
     def may_append(self, seq: Sequence):
-        """Before a decode step: add a block when the token to compute starts a new one."""
         if len(seq.block_table) < self.num_blocks(seq):
             seq.block_table.append(self._take_free_block())
 

@@ -104,7 +104,6 @@ class LLMEngine:
                 self.scheduler.add(seq)
 
     def _abort(self, seqs: list[Sequence]):
-        """End these requests wherever they are (unfinished ones only) and free their blocks."""
         with self._step_lock:
             for seq in seqs:
                 if not seq.is_finished:

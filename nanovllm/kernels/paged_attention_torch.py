@@ -16,7 +16,6 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """What an fp8 cache slice stands for (x * scale, in float32); other caches are returned as they are."""
     return x.float() * scale if x.dtype == FP8 else x
 
 

@@ -44,7 +44,6 @@ DECODE_ORDER_MIN_BATCH = 32     # decode_order: below this the rows are not sort
 
 
 def check_block_size(block_size: int) -> None:
-    """Raise ValueError unless the kernels can tile a page of `block_size` tokens (a power of two >= 16)."""
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"the Triton attention backend needs kvcache_block_size to be a power of two >= 16 "
                          f"(KV tiles must not straddle a page and tl.dot needs 16-row tiles), got {block_size}")
@@ -118,7 +117,6 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_launch(kv_dtype: torch.dtype) -> DecodeLaunch:
-    """How the decode kernel is launched over a cache of `kv_dtype`."""
     return DECODE_LAUNCH[kv_dtype.itemsize]
 
 

@@ -33,7 +33,6 @@ def get_context() -> Context:
 
 
 def set_context(ctx: Context) -> None:
-    """Make `ctx` this thread's current step metadata, after its backend has prepared it."""
     if ctx.backend is not None:
         ctx.backend.prepare(ctx)
     _current.ctx = ctx
