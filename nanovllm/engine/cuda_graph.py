@@ -20,7 +20,6 @@ class CUDAGraphs:
 
     def __init__(self, model: nn.Module, inputs: DecodeInputs, backend, hidden_size: int, dtype: torch.dtype,
                  sampled: torch.Tensor | None = None, vocab_size: int = 0):
-        """`backend`: the attention backend, whose per-step `prepare` is captured with each graph."""
         self.model, self.inputs, self.backend, self.sampled = model, inputs, backend, sampled
         max_bs, device = inputs.rows, inputs.buffer.device
         # Each size costs start-up a discovery run and a capture, while padding a step costs little (padding rows
@@ -34,6 +33,7 @@ class CUDAGraphs:
 
     def _forward(self, bs: int):
         inputs = self.inputs
+        # set_context runs the attention backend's per-step `prepare`, which each graph so captures too.
         set_context(Context(is_prefill=False, slot_mapping=inputs.slot_mapping[:bs],
                             context_lens=inputs.context_lens[:bs], block_tables=inputs.block_tables[:bs],
                             backend=self.backend))

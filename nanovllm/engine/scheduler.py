@@ -16,10 +16,9 @@ class Scheduler:
     is preempted (its blocks are freed and it is recomputed later: cheap while its prefix is still cached)."""
 
     def __init__(self, config: Config, num_kvcache_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
-        """`num_kvcache_blocks` and `max_model_len`: what the runner's cache holds (it may lower max_model_len)."""
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.max_model_len = max_model_len
+        self.max_model_len = max_model_len      # the runner's: below the configured one when its cache holds fewer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(num_kvcache_blocks, config.kvcache_block_size)
         self.waiting: deque[Sequence] = deque()

@@ -55,7 +55,6 @@ class WorkerPool:
     """Spawns ranks 1..N-1, sends them each call, notices when one dies, and shuts them down."""
 
     def __init__(self, config: Config, on_abort=lambda: None):
-        """`on_abort` drops rank 0's CUDA graphs when a dead worker's NCCL group is aborted (see `_abort_nccl`)."""
         if dist.is_initialized():
             raise RuntimeError("this process already has a torch.distributed process group (another "
                                "tensor-parallel LLM?); call exit() on that LLM first")
@@ -65,7 +64,7 @@ class WorkerPool:
         self.calls = 0
         self.lock = threading.Lock()
         self.aborted = False                # the NCCL group was aborted (a worker died)
-        self.on_abort = on_abort
+        self.on_abort = on_abort            # drops rank 0's CUDA graphs when the group is aborted (see `_abort_nccl`)
         self.errors: dict[int, str] = {}    # rank -> the traceback it sent before exiting
         self.processes, self.conns, self.wakeups = [], [], []
         self.nccl = config.device == "cuda"
