@@ -31,6 +31,7 @@ class AttentionBackend:
     context_lens[i] cached tokens), which return [tokens, heads, head_dim]. The base class runs `kernels`, a module
     of paged_attention_torch's functions."""
     name: ClassVar[str]
+    needs_cuda: ClassVar[bool] = True
     supports_fp8: ClassVar[bool] = False        # can read and write a float8_e4m3fn cache
     supports_cuda_graphs: ClassVar[bool] = True     # decode never syncs with the host, so it can be captured
     fuses_kv_store: ClassVar[bool] = False      # its store is our Triton kernel, which the rotary kernel runs inline
@@ -38,7 +39,7 @@ class AttentionBackend:
 
     @classmethod
     def check(cls, device: str, block_size: int, fp8: bool) -> None:
-        if device != "cuda":
+        if cls.needs_cuda and device != "cuda":
             raise ValueError(f"attention_backend={cls.name!r} needs a CUDA GPU; on {device} use 'torch' or 'auto'")
         if fp8 and not cls.supports_fp8:
             raise ValueError(f"kv_cache_dtype='fp8' does not run on the {cls.name} backend; "
@@ -65,11 +66,7 @@ class AttentionBackend:
 class TorchBackend(AttentionBackend):
     """Plain PyTorch: runs anywhere and is the reference the kernels are tested against. Its store syncs with the
     host (boolean indexing), so it is never captured in a CUDA graph."""
-    name, supports_fp8, supports_cuda_graphs = "torch", True, False
-
-    @classmethod
-    def check(cls, device: str, block_size: int, fp8: bool) -> None:
-        pass
+    name, needs_cuda, supports_fp8, supports_cuda_graphs = "torch", False, True, False
 
 
 class TritonBackend(AttentionBackend):
