@@ -188,10 +188,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warmup_kernels(self):
-        """One real prefill and eager decode through the attention backend and the Triton layers, so their
-        JIT compilation happens at start-up instead of stalling the first requests (seconds on a GPU).
-
-        The cache holds nothing yet, so any blocks will do; the sampled tokens are thrown away."""
+        """One real prefill and eager decode through the attention backend and the Triton layers, so that their JIT
+        compilation happens at start-up, not in the first requests (seconds on a GPU); any cache blocks will do."""
         vocab = self.config.model_config.vocab_size
         seq = Sequence([i % vocab for i in range(min(self.max_model_len - 1, 2 * self.block_size + 1))])
         for is_prefill in (True, False):
@@ -298,8 +296,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        """The logits of a prepared step (None on ranks other than 0); a graph with a sampler also leaves its
-        draw in graphs.sampled."""
+        """A prepared step's logits, None on ranks other than 0 (a sampling graph also draws into graphs.sampled)."""
         if not plan.graph_size:
             return self.model.compute_logits(self.model(input_ids, positions))
         out = self.graphs.replay(input_ids.size(0))     # inputs from prepare_decode
@@ -355,14 +352,13 @@ def first_two_layers_only(model: torch.nn.Module):
 
 
 def _fill_decode_inputs(host: DecodeInputs, batch: StepBatch, padded: int):
-    """Rows n..padded are graph padding: token 0 at position 0, writing to slot -1, attending to nothing.
-    (Through one numpy view of the buffer: a decode step's host time is on the critical path at batch 1.)"""
     n, rows, width = batch.num_seqs, host.rows, batch.block_tables.shape[1]
-    buffer = host.buffer.numpy()
+    buffer = host.buffer.numpy()    # one numpy view: a decode step's host time is on the critical path at batch 1
     fields = buffer[:DecodeInputs.NUM_FIELDS * rows].reshape(DecodeInputs.NUM_FIELDS, rows)
     for i, values in enumerate((batch.input_ids, batch.sample_rows, batch.positions, batch.slot_mapping,
                                 batch.context_lens)):
         fields[i, :n] = values
+    # Rows n..padded are graph padding: token 0 at position 0, writing to slot -1, attending to nothing.
     fields[:, n:padded] = 0
     fields[1, n:padded] = fields[3, n:padded] = -1
     fields[5].view(np.float64)[:n] = ([p.temperature for p in batch.sampling.params] if batch.sampling is not None
