@@ -1,5 +1,4 @@
-"""Qwen3 (q/k RMSNorm, no qkv bias), Qwen2 (qkv bias, no q/k norm) and Llama / Mistral (neither): one pre-norm
-decoder, switched by the config."""
+"""Qwen3 (q/k RMSNorm), Qwen2 (qkv bias) and Llama / Mistral (neither): one pre-norm decoder, switched by the config."""
 import torch
 from torch import nn
 
