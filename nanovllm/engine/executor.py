@@ -35,9 +35,8 @@ class Executor:
             self.runner.graphs.clear()
 
     def exit(self):
-        """Free rank 0's CUDA graphs before the workers (and the NCCL group) go. After a worker died a replay may
-        still be stuck on it: CUDA frees such a graph once it finishes, so only a healthy engine waits for the GPU."""
-        if self.runner is not None:
+        """Free rank 0's CUDA graphs before the workers (and the NCCL group) go (see ModelRunner.exit)."""
+        if self.runner is not None:     # after a worker died a replay may be stuck: CUDA frees its graph once it ends
             self.runner.exit(synchronize=self.pool is None or self.pool.failure is None)
         if self.pool is not None:
             self.pool.close()

@@ -16,7 +16,6 @@ class SamplingRows:
     seqs: list[Sequence] | None
 
     def __getstate__(self):
-        """A pickled batch ships no token history: the sequences stay with rank 0, which samples."""
         return None, {"params": self.params, "output_lens": self.output_lens, "seqs": None}   # (dict, slots)
 
 

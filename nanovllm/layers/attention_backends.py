@@ -64,8 +64,7 @@ class AttentionBackend:
 
 
 class TorchBackend(AttentionBackend):
-    """Plain PyTorch: runs anywhere and is the reference the kernels are tested against. Its store syncs with the
-    host (boolean indexing), so it is never captured in a CUDA graph."""
+    """Plain PyTorch (kernels/paged_attention_torch.py) on any device; its store syncs with the host: no CUDA graph."""
     name, needs_cuda, supports_fp8, supports_cuda_graphs = "torch", False, True, False
 
 

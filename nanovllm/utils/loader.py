@@ -99,9 +99,8 @@ def dummy_weights(config, device: torch.device) -> Iterator[tuple[str, str, torc
 
 
 def load_model(model: nn.Module, weights: Iterator[tuple[str, str, torch.Tensor]], source: str):
-    """Copy checkpoint tensors into `model`, renamed by its `checkpoint_names` (checkpoint name part -> (ours, shard
-    id): q/k/v and gate/up go into their packed parameters). Every tensor must land on a parameter of the right
-    shape and every parameter must be filled, else a ValueError names it (rather than leaving a half-loaded model)."""
+    """Copy checkpoint tensors into `model`, renamed by its `checkpoint_names` (see Qwen3ForCausalLM). Every tensor
+    must land on a parameter of the right shape and every parameter must be filled, else a ValueError names it."""
     renames = getattr(model, "checkpoint_names", {})
     params = dict(model.named_parameters())     # a tied weight appears once, under its first name
     loaded: dict[str, set] = {name: set() for name in params}
