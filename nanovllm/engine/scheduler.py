@@ -70,8 +70,8 @@ class Scheduler:
         kept: list[Sequence] = []       # the running ones not preempted, in order
         while self.running and len(scheduled) < self.max_num_seqs:
             seq = self.running.popleft()
-            if self._has_last_token(seq):
-                kept.append(seq)    # its last token is on the GPU: it finishes when that is booked
+            if len(seq) - seq.num_prompt_tokens >= seq.sampling_params.max_tokens or len(seq) >= self.max_model_len:
+                kept.append(seq)    # its last token by length is on the GPU: it finishes when that is booked
                 continue
             while not self.block_manager.can_append(seq):
                 if self.running:
@@ -86,10 +86,6 @@ class Scheduler:
                 kept.append(seq)
         self.running.extendleft(reversed(kept))
         return scheduled
-
-    def _has_last_token(self, seq: Sequence) -> bool:
-        """Whether `seq` already has (booked or on the GPU) the token that ends it by length."""
-        return len(seq) - seq.num_prompt_tokens >= seq.sampling_params.max_tokens or len(seq) >= self.max_model_len
 
     def preempt(self, seq: Sequence):
         self.num_preemptions += 1
