@@ -60,16 +60,15 @@ class Attention(nn.Module):
         self.kv = PagedKV(k_cache, v_cache, self.k_scale, self.v_scale)
 
 
+# e4m3 rounds its whole normal range with the same relative error (at most 2^-4), so a power-of-two headroom changes
+# no rounding there; it only lets values ~28,000 / headroom x below the largest fall into subnormals, while a value
+# past 448 * scale would saturate: activations may exceed the warm-up's amax 4x unclipped.
 KV_SCALE_HEADROOM = 4.0
 
 
 def set_kv_scales(layers: list[Attention]) -> None:
     """Per layer, scales mapping KV_SCALE_HEADROOM x the amax of K (of V) seen by the warm-up forward to 448, fp8's
-    largest value; 1.0 (vLLM's default) where nothing was measured. Only fp8 caches read them.
-
-    Why: e4m3 rounds its whole normal range with the same relative error (at most 2^-4), so a power-of-two headroom
-    changes no rounding there; it only lets values ~28,000 / headroom x below the largest fall into subnormals,
-    while a value past 448 * scale would saturate: activations may exceed the warm-up's amax 4x unclipped. Per
-    tensor, not per head: one multiply per row in the kernels."""
+    largest value; 1.0 (vLLM's default) where nothing was measured. Only fp8 caches read them. Per tensor, not per
+    head: one multiply per row in the kernels."""
     for layer in layers:
         layer.kv_scales.copy_(torch.where(layer.kv_amax > 0, layer.kv_amax * KV_SCALE_HEADROOM / FP8_MAX, 1.0))
