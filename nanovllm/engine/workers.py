@@ -189,14 +189,14 @@ class WorkerPool:
         self.failure = self._death_report() or self.failure
 
     def _abort_nccl(self):
-        """Abort the NCCL group, once: a second abort from another thread would wait on the first.
-        NCCL's abort tells every kernel stuck on the dead peer to quit, then waits, holding the group's lock, until
-        each CUDA graph that captured its collectives is destroyed. So rank 0's graphs are dropped too, on a thread
-        of their own in case CUDA makes that wait for the stuck kernels (a graph mid-replay is freed once they quit)."""
+        """Abort the NCCL group, once: a second abort from another thread would wait on the first."""
         with self.lock:
             if not self.nccl or self.aborted:
                 return
             self.aborted = True
+        # NCCL's abort tells every kernel stuck on the dead peer to quit, then waits, holding the group's lock, until
+        # each CUDA graph that captured its collectives is destroyed. So rank 0's graphs are dropped too, on a thread
+        # of their own in case CUDA makes that wait for the stuck kernels (a graph mid-replay is freed once they quit).
         threading.Thread(target=self.on_abort, name="nanovllm-tp-drop-graphs", daemon=True).start()
         _leave_group(dist.distributed_c10d._abort_process_group)    # experimental, but there is no public API
 
