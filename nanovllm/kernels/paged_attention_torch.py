@@ -39,9 +39,10 @@ def gather_kv(k_cache, v_cache, block_table, length: int, k_scale, v_scale) -> l
 
 def _attend(q, k, v, scale, offset: int | None = 0):
     """Attention of q [Hq, Lq, D] over k/v [Hkv, Lk, D] (Hq a multiple of Hkv) through torch's fused kernel. Query j
-    sits at key position offset + j and sees keys up to it (causal); offset None: sees all keys. (Torch's fused
-    kernels, flash on CUDA and on the CPU, take only 4-D inputs with as many K/V heads as query heads; anything else,
-    enable_gqa included, falls back to the math path, which builds every [Lq, Lk] score matrix: ~8x slower on CPU.)"""
+    sits at key position offset + j and sees keys up to it (causal); offset None: sees all keys."""
+    # Torch's fused kernels, flash on CUDA and on the CPU, take only 4-D inputs with as many K/V heads as query heads;
+    # anything else, enable_gqa included, falls back to the math path, which builds every [Lq, Lk] score matrix: ~8x
+    # slower on CPU.
     group = q.shape[0] // k.shape[0]
     q, k, v = q[None], k.repeat_interleave(group, 0)[None], v.repeat_interleave(group, 0)[None]
     mask = None if not offset else (
