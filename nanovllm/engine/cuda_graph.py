@@ -88,9 +88,9 @@ class CUDAGraphs:
             # After an error inside `torch.cuda.graph`, torch may leave the capture stream current and the CUDA RNG
             # believing it is still capturing (every later random op then raises). An empty capture resets the RNG.
             torch.cuda.set_stream(torch.cuda.default_stream())
-            with suppress(Exception):   # nothing more can be done here; the caller needs to see the original error
-                with torch.cuda.graph(torch.cuda.CUDAGraph()):
-                    pass
+            # If that fails too, nothing more can be done here: the caller needs to see the original error.
+            with suppress(Exception), torch.cuda.graph(torch.cuda.CUDAGraph()):
+                pass
             torch.cuda.synchronize()
             raise RuntimeError(f"CUDA graph capture failed ({type(e).__name__}: {e}); "
                                f"pass enforce_eager=True to run without CUDA graphs") from e
