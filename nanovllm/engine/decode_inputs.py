@@ -3,10 +3,7 @@ import torch
 
 class DecodeInputs:
     """A decode batch's inputs as views of one int64 buffer, so that the host fills one pinned array and a step
-    costs one copy to the GPU. With CUDA graphs the buffer is the graphs' static input, copied into directly.
-
-    Layout, `rows` per field: input ids | previous-step rows (StepBatch.sample_rows) | positions | KV slots | context
-    lengths | temperatures (float64 bits) | block tables (rows x width)."""
+    costs one copy to the GPU. With CUDA graphs the buffer is the graphs' static input, copied into directly."""
     NUM_FIELDS = 6
 
     def __init__(self, buffer: torch.Tensor, rows: int, width: int):
