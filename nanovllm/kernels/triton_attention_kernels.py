@@ -23,9 +23,10 @@ FP8_MAX = tl.constexpr(448.0)     # float8_e4m3fn's largest finite value; it has
 
 @triton.jit
 def _query_for_fp8_cache(q):
-    """A 16-bit query in float16 for an fp8 cache: e4m3 widens to float16 in one instruction per pair (to bfloat16
-    it goes through float32), and the widening is a large share of the decode kernel's work. Exact for bf16 values
-    of magnitude 6e-5..65504 (float16 has more mantissa bits); a normed query lies well inside. float32 stays."""
+    """A 16-bit query in float16 for an fp8 cache; float32 stays."""
+    # e4m3 widens to float16 in one instruction per pair (to bfloat16 it goes through float32), and the widening is a
+    # large share of the decode kernel's work. Exact for bf16 values of magnitude 6e-5..65504 (float16 has more
+    # mantissa bits); a normed query lies well inside.
     return q.to(tl.float16 if q.dtype == tl.bfloat16 else q.dtype)
 
 
@@ -177,15 +178,16 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
                         WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
                         seq_order_ptr=None, ORDERED: tl.constexpr = False):
     """Grid (sequences, KV heads, splits): all query heads of one KV group against one split of the KV range.
-    Each sequence's own context is cut into num_splits equal runs of whole tiles, so every program of a sequence
-    gets the same share whatever its length. Writes the split's normalised output and its log2-sum-exp; a split
-    with no keys (short context, or context_len 0 on a padded CUDA-graph row) writes 0 and -inf. ORDERED: the
-    programs of grid row i work on sequence seq_order[i] (a permutation of the rows): the GPU dispatches blocks in
-    about grid order (observed, not promised by CUDA), so the caller can start the longest contexts first."""
+    Writes the split's normalised output and its log2-sum-exp; a split with no keys (short context, or context_len 0
+    on a padded CUDA-graph row) writes 0 and -inf. ORDERED: grid row i works on sequence seq_order[i]."""
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # The GPU dispatches blocks in about grid order (observed, not promised by CUDA), so with seq_order (a permutation
+    # of the rows) the caller can start the longest contexts first.
     if ORDERED:
         seq = tl.load(seq_order_ptr + seq)
     context_len = tl.load(context_lens_ptr + seq)
+    # Each sequence's own context is cut into num_splits equal runs of whole tiles, so every program of a sequence
+    # gets the same share whatever its length.
     num_tiles = (context_len + BLOCK_N - 1) // BLOCK_N
     split_len = (num_tiles + num_splits - 1) // num_splits * BLOCK_N
     start = split * split_len
