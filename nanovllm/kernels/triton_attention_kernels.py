@@ -124,11 +124,11 @@ def prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, c
                    stride_page, stride_row, stride_head, table_stride,
                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   # the fp8 arguments last, with defaults: the anchor's flash_attn shim calls the bf16 signature
                    k_scale_ptr=None, v_scale_ptr=None, KV_FP8: tl.constexpr = False):
     """Grid (query tiles, sequences, query heads): BLOCK_M new tokens of one sequence and head, causal over its cache.
-    Query row j of sequence i sits at absolute position context_len - q_len + j, so a cached prefix or earlier
-    chunks (already in the cache) are attended without any copy. The fp8 arguments come last, with defaults, so
-    that callers of the bf16 signature (the anchor's flash_attn shim) keep working."""
+    Query row j of sequence i sits at absolute position context_len - q_len + j, so a cached prefix or earlier chunks
+    (already in the cache) are attended without any copy."""
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
