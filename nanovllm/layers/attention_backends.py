@@ -15,8 +15,7 @@ from nanovllm.utils.context import Context
 
 @dataclass(slots=True)
 class PagedKV:
-    """One layer's share of the paged cache. An fp8 cache holds K / k_scale and V / v_scale (float32 device tensors
-    of one element, so that CUDA graphs read the calibrated values); other caches ignore the scales."""
+    """One layer's share of the paged cache, with the scales an fp8 cache is read with (see set_kv_scales)."""
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     k_scale: torch.Tensor
