@@ -132,7 +132,6 @@ def _token_ids(value, name: str, vocab: int) -> list[int]:
 
 
 def _architecture(raw: dict, source: str) -> str:
-    """`architectures[0]`, or the architecture of `model_type` when the list is missing or empty."""
     archs = raw.get("architectures")
     if archs is not None and not isinstance(archs, list):
         raise ValueError(f"'architectures' in {source} must be a list of names, got {archs!r}")

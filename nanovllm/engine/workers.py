@@ -52,8 +52,6 @@ def _leave_group(how):
 
 
 class WorkerPool:
-    """Spawns ranks 1..N-1, sends them each call, notices when one dies, and shuts them down."""
-
     def __init__(self, config: Config, on_abort=lambda: None):
         if dist.is_initialized():
             raise RuntimeError("this process already has a torch.distributed process group (another "

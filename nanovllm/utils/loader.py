@@ -13,7 +13,6 @@ from nanovllm.utils.gguf_loader import gguf_tokenizer
 
 
 def copy_shard(target: torch.Tensor, shard: torch.Tensor):
-    """Copy a checkpoint tensor (or this rank's shard of one) into a parameter, or a slice of one, of its shape."""
     if target.shape != shard.shape:
         raise ValueError(f"expected a tensor of shape {tuple(target.shape)}, got {tuple(shard.shape)}")
     target.data.copy_(shard)
