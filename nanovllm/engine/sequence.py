@@ -55,11 +55,6 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
-    def input_is_pending(self) -> bool:
-        """Whether the last token, the one a decode step feeds to the model, is still on the GPU (unbooked)."""
-        return len(self.token_ids) < self.num_tokens
-
-    @property
     def prompt_token_ids(self):
         return self.token_ids[:self.num_prompt_tokens]
 

@@ -56,7 +56,7 @@ class StepBatch:
             cu_seqlens_q, sample_rows = np.concatenate([[0], np.cumsum(query_lens)]), np.full(n, -1, np.int64)
         else:   # one token a row: the last booked one, or the previous step's sample still on the GPU
             rows = {s.seq_id: i for i, s in enumerate(previous_step)}
-            pending = [s.input_is_pending for s in seqs]
+            pending = [len(s.token_ids) < len(s) for s in seqs]     # the last token is not booked yet
             input_ids = np.array([0 if p else s.last_token for s, p in zip(seqs, pending)], np.int64)
             sample_rows = np.array([rows[s.seq_id] if p else -1 for s, p in zip(seqs, pending)], np.int64)
             context_lens = np.fromiter(map(len, seqs), np.int64, n)
