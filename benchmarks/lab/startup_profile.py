@@ -80,8 +80,10 @@ def child(args):
     llm_engine.load_tokenizer = tokenizer_span(llm_engine.load_tokenizer)
     runner = model_runner.ModelRunner
     for method, phase in (("_load_model", "load"), ("_calibrate", "warmup"), ("_allocate_kv_cache", "kv"),
-                          ("warmup_kernels", "kernels"), ("_cuda_graphs", "capture")):
+                          ("warmup_kernels", "kernels")):
         setattr(runner, method, timed(getattr(runner, method), phase))
+    from nanovllm.engine import cuda_graph
+    cuda_graph.CUDAGraphs.capture = timed(cuda_graph.CUDAGraphs.capture, "capture")
     if hasattr(model_runner, "compile_ahead"):      # (not in an --old tree)
         model_runner.compile_ahead = timed(model_runner.compile_ahead, "ahead")
 
