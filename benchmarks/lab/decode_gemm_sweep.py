@@ -3,7 +3,7 @@ distinct weights, one CUDA graph, attention left out): cuBLAS behind the separat
 (today's path from 3 rows), against a Triton GEMM (tensor cores, Triton's software pipelining, launched with PDL) with
 the norm, residual add and gate fused, over its launch parameters. Microseconds per layer.
 
-Measured on the H200 (docs/BENCHMARKS.md, 2026-12-03 fourth session): 2.6x slower than cuBLAS at 16 rows. gemv.py's
+Measured on the H200 (docs/H200_LOG.md, 2026-12-03 fourth session): 2.6x slower than cuBLAS at 16 rows. gemv.py's
 kernel on tensor cores (commit before this file's last, `DOT`), its weight slices held in registers ahead of the
 PDL wait, was 2-7x slower at 4-256 rows with slices of 64-256 and 3.5-4.3x with 512-2048.
 
