@@ -32,7 +32,7 @@ def child(args):
     t1 = time.perf_counter()
     from nanovllm import LLM
     t2 = time.perf_counter()
-    from nanovllm.engine import llm_engine, model_runner
+    from nanovllm.engine import cuda_graph, llm_engine, model_runner
     if args.import_transformers_first:      # the main thread's own start-up, without the tokenizer thread's import
         start = time.perf_counter()
         import transformers
@@ -82,7 +82,6 @@ def child(args):
     for method, phase in (("_load_model", "load"), ("_calibrate", "warmup"), ("_allocate_kv_cache", "kv"),
                           ("warmup_kernels", "kernels")):
         setattr(runner, method, timed(getattr(runner, method), phase))
-    from nanovllm.engine import cuda_graph
     cuda_graph.CUDAGraphs.capture = timed(cuda_graph.CUDAGraphs.capture, "capture")
     if hasattr(model_runner, "compile_ahead"):      # (not in an --old tree)
         model_runner.compile_ahead = timed(model_runner.compile_ahead, "ahead")
