@@ -5,6 +5,7 @@ import shutil
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,8 @@ def llm(qwen3_dir):
     ([[5, 384]], "outside the vocabulary"),
     ([[5, -1]], "outside the vocabulary"),
     ([[5, 6.0]], "list of token ids"),
+    ([[5, True]], "got a bool among its ids"),
+    ([[np.int64(5), 6.0]], "got a float among its ids"),
     ("hello", "must be a list"),
 ])
 def test_bad_prompts_raise_before_any_work(llm, prompts, message):
@@ -39,6 +42,13 @@ def test_bad_prompts_raise_before_any_work(llm, prompts, message):
         llm.generate([good] + list(prompts) if isinstance(prompts, list) else prompts, GREEDY, use_tqdm=False)
     assert all_free(llm)        # the valid prompt next to the bad one was not queued either
     assert llm.generate([good], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(llm.config.model, good, 5)
+
+
+def test_numpy_integer_ids_are_token_ids(llm):
+    expected = llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0]
+    out = llm.generate([[np.int32(5), 6, np.int64(7)]], GREEDY, use_tqdm=False)[0]
+    assert out["token_ids"] == expected["token_ids"] and out["prompt_token_ids"] == [5, 6, 7]
+    assert all(type(t) is int for t in out["prompt_token_ids"])
 
 
 def test_mismatched_sampling_params_list(llm):
