@@ -15,6 +15,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import os
+import re
 import sys
 import types
 
@@ -569,11 +570,12 @@ def qwen3_kernel_configs(fp8: bool):
         "decode": (k.decode_split_kernel, dict(GROUP=2, GROUP_PAD=16, BLOCK_SIZE=256, HEAD_DIM=128,
                                                BLOCK_N=decode.block_n, DOT_PRECISION="tf32", KV_FP8=fp8,
                                                WIDEN_K="k" in decode.widen, WIDEN_V="v" in decode.widen,
-                                               ORDERED=True),   # as large batches launch it (decode_order)
+                                               ORDERED=True,    # as large batches launch it (decode_order)
+                                               PDL=True),       # as launched on Hopper (kernels/pdl.py)
                    # the runner's decode inputs are one int64 buffer (engine/decode_inputs.py)
                    dict(part_out_ptr="fp32", part_lse_ptr="fp32", context_lens_ptr="i64", block_tables_ptr="i64",
                         seq_order_ptr="i64", **cache), decode.warps, decode.stages, True),
-        "merge": (k.decode_merge_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128),
+        "merge": (k.decode_merge_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128, PDL=True),
                   dict(part_out_ptr="fp32", part_lse_ptr="fp32"), 4, 1, False),
     }
 
@@ -600,6 +602,11 @@ def test_kernels_compile_for_h100_with_16_byte_loads(kernel, fp8):
     if streams_kv:
         scalar_load = "ld.global.b8" if fp8 and kernel != "store" else "ld.global.b16"
         assert scalar_load not in ptx and ("cp.async.cg.shared.global" in ptx or "ld.global.v4" in ptx)
+    if kernel in ("decode", "merge"):   # launched with PDL: q, the cache and the partials only after the wait
+        body = ptx.split(".entry", 1)[1]
+        wait = body.index("griddepcontrol.wait")
+        assert body.index("griddepcontrol.launch_dependents") < wait
+        assert all(wait < m.start() for m in re.finditer(r"st\.global|cp\.async|ld\.global\.v4", body))
     if fp8 and kernel == "store":
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
     if fp8 and kernel in ("prefill", "decode"):    # widened straight to float16, not on through float32 to bf16

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels import pdl
-from nanovllm.kernels.triton_attention_kernels import store_token_kv
+from nanovllm.kernels.triton_attention_kernels import load_kv_scales, store_cache_rows
 
 SILU_BLOCK = 1024   # columns per silu program: several programs per row keep a 1-token decode from using one SM
 
@@ -50,21 +50,28 @@ def silu_and_mul_kernel(x_ptr, out_ptr, D: tl.constexpr, BLOCK: tl.constexpr, PD
 
 
 @triton.jit
-def _norm_rotate_heads(x_ptr, out_ptr, stride_t, stride_h, weight_ptr, cos, sin, eps, token,
-                       HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr):
-    # Rotates (rotate-half form) the HEADS heads of one token, each RMS-normed over head_dim first when NORM.
-    dtype = out_ptr.dtype.element_ty
+def _norm_rotate_heads(x_ptr, stride_t, stride_h, weight1, weight2, cos, sin, eps, token, HEADS: tl.constexpr,
+                       HEADS_PAD: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr, dtype: tl.constexpr):
+    # The HEADS heads of one token rotated (rotate-half form), each RMS-normed over head_dim first when NORM: the
+    # halves [:HALF] and [HALF:] of every head, rounded to dtype, in float32.
     heads, dims = tl.arange(0, HEADS_PAD)[:, None], tl.arange(0, HALF)[None, :]
     src = x_ptr + token * stride_t + heads * stride_h + dims
     x1 = tl.load(src, mask=heads < HEADS, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=heads < HEADS, other=0.0).to(tl.float32)
     if NORM:    # as layers/layernorm.py: normed rounded to dtype, times the weight rounded again
         rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
-        x1 = _round(_round(x1 * rstd, dtype) * tl.load(weight_ptr + dims).to(tl.float32), dtype)
-        x2 = _round(_round(x2 * rstd, dtype) * tl.load(weight_ptr + HALF + dims).to(tl.float32), dtype)
+        x1 = _round(_round(x1 * rstd, dtype) * weight1, dtype)
+        x2 = _round(_round(x2 * rstd, dtype) * weight2, dtype)
+    return _round(x1 * cos - x2 * sin, dtype), _round(x2 * cos + x1 * sin, dtype)
+
+
+@triton.jit
+def _store_heads(out_ptr, token, rotated1, rotated2, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+                 HALF: tl.constexpr):
+    heads, dims = tl.arange(0, HEADS_PAD)[:, None], tl.arange(0, HALF)[None, :]
     dst = out_ptr + token * (HEADS * 2 * HALF) + heads * (2 * HALF) + dims
-    tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=heads < HEADS)
-    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dtype), mask=heads < HEADS)
+    tl.store(dst, rotated1.to(out_ptr.dtype.element_ty), mask=heads < HEADS)
+    tl.store(dst + HALF, rotated2.to(out_ptr.dtype.element_ty), mask=heads < HEADS)
 
 
 @triton.jit
@@ -75,23 +82,44 @@ def qk_norm_rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos
                           KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
                           STORE_KV: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr = False):
     """Program (token, 0): the token's q heads, (token, 1): its k heads, normed (Qwen3) and rotated by its position's
-    float32 cos/sin. (Two programs a token, not one: a batch-1 decode step then spreads over two SMs.)"""
+    float32 cos/sin; with STORE_KV program 1 also writes the rotated k and the v row to the cache. (Two programs a
+    token, not one: a batch-1 decode step then spreads over two SMs.)"""
     pdl.launch_dependents(PDL)
-    pdl.wait_for_inputs(PDL)
+    dtype = q_out_ptr.dtype.element_ty
     token = tl.program_id(0).to(tl.int64)
-    table = tl.load(positions_ptr + token) * HALF + tl.arange(0, HALF)[None, :]
+    is_q = tl.program_id(1) == 0
+    # Before the wait, what no kernel of the step writes (positions and slots are copied in before its first kernel;
+    # tables, weights and scales are fixed): at batch 1 these dependent loads then overlap the kernel before.
+    dims = tl.arange(0, HALF)[None, :]
+    table = tl.load(positions_ptr + token) * HALF + dims
     cos, sin = tl.load(cos_ptr + table), tl.load(sin_ptr + table)
-    if tl.program_id(1) == 0:
-        _norm_rotate_heads(q_ptr, q_out_ptr, q_stride_t, q_stride_h, q_weight_ptr, cos, sin, eps, token,
-                           HEADS, HEADS_PAD, HALF, NORM)
+    weight1, weight2 = 1.0, 1.0
+    if NORM:
+        weight_ptr = tl.where(is_q, q_weight_ptr, k_weight_ptr)
+        weight1, weight2 = (tl.load(weight_ptr + dims).to(tl.float32),
+                            tl.load(weight_ptr + HALF + dims).to(tl.float32))
+    if STORE_KV:
+        slot = tl.load(slot_mapping_ptr + token)
+        k_scale, v_scale = load_kv_scales(k_scale_ptr, v_scale_ptr, KV_FP8)
+    pdl.wait_for_inputs(PDL)
+    if is_q:
+        q1, q2 = _norm_rotate_heads(q_ptr, q_stride_t, q_stride_h, weight1, weight2, cos, sin, eps, token, HEADS,
+                                    HEADS_PAD, HALF, NORM, dtype)
+        _store_heads(q_out_ptr, token, q1, q2, HEADS, HEADS_PAD, HALF)
     else:
-        _norm_rotate_heads(k_ptr, k_out_ptr, k_stride_t, k_stride_h, k_weight_ptr, cos, sin, eps, token,
-                           KV_HEADS, KV_HEADS_PAD, HALF, NORM)
+        k1, k2 = _norm_rotate_heads(k_ptr, k_stride_t, k_stride_h, weight1, weight2, cos, sin, eps, token,
+                                    KV_HEADS, KV_HEADS_PAD, HALF, NORM, dtype)
+        _store_heads(k_out_ptr, token, k1, k2, KV_HEADS, KV_HEADS_PAD, HALF)
         if STORE_KV:
-            tl.debug_barrier()      # the rotated k rows just stored by other threads of this program
-            store_token_kv(k_out_ptr + token * (KV_HEADS * 2 * HALF), 2 * HALF, v_ptr + token * v_stride_t,
-                           v_stride_h, k_cache_ptr, v_cache_ptr, tl.load(slot_mapping_ptr + token), k_scale_ptr,
-                           v_scale_ptr, KV_HEADS, KV_HEADS_PAD, 2 * HALF, KV_FP8)
+            if slot >= 0:   # from registers: no round trip through k_out
+                heads = tl.arange(0, KV_HEADS_PAD)[:, None]
+                mask = heads < KV_HEADS
+                store_cache_rows(k_cache_ptr, slot, k1, heads, dims, mask, k_scale, KV_HEADS, 2 * HALF, KV_FP8)
+                store_cache_rows(k_cache_ptr, slot, k2, heads, HALF + dims, mask, k_scale, KV_HEADS, 2 * HALF,
+                                 KV_FP8)
+                full = tl.arange(0, 2 * HALF)[None, :]
+                value = tl.load(v_ptr + token * v_stride_t + heads * v_stride_h + full, mask=mask)
+                store_cache_rows(v_cache_ptr, slot, value, heads, full, mask, v_scale, KV_HEADS, 2 * HALF, KV_FP8)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from nanovllm.kernels import triton_attention_kernels as kernels
+from nanovllm.kernels import pdl, triton_attention_kernels as kernels
 
 LOG2E = 1.4426950408889634
 
@@ -169,10 +169,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
         KV_FP8=k_cache.dtype == torch.float8_e4m3fn, WIDEN_K="k" in launch.widen, WIDEN_V="v" in launch.widen,
         seq_order_ptr=seq_order, ORDERED=seq_order is not None, num_warps=launch.warps, num_stages=launch.stages,
-        **({"maxnreg": launch.max_registers} if launch.max_registers else {}))
+        **({"maxnreg": launch.max_registers} if launch.max_registers else {}), **pdl.launch_kwargs(q.device))
     if num_splits > 1:
         kernels.decode_merge_kernel[(batch, num_heads)](
             part_out, part_lse, out, num_splits, part_out.stride(0), part_out.stride(1), part_out.stride(2),
             part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
+            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, **pdl.launch_kwargs(q.device))
     return out

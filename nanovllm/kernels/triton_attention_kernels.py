@@ -13,6 +13,8 @@ import os
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import pdl
+
 # KV_FP8 (a constexpr: other caches compile exactly as without it, their scale pointers may be None) marks a
 # float8_e4m3fn cache holding K / k_scale and V / v_scale, the scales read through pointers so CUDA graphs see
 # calibrated values. Readers widen fp8 to q's dtype, which is exact, and fold the scales in: scores are multiplied
@@ -46,7 +48,7 @@ def store_token_kv(key_ptr, key_stride_h, value_ptr, value_stride_h, k_cache_ptr
                    v_scale_ptr, NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    KV_FP8: tl.constexpr):
     """Copy (KV_FP8: quantize) one token's K and V rows (key_ptr, value_ptr: its head 0) to cache slot `slot`;
-    a slot < 0 (a padding row) writes nothing. Also called by the fused q/k-norm + rotary kernel."""
+    a slot < 0 (a padding row) writes nothing."""
     if slot < 0:
         return
     heads = tl.arange(0, HEADS_PAD)[:, None]
@@ -54,12 +56,26 @@ def store_token_kv(key_ptr, key_stride_h, value_ptr, value_stride_h, k_cache_ptr
     mask = heads < NUM_KV_HEADS
     key = tl.load(key_ptr + heads * key_stride_h + dims, mask=mask)
     value = tl.load(value_ptr + heads * value_stride_h + dims, mask=mask)
+    k_scale, v_scale = load_kv_scales(k_scale_ptr, v_scale_ptr, KV_FP8)
+    store_cache_rows(k_cache_ptr, slot, key, heads, dims, mask, k_scale, NUM_KV_HEADS, HEAD_DIM, KV_FP8)
+    store_cache_rows(v_cache_ptr, slot, value, heads, dims, mask, v_scale, NUM_KV_HEADS, HEAD_DIM, KV_FP8)
+
+
+@triton.jit
+def load_kv_scales(k_scale_ptr, v_scale_ptr, KV_FP8: tl.constexpr):
+    if KV_FP8:
+        return tl.load(k_scale_ptr), tl.load(v_scale_ptr)
+    return 1.0, 1.0
+
+
+@triton.jit
+def store_cache_rows(cache_ptr, slot, x, heads, dims, mask, scale, NUM_KV_HEADS: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, KV_FP8: tl.constexpr):
+    """Write x, the [heads, dims] elements of one token's K or V, to cache slot `slot` (>= 0); KV_FP8: x / scale."""
     if KV_FP8:  # IEEE division (not the approximate default), as torch divides; clamped, so outliers saturate
-        key = tl.clamp(tl.math.div_rn(key.to(tl.float32), tl.load(k_scale_ptr)), -FP8_MAX, FP8_MAX)
-        value = tl.clamp(tl.math.div_rn(value.to(tl.float32), tl.load(v_scale_ptr)), -FP8_MAX, FP8_MAX)
+        x = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -FP8_MAX, FP8_MAX)
     dst = slot.to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
-    tl.store(k_cache_ptr + dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(cache_ptr + dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 # A plain fp8 -> float16 conversion before tl.dot is moved by Triton past the shared-memory staging of the dot's
@@ -176,16 +192,18 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
                         WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
-                        seq_order_ptr=None, ORDERED: tl.constexpr = False):
+                        seq_order_ptr=None, ORDERED: tl.constexpr = False, PDL: tl.constexpr = False):
     """Grid (sequences, KV heads, splits): all query heads of one KV group against one split of the KV range.
     Writes the split's normalised output and its log2-sum-exp; a split with no keys (short context, or context_len 0
     on a padded CUDA-graph row) writes 0 and -inf. ORDERED: grid row i works on sequence seq_order[i]."""
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pdl.launch_dependents(PDL)
     # The GPU dispatches blocks in about grid order (observed, not promised by CUDA), so with seq_order (a permutation
-    # of the rows) the caller can start the longest contexts first.
+    # of the rows, sorted by a kernel of the step) the caller can start the longest contexts first.
     if ORDERED:
+        pdl.wait_for_inputs(PDL)
         seq = tl.load(seq_order_ptr + seq)
-    context_len = tl.load(context_lens_ptr + seq)
+    context_len = tl.load(context_lens_ptr + seq)   # a step input: read before the wait (pdl.py)
     # Each sequence's own context is cut into num_splits equal runs of whole tiles, so every program of a sequence
     # gets the same share whatever its length.
     num_tiles = (context_len + BLOCK_N - 1) // BLOCK_N
@@ -199,6 +217,7 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
     row_valid = group_rows < GROUP
     heads = kv_head * GROUP + group_rows
     dims = tl.arange(0, HEAD_DIM)
+    pdl.wait_for_inputs(PDL)
     q = tl.load(q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + dims[None, :],
                 mask=row_valid[:, None], other=0.0)
     table_ptr = block_tables_ptr + seq * table_stride
@@ -227,9 +246,11 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
 def decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits,
                         part_stride_b, part_stride_h, part_stride_s, lse_stride_b, lse_stride_h,
                         out_stride_b, out_stride_h,
-                        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr = False):
     """Grid (sequences, query heads): combine the splits' outputs, each weighted by its share of the softmax sum."""
     seq, head = tl.program_id(0), tl.program_id(1)
+    pdl.launch_dependents(PDL)
+    pdl.wait_for_inputs(PDL)
     splits = tl.arange(0, SPLITS_PAD)
     split_valid = splits < num_splits
     lse = tl.load(part_lse_ptr + seq * lse_stride_b + head * lse_stride_h + splits, mask=split_valid,
