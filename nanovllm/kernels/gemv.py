@@ -40,6 +40,8 @@ def gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     dtype = out_ptr.dtype.element_ty
     pdl.launch_dependents(PDL)
     w = _load_weight_slice(w_ptr, cols, col_valid, 0, K, stride_wn, BLOCK_K)
+    if NORM:    # a fixed weight too: the first slice's is read before the wait, off the path that follows it
+        norm_weight = _load_norm_weight(norm_weight_ptr, 0, K, BLOCK_K)
     pdl.wait_for_inputs(PDL)
     if NORM:
         sum_sq = tl.zeros([M_PAD], dtype=tl.float32)
@@ -57,8 +59,9 @@ def gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                 if pid == 0:
                     tl.store(residual_out_ptr + rows[:, None] * stride_xm + ks[None, :], x.to(dtype),
                              mask=row_valid & (ks[None, :] < K))
-            weight = tl.load(norm_weight_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
-            x = ((x * rstd).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+            if k0 > 0:
+                norm_weight = _load_norm_weight(norm_weight_ptr, k0, K, BLOCK_K)
+            x = ((x * rstd).to(dtype).to(tl.float32) * norm_weight).to(dtype).to(tl.float32)
         if GATED:
             up = tl.load(x_ptr + rows[:, None] * stride_xm + K + ks[None, :], mask=row_valid & (ks[None, :] < K),
                          other=0.0)
@@ -75,6 +78,12 @@ def _load_weight_slice(w_ptr, cols, col_valid, k0, K, stride_wn, BLOCK_K: tl.con
     ks = k0 + tl.arange(0, BLOCK_K)
     return tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
                    mask=col_valid[:, None] & (ks[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _load_norm_weight(norm_weight_ptr, k0, K, BLOCK_K: tl.constexpr):
+    ks = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(norm_weight_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
