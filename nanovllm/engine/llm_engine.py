@@ -155,22 +155,19 @@ class LLMEngine:
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, SequenceABC) and not isinstance(prompt, (bytes, bytearray)):
             # Plain ints are recognised in C (an offline batch's prompts are 10^5 tokens: the per-token ABC check of
-            # numbers.Integral delayed the first step by tens of milliseconds); numpy or torch integers still pass.
-            if set(map(type, prompt)) <= {int}:
-                token_ids = list(prompt)
-            elif bad := [t for t in prompt if not isinstance(t, Integral) or isinstance(t, bool)]:
+            # numbers.Integral delayed the first step by tens of milliseconds); numpy integers still pass.
+            plain = set(map(type, prompt)) <= {int}
+            if not plain and (bad := [t for t in prompt if not isinstance(t, Integral) or isinstance(t, bool)]):
                 raise ValueError(f"a prompt must be a string or a list of token ids (ints), got a "
                                  f"{type(bad[0]).__name__} among its ids")
-            else:
-                token_ids = [int(t) for t in prompt]
+            token_ids = list(prompt) if plain else list(map(int, prompt))
         else:
             raise ValueError(f"a prompt must be a string or a list of token ids (ints), got {type(prompt).__name__}")
         if not token_ids:
             raise ValueError("empty prompt: a prompt needs at least one token")
         vocab = self.config.model_config.vocab_size
-        if not 0 <= min(token_ids) <= max(token_ids) < vocab:
-            bad = next(t for t in token_ids if not 0 <= t < vocab)
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if not 0 <= (low := min(token_ids)) <= (high := max(token_ids)) < vocab:
+            raise ValueError(f"token id {low if low < 0 else high} is outside the vocabulary [0, {vocab})")
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}")
         # The limits of SamplingParams that depend on the model: token ids in the vocabulary, a tokenizer for text.

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels import pdl
-from nanovllm.kernels.triton_attention_kernels import load_kv_scales, store_cache_rows
+from nanovllm.kernels.triton_attention_kernels import store_cache_rows
 
 SILU_BLOCK = 1024   # columns per silu program: several programs per row keep a 1-token decode from using one SM
 
@@ -89,7 +89,7 @@ def qk_norm_rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos
     token = tl.program_id(0).to(tl.int64)
     is_q = tl.program_id(1) == 0
     # Before the wait, what no kernel of the step writes (positions and slots are copied in before its first kernel;
-    # tables, weights and scales are fixed): at batch 1 these dependent loads then overlap the kernel before.
+    # tables and weights are fixed): at batch 1 these dependent loads then overlap the kernel before.
     dims = tl.arange(0, HALF)[None, :]
     table = tl.load(positions_ptr + token) * HALF + dims
     cos, sin = tl.load(cos_ptr + table), tl.load(sin_ptr + table)
@@ -100,7 +100,6 @@ def qk_norm_rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos
                             tl.load(weight_ptr + HALF + dims).to(tl.float32))
     if STORE_KV:
         slot = tl.load(slot_mapping_ptr + token)
-        k_scale, v_scale = load_kv_scales(k_scale_ptr, v_scale_ptr, KV_FP8)
     pdl.wait_for_inputs(PDL)
     if is_q:
         q1, q2 = _norm_rotate_heads(q_ptr, q_stride_t, q_stride_h, weight1, weight2, cos, sin, eps, token, HEADS,
@@ -114,12 +113,12 @@ def qk_norm_rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos
             if slot >= 0:   # from registers: no round trip through k_out
                 heads = tl.arange(0, KV_HEADS_PAD)[:, None]
                 mask = heads < KV_HEADS
-                store_cache_rows(k_cache_ptr, slot, k1, heads, dims, mask, k_scale, KV_HEADS, 2 * HALF, KV_FP8)
-                store_cache_rows(k_cache_ptr, slot, k2, heads, HALF + dims, mask, k_scale, KV_HEADS, 2 * HALF,
+                store_cache_rows(k_cache_ptr, slot, k1, heads, dims, mask, k_scale_ptr, KV_HEADS, 2 * HALF, KV_FP8)
+                store_cache_rows(k_cache_ptr, slot, k2, heads, HALF + dims, mask, k_scale_ptr, KV_HEADS, 2 * HALF,
                                  KV_FP8)
                 full = tl.arange(0, 2 * HALF)[None, :]
                 value = tl.load(v_ptr + token * v_stride_t + heads * v_stride_h + full, mask=mask)
-                store_cache_rows(v_cache_ptr, slot, value, heads, full, mask, v_scale, KV_HEADS, 2 * HALF, KV_FP8)
+                store_cache_rows(v_cache_ptr, slot, value, heads, full, mask, v_scale_ptr, KV_HEADS, 2 * HALF, KV_FP8)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

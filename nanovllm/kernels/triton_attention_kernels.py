@@ -56,24 +56,16 @@ def store_token_kv(key_ptr, key_stride_h, value_ptr, value_stride_h, k_cache_ptr
     mask = heads < NUM_KV_HEADS
     key = tl.load(key_ptr + heads * key_stride_h + dims, mask=mask)
     value = tl.load(value_ptr + heads * value_stride_h + dims, mask=mask)
-    k_scale, v_scale = load_kv_scales(k_scale_ptr, v_scale_ptr, KV_FP8)
-    store_cache_rows(k_cache_ptr, slot, key, heads, dims, mask, k_scale, NUM_KV_HEADS, HEAD_DIM, KV_FP8)
-    store_cache_rows(v_cache_ptr, slot, value, heads, dims, mask, v_scale, NUM_KV_HEADS, HEAD_DIM, KV_FP8)
+    store_cache_rows(k_cache_ptr, slot, key, heads, dims, mask, k_scale_ptr, NUM_KV_HEADS, HEAD_DIM, KV_FP8)
+    store_cache_rows(v_cache_ptr, slot, value, heads, dims, mask, v_scale_ptr, NUM_KV_HEADS, HEAD_DIM, KV_FP8)
 
 
 @triton.jit
-def load_kv_scales(k_scale_ptr, v_scale_ptr, KV_FP8: tl.constexpr):
-    if KV_FP8:
-        return tl.load(k_scale_ptr), tl.load(v_scale_ptr)
-    return 1.0, 1.0
-
-
-@triton.jit
-def store_cache_rows(cache_ptr, slot, x, heads, dims, mask, scale, NUM_KV_HEADS: tl.constexpr,
+def store_cache_rows(cache_ptr, slot, x, heads, dims, mask, scale_ptr, NUM_KV_HEADS: tl.constexpr,
                      HEAD_DIM: tl.constexpr, KV_FP8: tl.constexpr):
     """Write x, the [heads, dims] elements of one token's K or V, to cache slot `slot` (>= 0); KV_FP8: x / scale."""
     if KV_FP8:  # IEEE division (not the approximate default), as torch divides; clamped, so outliers saturate
-        x = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -FP8_MAX, FP8_MAX)
+        x = tl.clamp(tl.math.div_rn(x.to(tl.float32), tl.load(scale_ptr)), -FP8_MAX, FP8_MAX)
     dst = slot.to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
     tl.store(cache_ptr + dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
 
