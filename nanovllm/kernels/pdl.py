@@ -5,10 +5,9 @@ the GPU's memory idles. Launched with PDL, a kernel's programs start as soon as 
 it has called `launch_dependents` (ours do at their start); they can then read what no kernel of the forward
 writes (weights, tables, calibrated scales, and the step's positions and cache slots, which are in place before the
 forward's first kernel, the embedding, starts: it is launched without PDL) and must call `wait_for_inputs` before
-reading anything else, or writing anything. That wait
-returns once the kernel before has completed and its writes are visible, and since that kernel waited for its own
-predecessor, everything launched earlier is complete too. Kernels of torch or cuBLAS in between are launched
-without PDL and simply run after their predecessor, as always.
+reading anything else, or writing anything. That wait returns once the kernel before has completed and its writes
+are visible, and since that kernel waited for its own predecessor, everything launched earlier is complete too.
+Kernels of torch or cuBLAS in between are launched without PDL and simply run after their predecessor, as always.
 
 Every kernel launched with `launch_kwargs(...)` must call `wait_for_inputs(PDL)` before its first dependent read.
 """
