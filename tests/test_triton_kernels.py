@@ -327,6 +327,22 @@ def decode_launch_changed(kv_dtype, changes):
         backend.DECODE_LAUNCH.update(saved)
 
 
+@contextlib.contextmanager
+def unwritten_memory_is_nan():
+    """torch.empty fills float tensors with NaN inside the block, so a kernel that reads what no kernel wrote (the
+    splits' partial results that an empty split skips) shows in its output."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real_empty
+
+
 def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, dtype=torch.float32, scale=0.3,
                kv_dtype=None, launch=None, seq_order=None):
     """Decode with stale garbage in block-table entries past each context (as CUDA-graph replay leaves them) and
@@ -347,7 +363,7 @@ def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, 
         seq_order = torch.argsort(lens, descending=True)
     elif seq_order is not None:
         seq_order = torch.tensor(seq_order, device=DEVICE)
-    with decode_launch_changed(kv_dtype, launch):
+    with decode_launch_changed(kv_dtype, launch), unwritten_memory_is_nan():
         out = backend.paged_decode_attention(q, k_cache, v_cache, lens, stale, scale, out=poisoned_like(q),
                                              num_splits=num_splits, k_scale=k_scale, v_scale=v_scale,
                                              seq_order=seq_order)
@@ -575,8 +591,8 @@ def qwen3_kernel_configs(fp8: bool):
                    # the runner's decode inputs are one int64 buffer (engine/decode_inputs.py)
                    dict(part_out_ptr="fp32", part_lse_ptr="fp32", context_lens_ptr="i64", block_tables_ptr="i64",
                         seq_order_ptr="i64", **cache), decode.warps, decode.stages, True),
-        "merge": (k.decode_merge_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128, PDL=True),
-                  dict(part_out_ptr="fp32", part_lse_ptr="fp32"), 4, 1, False),
+        "merge": (k.decode_merge_kernel, dict(SPLITS_PAD=16, HEAD_DIM=128, BLOCK_N=decode.block_n, PDL=True),
+                  dict(part_out_ptr="fp32", part_lse_ptr="fp32", context_lens_ptr="i64"), 4, 1, False),
     }
 
 

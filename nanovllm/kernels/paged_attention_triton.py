@@ -172,7 +172,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         **({"maxnreg": launch.max_registers} if launch.max_registers else {}), **pdl.launch_kwargs(q.device))
     if num_splits > 1:
         kernels.decode_merge_kernel[(batch, num_heads)](
-            part_out, part_lse, out, num_splits, part_out.stride(0), part_out.stride(1), part_out.stride(2),
-            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, **pdl.launch_kwargs(q.device))
+            part_out, part_lse, out, context_lens, num_splits, part_out.stride(0), part_out.stride(1),
+            part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
+            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_N=block_n,
+            **pdl.launch_kwargs(q.device))
     return out

@@ -186,8 +186,8 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
                         WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
                         seq_order_ptr=None, ORDERED: tl.constexpr = False, PDL: tl.constexpr = False):
     """Grid (sequences, KV heads, splits): all query heads of one KV group against one split of the KV range.
-    Writes the split's normalised output and its log2-sum-exp; a split with no keys (short context, or context_len 0
-    on a padded CUDA-graph row) writes 0 and -inf. ORDERED: grid row i works on sequence seq_order[i]."""
+    Writes the split's normalised output and its log2-sum-exp; a split with no keys returns (the merge skips it) but
+    split 0, which writes 0 and -inf (context_len 0: a padded graph row). ORDERED: row i is sequence seq_order[i]."""
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pdl.launch_dependents(PDL)
     # The GPU dispatches blocks in about grid order (observed, not promised by CUDA), so with seq_order (a permutation
@@ -196,12 +196,10 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
         pdl.wait_for_inputs(PDL)
         seq = tl.load(seq_order_ptr + seq)
     context_len = tl.load(context_lens_ptr + seq)   # a step input: read before the wait (pdl.py)
-    # Each sequence's own context is cut into num_splits equal runs of whole tiles, so every program of a sequence
-    # gets the same share whatever its length.
-    num_tiles = (context_len + BLOCK_N - 1) // BLOCK_N
-    split_len = (num_tiles + num_splits - 1) // num_splits * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(context_len, start + split_len)
+    start = split * _split_len(context_len, num_splits, BLOCK_N)
+    end = tl.minimum(context_len, start + _split_len(context_len, num_splits, BLOCK_N))
+    if split > 0 and start >= end:     # short contexts leave most splits of a small batch empty: they cost nothing
+        return
 
     # The group's query heads are the rows of one tile, padded to GROUP_PAD (>= 16) rows for tl.dot:
     # each K/V tile is read once for all of them.
@@ -235,16 +233,25 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
 
 
 @triton.jit
-def decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits,
+def _split_len(context_len, num_splits, BLOCK_N: tl.constexpr):
+    # Each sequence's own context is cut into num_splits equal runs of whole tiles, so every program of a sequence
+    # gets the same share whatever its length.
+    return ((context_len + BLOCK_N - 1) // BLOCK_N + num_splits - 1) // num_splits * BLOCK_N
+
+
+@triton.jit
+def decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, context_lens_ptr, num_splits,
                         part_stride_b, part_stride_h, part_stride_s, lse_stride_b, lse_stride_h,
-                        out_stride_b, out_stride_h,
-                        SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr = False):
-    """Grid (sequences, query heads): combine the splits' outputs, each weighted by its share of the softmax sum."""
+                        out_stride_b, out_stride_h, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+    """Grid (sequences, query heads): combine the splits that hold keys (split 0 always), each output weighted by its
+    share of the softmax sum."""
     seq, head = tl.program_id(0), tl.program_id(1)
     pdl.launch_dependents(PDL)
-    pdl.wait_for_inputs(PDL)
     splits = tl.arange(0, SPLITS_PAD)
-    split_valid = splits < num_splits
+    context_len = tl.load(context_lens_ptr + seq)   # a step input: read before the wait (pdl.py)
+    split_valid = (splits == 0) | (splits * _split_len(context_len, num_splits, BLOCK_N) < context_len)
+    pdl.wait_for_inputs(PDL)
     lse = tl.load(part_lse_ptr + seq * lse_stride_b + head * lse_stride_h + splits, mask=split_valid,
                   other=float("-inf"))
     lse_max = tl.max(lse, 0)
