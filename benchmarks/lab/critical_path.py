@@ -67,7 +67,7 @@ def main():
     length = Counter(len(s) for s in steps if len(s) > 20).most_common(1)[0][0]   # decode steps, not stray copies
     steps = [s for s in steps if len(s) == length]
     marginal, duration = defaultdict(list), defaultdict(list)
-    spans, gaps = [], []
+    spans = []
     for s in steps:
         spans.append(s[-1][2] - s[0][1])
         for i, (name, start, end) in enumerate(s):
