@@ -1,0 +1,43 @@
+"""Decode throughput at small batches and several context lengths, for comparing two trees in one call (run it once
+per tree, each with its own PYTHONPATH). Case b1 is bench.py's `Batch-1 decode:` workload (1,024 tokens after a
+16-token prompt, seed 1, temperature 0.6) in a fresh engine; bN-L is N requests after L-token prompts.
+
+    PYTHONPATH=<tree> python benchmarks/lab/small_batch_decode.py [--model-config qwen3-0.6b] [--label main]
+"""
+import argparse
+import time
+from random import Random
+
+from bench import MODEL_CONFIGS
+from nanovllm import LLM, SamplingParams
+
+CASES = {"b1": (1, 16, 1024, 3), "b1-3000": (1, 3000, 512, 2), "b4-1500": (4, 1500, 256, 2),
+         "b8-1500": (8, 1500, 256, 2), "b16-1000": (16, 1000, 256, 2), "b16": (16, 16, 512, 2)}
+
+
+def throughput(llm: LLM, batch: int, prompt_len: int, tokens: int, repeat: int) -> str:
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=tokens)
+    rates = []
+    for _ in range(repeat):
+        rng = Random(1)
+        prompts = [[rng.randint(0, 10000) for _ in range(prompt_len)] for _ in range(batch)]
+        t = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        rates.append(sum(len(o["token_ids"]) for o in outputs) / (time.perf_counter() - t))
+    return " / ".join(f"{r:,.0f}" for r in rates)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-config", default="qwen3-0.6b", choices=list(MODEL_CONFIGS))
+    p.add_argument("--label", default="", help="printed first, to tell the trees apart")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    args = p.parse_args()
+    llm = LLM(MODEL_CONFIGS[args.model_config], load_format="dummy", max_model_len=4096)
+    results = [f"{name} {throughput(llm, *CASES[name])}" for name in args.cases]
+    print(f"{args.label} {args.model_config} tok/s: " + "; ".join(results), flush=True)
+    llm.exit()
+
+
+if __name__ == "__main__":
+    main()
