@@ -9,13 +9,16 @@ barrier). With few registers a program, all of a GEMV's programs can be resident
 and with programmatic dependent launch the next GEMVs launch as soon as the previous ones' programs have all started.
 
     PYTHONPATH=. python benchmarks/lab/prefetch_gemv.py [--model-config qwen3-0.6b] [--layers 28]
+    PYTHONPATH=. python benchmarks/lab/prefetch_gemv.py --e2e "n8 w4"     # and --e2e gemv.py: the engine end to end
 
-(Shapes whose K is a multiple of 256: Qwen3-0.6B, Llama-3.2-1B; not SmolLM2-135M's 576.) Compiled for sm_90 with
-Triton 3.6, the device's: 38-50 registers a thread at 4-8 rows a program, the copies before the wait.
+K is masked to 256-element chunks (shared memory is allocated to the next power of two); N must be a multiple of
+the rows a program takes. Compiled for sm_90 with Triton 3.6 (the device's) and 3.9 on the CPU machine: the copies
+come before the wait in both; 38-50 registers a thread at 4-8 rows in 3.6 (plain GEMV).
 
-Prints, for the four linear layers of a block chained over the layers in one CUDA graph (plain GEMVs: no norm or
-gate in either kernel), microseconds a layer for gemv.py's kernel and for this one at several BLOCK_N, each checked
-against torch first; then the same with three small dependent kernels between qkv and o standing in for attention.
+The chain: a block's four linear layers as the model calls them at batch 1 (norm + residual + qkv, o, norm +
+residual + gate/up, gated down), 28 layers of distinct weights in one CUDA graph, gemv.py's kernel against this one
+(routed through gemv.py's entry points, outputs checked against gemv.py's first), microseconds a layer; then with
+three small dependent kernels after qkv standing in for attention's phases. --e2e: the engine itself.
 """
 import argparse
 import json
@@ -40,46 +43,90 @@ def _pdl(asm: gl.constexpr, PDL: gl.constexpr):
 
 
 @gluon.jit
-def prefetch_gemv_kernel(x_ptr, w_ptr, out_ptr, K: gl.constexpr, K_PAD: gl.constexpr, BLOCK_N: gl.constexpr,
-                         WARPS: gl.constexpr, PDL: gl.constexpr):
-    """Program n: out[0, n * BLOCK_N:(n + 1) * BLOCK_N] = x[0] @ W[those rows].T (N a multiple of BLOCK_N, K of
-    256, BLOCK_N of WARPS); float32 sums. A warp owns BLOCK_N / WARPS rows, a thread 8 consecutive elements of a
-    256-wide chunk: 16-byte copies, conflict-free shared reads, and the row sums need no barrier."""
+def prefetch_gemv_kernel(x_ptr, w_ptr, out_ptr, N, residual_ptr, norm_weight_ptr, residual_out_ptr, eps,
+                         K: gl.constexpr, K_PAD: gl.constexpr, BLOCK_N: gl.constexpr, WARPS: gl.constexpr,
+                         GATED: gl.constexpr, NORM: gl.constexpr, ADD_RESIDUAL: gl.constexpr, PDL: gl.constexpr):
+    """Program n: out[0, n * BLOCK_N:(n + 1) * BLOCK_N] = x[0] @ W[those rows].T, float32 sums, with gemv.py's
+    GATED / NORM / ADD_RESIDUAL input (rounded as it rounds). N a multiple of BLOCK_N, BLOCK_N of WARPS. A warp owns
+    BLOCK_N / WARPS rows, a thread 8 consecutive elements of a 256-wide chunk: 16-byte copies, conflict-free shared
+    reads, and the row sums need no barrier."""
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])
     shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     CHUNK: gl.constexpr = 256
+    CHUNKS: gl.constexpr = (K + CHUNK - 1) // CHUNK
+    dtype: gl.constexpr = out_ptr.dtype.element_ty
     pid = gl.program_id(0)
     rows = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
     ks = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, layout))
     w_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_N, K_PAD], shared)     # a power of two: Gluon's rule
     _pdl("griddepcontrol.launch_dependents;", PDL)
-    for c in gl.static_range(K // CHUNK):
+    for c in gl.static_range(CHUNKS):
         _copy_to_shared(w_smem.slice(c * CHUNK, CHUNK, dim=1),
-                        w_ptr + rows[:, None].to(gl.int64) * K + c * CHUNK + ks[None, :])
+                        w_ptr + rows[:, None].to(gl.int64) * K + c * CHUNK + ks[None, :],
+                        mask=(c * CHUNK + ks[None, :] < K) & (rows[:, None] < N))
     async_copy.commit_group()
     _pdl("griddepcontrol.wait;", PDL)
+    if NORM:
+        sum_sq = gl.zeros([CHUNK], gl.float32, layout=gl.SliceLayout(0, layout))
+        for c in gl.static_range(CHUNKS):
+            x = _input_chunk(x_ptr, residual_ptr, c * CHUNK + ks, K, dtype, ADD_RESIDUAL)
+            sum_sq += x * x
+            if ADD_RESIDUAL:
+                if pid == 0:
+                    gl.store(residual_out_ptr + c * CHUNK + ks, x.to(dtype), mask=c * CHUNK + ks < K)
+        rstd = gl.rsqrt(gl.sum(sum_sq, axis=0) / K + eps)
     acc = gl.zeros([BLOCK_N, CHUNK], gl.float32, layout=layout)
     async_copy.wait_group(0)        # this thread's own copies: it reads back only what it copied
-    for c in gl.static_range(K // CHUNK):
-        x = gl.load(x_ptr + c * CHUNK + ks).to(gl.float32)
+    for c in gl.static_range(CHUNKS):
+        kk = c * CHUNK + ks
+        x = _input_chunk(x_ptr, residual_ptr, kk, K, dtype, ADD_RESIDUAL)
+        if NORM:
+            norm_weight = gl.load(norm_weight_ptr + kk, mask=kk < K, other=0.0).to(gl.float32)
+            x = ((x * rstd).to(dtype).to(gl.float32) * norm_weight).to(dtype).to(gl.float32)
+        if GATED:
+            up = gl.load(x_ptr + K + kk, mask=kk < K, other=0.0).to(gl.float32)
+            silu = (x / (1.0 + gl.exp(-x))).to(dtype).to(gl.float32)
+            x = (silu * up).to(dtype).to(gl.float32)
         w = w_smem.slice(c * CHUNK, CHUNK, dim=1).load(layout).to(gl.float32)
-        acc += w * x[None, :]
-    gl.store(out_ptr + rows, gl.sum(acc, axis=1).to(gl.bfloat16))
+        acc += gl.where(kk[None, :] < K, w, 0.0) * x[None, :]      # past K the shared memory was never written
+    gl.store(out_ptr + rows, gl.sum(acc, axis=1).to(dtype), mask=rows < N)
 
 
-def prefetch_gemv(x, w, out, block_n, pdl, warps=4):
+@gluon.jit
+def _input_chunk(x_ptr, residual_ptr, kk, K: gl.constexpr, dtype: gl.constexpr, ADD_RESIDUAL: gl.constexpr):
+    x = gl.load(x_ptr + kk, mask=kk < K, other=0.0).to(gl.float32)
+    if ADD_RESIDUAL:
+        x = (x + gl.load(residual_ptr + kk, mask=kk < K, other=0.0).to(gl.float32)).to(dtype).to(gl.float32)
+    return x
+
+
+def prefetch_gemv(x, w, out, block_n, pdl, warps=4, gated=False, residual=None, norm_weight=None,
+                  residual_out=None, eps=0.0):
     n, k = w.shape
-    prefetch_gemv_kernel[(n // block_n,)](x, w, out, K=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=block_n,
-                                          WARPS=warps, PDL=pdl, num_warps=warps,
-                                          **({"launch_pdl": True} if pdl else {}))
+    prefetch_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, w, out, n, residual, norm_weight, residual_out, eps, K=k, K_PAD=triton.next_power_of_2(max(k, 256)),
+        BLOCK_N=block_n, WARPS=warps, GATED=gated, NORM=norm_weight is not None, ADD_RESIDUAL=residual is not None,
+        PDL=pdl, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
 
 
-def shipped_gemv(x, w, out, pdl):
-    n, k = w.shape
-    g.gemv_kernel[(triton.cdiv(n, g.GEMV_BLOCK_N),)](
-        x, w, out, 1, n, k, x.stride(0), w.stride(0), out.stride(0), M_PAD=1, BLOCK_N=g.GEMV_BLOCK_N,
-        BLOCK_K=min(g.GEMV_MAX_BLOCK_K, triton.next_power_of_2(k)), PDL=pdl, num_warps=g.GEMV_WARPS, num_stages=1,
-        **({"launch_pdl": True} if pdl else {}))
+def install(block_n: int = 8, warps: int = 4):
+    """Route gemv.py's batch-1 entry points (one row; the layers call them through the module) to this kernel."""
+    original_gemv = g.gemv
+
+    def gemv(x, weight, gated=False):
+        if x.size(0) != 1:
+            return original_gemv(x, weight, gated)
+        out = torch.empty(1, weight.size(0), dtype=x.dtype, device=x.device)
+        prefetch_gemv(x, weight, out, block_n, True, warps, gated=gated)
+        return out
+
+    def norm_gemv(x, residual, norm_weight, eps, weight):
+        out = torch.empty(1, weight.size(0), dtype=x.dtype, device=x.device)
+        residual_out = x if residual is None else torch.empty_like(x)
+        prefetch_gemv(x, weight, out, block_n, True, warps, residual=residual, norm_weight=norm_weight,
+                      residual_out=residual_out, eps=eps)
+        return out, residual_out
+    g.gemv, g.norm_gemv = gemv, norm_gemv
 
 
 @triton.jit
@@ -91,11 +138,7 @@ def _stand_in_kernel(x_ptr, PDL: tl.constexpr):
     tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-config", default="qwen3-0.6b")
-    p.add_argument("--layers", type=int, default=28)
-    args = p.parse_args()
+def chain_main(args):
     from triton.testing import do_bench_cudagraph
     cfg = json.load(open(f"nanovllm/configs/{args.model_config}/config.json"))
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
@@ -105,45 +148,84 @@ def main():
     torch.manual_seed(0)
     shapes = dict(qkv=(qkv_n, h), o=(h, attn), gu=(2 * inter, h), down=(h, inter))
     layers = [{name: torch.randn(*s, device=dev, dtype=dt) * 0.02 for name, s in shapes.items()}
+              | {"n1": torch.rand(h, device=dev, dtype=dt) + 0.5, "n2": torch.rand(h, device=dev, dtype=dt) + 0.5}
               for _ in range(args.layers)]
-    nbytes = sum(w.numel() * 2 for w in layers[0].values())
-    x_in = {"qkv": torch.randn(1, h, device=dev, dtype=dt), "o": torch.randn(1, attn, device=dev, dtype=dt),
-            "gu": torch.randn(1, h, device=dev, dtype=dt), "down": torch.randn(1, inter, device=dev, dtype=dt)}
-    outs = {name: torch.empty(1, s[0], device=dev, dtype=dt) for name, s in shapes.items()}
+    nbytes = sum(layers[0][name].numel() * 2 for name in shapes)
+    hidden, residual = torch.randn(1, h, device=dev, dtype=dt), torch.randn(1, h, device=dev, dtype=dt)
+    attn_out, o_out = torch.randn(1, attn, device=dev, dtype=dt), torch.randn(1, h, device=dev, dtype=dt)
+    gate_up = torch.randn(1, 2 * inter, device=dev, dtype=dt)
     scratch = torch.zeros(128, device=dev, dtype=torch.float32)
+    eps = 1e-6
 
-    def check(name, fn):
-        w, x = layers[0][name], x_in[name]
-        out = torch.full((1, w.shape[0]), float("nan"), device=dev, dtype=dt)
-        fn(x, w, out)
-        ref = (x.float() @ w.float().T)
-        err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-        assert err < 2e-2, (name, err)
+    def block(L, gap, pdl):     # one decoder block's four linear layers, as the model calls them at batch 1
+        g.norm_gemv(hidden, residual, L["n1"], eps, L["qkv"])
+        for _ in range(3 if gap else 0):
+            _stand_in_kernel[(1,)](scratch, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+        g.gemv(attn_out, L["o"])
+        g.norm_gemv(o_out, residual, L["n2"], eps, L["gu"])
+        g.gemv(gate_up, L["down"], gated=True)
 
-    def chain(gemv, gap, pdl):
-        for L in layers:
-            gemv(x_in["qkv"], L["qkv"], outs["qkv"])
-            for _ in range(3 if gap else 0):
-                _stand_in_kernel[(1,)](scratch, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
-            gemv(x_in["o"], L["o"], outs["o"])
-            gemv(x_in["gu"], L["gu"], outs["gu"])
-            gemv(x_in["down"], L["down"], outs["down"])
+    def outputs(L):
+        return [g.norm_gemv(hidden, residual, L["n1"], eps, L["qkv"]), g.gemv(attn_out, L["o"]),
+                g.norm_gemv(o_out, residual, L["n2"], eps, L["gu"]), g.gemv(gate_up, L["down"], gated=True)]
 
     print(f"{args.model_config}: {nbytes / 1e6:.1f} MB of weights a layer ({nbytes / 4.26e6:.2f} us at 4.26 TB/s)")
-    variants = {"gemv.py": lambda x, w, o: shipped_gemv(x, w, o, True)}
-    for bn in (4, 8, 16):
-        for warps in (4,) if bn == 4 else (2, 4):
-            variants[f"prefetch n{bn} w{warps}"] = (lambda bn, warps: lambda x, w, o: prefetch_gemv(x, w, o, bn, True,
-                                                                                                    warps))(bn, warps)
-    for label, gemv in variants.items():
+    shipped = outputs(layers[0])
+    original = g.gemv, g.norm_gemv
+    for variant in ["gemv.py"] + [f"n{bn} w{w}" for bn in (4, 8, 16) for w in (4,) if bn >= w] + ["n16 w8"]:
+        g.gemv, g.norm_gemv = original
         try:
-            for name in shapes:
-                check(name, gemv)
-            row = [do_bench_cudagraph(lambda: chain(gemv, gap, True), rep=50) * 1e3 / args.layers
+            if variant != "gemv.py":
+                bn, w = (int(part[1:]) for part in variant.split())
+                install(bn, w)
+                mine = outputs(layers[0])
+                flat = [t for out in mine for t in (out if isinstance(out, tuple) else (out,))]
+                ref = [t for out in shipped for t in (out if isinstance(out, tuple) else (out,))]
+                worst = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                            for a, b in zip(flat, ref))
+                assert worst < 2e-2, f"differs from gemv.py by {worst:.3g} of the largest output"
+            row = [do_bench_cudagraph(lambda: [block(L, gap, True) for L in layers], rep=50) * 1e3 / args.layers
                    for gap in (False, True)]
-            print(f"{label:22s} chain {row[0]:6.2f} us a layer, with 3 stand-in kernels {row[1]:6.2f}", flush=True)
+            print(f"{variant:10s} {row[0]:6.2f} us a layer ({nbytes / row[0] / 1e6:.2f} TB/s); with 3 stand-in "
+                  f"kernels after qkv {row[1]:6.2f}", flush=True)
         except Exception as e:      # a prototype: one variant's failure must not hide the others
-            print(f"{label:22s} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            print(f"{variant:10s} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    g.gemv, g.norm_gemv = original
+
+
+def e2e_main(args, variant):
+    """bench.py's batch-1 workload and 64 greedy tokens, in a fresh engine, gemv.py's kernel or this one."""
+    import time
+    from random import Random
+    from bench import MODEL_CONFIGS
+    from nanovllm import LLM, SamplingParams
+    if variant != "gemv.py":
+        install(*(int(part[1:]) for part in variant.split()))
+    llm = LLM(MODEL_CONFIGS[args.model_config], load_format="dummy", max_model_len=4096)
+    rates = []
+    for _ in range(3):
+        rng = Random(1)
+        t = time.perf_counter()
+        out = llm.generate([[rng.randint(0, 10000) for _ in range(16)]],
+                           SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1024), use_tqdm=False)
+        rates.append(len(out[0]["token_ids"]) / (time.perf_counter() - t))
+    greedy = llm.generate([[11, 22, 33, 44, 55, 66, 77, 88]], SamplingParams(temperature=0.0, ignore_eos=True,
+                                                                           max_tokens=64), use_tqdm=False)
+    print(f"e2e {args.model_config} {variant}: batch-1 " + " / ".join(f"{r:.1f}" for r in rates) + " tok/s; greedy "
+          + " ".join(map(str, greedy[0]["token_ids"])), flush=True)
+    llm.exit()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-config", default="qwen3-0.6b")
+    p.add_argument("--layers", type=int, default=28)
+    p.add_argument("--e2e", help='a fresh engine with "gemv.py" or "nB wW" (rows and warps a program)')
+    args = p.parse_args()
+    if args.e2e:
+        e2e_main(args, args.e2e)
+    else:
+        chain_main(args)
 
 
 if __name__ == "__main__":
