@@ -24,15 +24,21 @@ def launch(x, w, out, residual=None, norm_weight=None, residual_out=None, *, gat
         ADD_RESIDUAL=residual is not None, PDL=pdl, num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
 
 
+def block_widths(model_config: str) -> tuple[int, int, int, int]:
+    """A shipped config's hidden size, intermediate size, qkv width and attention output width."""
+    cfg = json.load(open(f"nanovllm/configs/{model_config}/config.json"))
+    h = cfg["hidden_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    return h, cfg["intermediate_size"], (heads + 2 * kv_heads) * hd, heads * hd
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model-config", default="qwen3-0.6b")
     p.add_argument("--layers", type=int, default=28)
     args = p.parse_args()
-    cfg = json.load(open(f"nanovllm/configs/{args.model_config}/config.json"))
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    qkv_n, attn = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * hd, cfg["num_attention_heads"] * hd
+    h, inter, qkv_n, attn = block_widths(args.model_config)
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     layers = [dict(qkv=torch.randn(qkv_n, h, device=dev, dtype=dt) * 0.02, o=torch.randn(h, attn, device=dev, dtype=dt) * 0.02,

@@ -21,7 +21,6 @@ residual + gate/up, gated down), 28 layers of distinct weights in one CUDA graph
 three small dependent kernels after qkv standing in for attention's phases. --e2e: the engine itself.
 """
 import argparse
-import json
 
 import torch
 import triton
@@ -30,6 +29,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
+from benchmarks.lab.gemv_chain_sweep import block_widths
 from nanovllm.kernels import gemv as g, pdl
 
 # Triton 3.6 names it async_copy_global_to_shared; 3.9 async_load.
@@ -140,10 +140,7 @@ def _stand_in_kernel(x_ptr, PDL: tl.constexpr):
 
 def chain_main(args):
     from triton.testing import do_bench_cudagraph
-    cfg = json.load(open(f"nanovllm/configs/{args.model_config}/config.json"))
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    qkv_n, attn = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * hd, cfg["num_attention_heads"] * hd
+    h, inter, qkv_n, attn = block_widths(args.model_config)
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     shapes = dict(qkv=(qkv_n, h), o=(h, attn), gu=(2 * inter, h), down=(h, inter))
