@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import types
+from unittest import mock
 
 import pytest
 import torch
@@ -327,20 +328,14 @@ def decode_launch_changed(kv_dtype, changes):
         backend.DECODE_LAUNCH.update(saved)
 
 
-@contextlib.contextmanager
-def unwritten_memory_is_nan():
-    """torch.empty fills float tensors with NaN inside the block, so a kernel that reads what no kernel wrote (the
-    splits' partial results that an empty split skips) shows in its output."""
-    real_empty = torch.empty
+_real_empty = torch.empty
 
-    def empty(*args, **kwargs):
-        tensor = real_empty(*args, **kwargs)
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real_empty
+
+def nan_filled_empty(*args, **kwargs):
+    """torch.empty whose float tensors hold NaN: a kernel that reads what no kernel wrote (the partial result of a
+    split that skipped its work) shows in its output."""
+    tensor = _real_empty(*args, **kwargs)
+    return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
 
 
 def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, dtype=torch.float32, scale=0.3,
@@ -363,7 +358,7 @@ def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, 
         seq_order = torch.argsort(lens, descending=True)
     elif seq_order is not None:
         seq_order = torch.tensor(seq_order, device=DEVICE)
-    with decode_launch_changed(kv_dtype, launch), unwritten_memory_is_nan():
+    with decode_launch_changed(kv_dtype, launch), mock.patch.object(torch, "empty", nan_filled_empty):
         out = backend.paged_decode_attention(q, k_cache, v_cache, lens, stale, scale, out=poisoned_like(q),
                                              num_splits=num_splits, k_scale=k_scale, v_scale=v_scale,
                                              seq_order=seq_order)
