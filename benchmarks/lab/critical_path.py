@@ -3,6 +3,7 @@ previous kernel's end), which under programmatic dependent launch is what the ke
 duration (its prologue overlaps the kernel before it). From torch.profiler's trace of CUDA-graph replays.
 
     PYTHONPATH=. python benchmarks/lab/critical_path.py [--model-config qwen3-0.6b] [--batch 1] [--tokens 128]
+        [--prefetch-gemv "n8 w4"]
 """
 import argparse
 import json
@@ -55,7 +56,11 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--gap-us", type=float, default=8.0, help="a pause longer than this starts a new step")
+    p.add_argument("--prefetch-gemv", help='"nB wW": route the batch-1 GEMVs to benchmarks/lab/prefetch_gemv.py')
     args = p.parse_args()
+    if args.prefetch_gemv:
+        from benchmarks.lab.prefetch_gemv import install
+        install(*(int(part[1:]) for part in args.prefetch_gemv.split()))
     llm = LLM(MODEL_CONFIGS[args.model_config], load_format="dummy", max_model_len=4096)
     prompts = [[(7 * i + j) % 1000 + 1 for j in range(16)] for i in range(args.batch)]
     sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.tokens)
