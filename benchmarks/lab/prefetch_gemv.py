@@ -100,11 +100,16 @@ def _input_chunk(x_ptr, residual_ptr, kk, K: gl.constexpr, dtype: gl.constexpr, 
     return x
 
 
+MAX_SHARED_PER_PROGRAM = 32 * 1024     # fewer rows a program for long rows (down's 3,072), so several fit an SM
+
+
 def prefetch_gemv(x, w, out, block_n, pdl, warps=4, gated=False, residual=None, norm_weight=None,
                   residual_out=None, eps=0.0):
     n, k = w.shape
+    k_pad = triton.next_power_of_2(max(k, 256))
+    block_n = max(warps, min(block_n, MAX_SHARED_PER_PROGRAM // (2 * k_pad)))
     prefetch_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, w, out, n, residual, norm_weight, residual_out, eps, K=k, K_PAD=triton.next_power_of_2(max(k, 256)),
+        x, w, out, n, residual, norm_weight, residual_out, eps, K=k, K_PAD=k_pad,
         BLOCK_N=block_n, WARPS=warps, GATED=gated, NORM=norm_weight is not None, ADD_RESIDUAL=residual is not None,
         PDL=pdl, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
 
