@@ -137,6 +137,20 @@ GEMV_SIGNATURE = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M="i32", N=
 
 @pytest.mark.skipif(CUDA, reason="with CUDA the other tests compile and run the kernel for real")
 @pytest.mark.skipif(INTERPRETING, reason="this process runs Triton's interpreter, which cannot compile")
+def test_norm_gemv_caps_registers_only_where_k_fits_the_cap(monkeypatch):
+    """A longer K spills far more under the same cap (ptxas -v), so only K up to NORM_GEMV_CAPPED_MAX_K is capped."""
+    launches = []
+
+    class Recorder:     # stands in for the kernel: records each launch's keyword arguments
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+    monkeypatch.setattr(gemv, "gemv_kernel", Recorder())
+    for k in (576, gemv.NORM_GEMV_CAPPED_MAX_K, 2 * gemv.NORM_GEMV_CAPPED_MAX_K):
+        gemv.norm_gemv(torch.randn(1, k), None, torch.ones(k), 1e-6, torch.randn(8, k))
+    cap = gemv.NORM_GEMV_MAX_REGISTERS
+    assert cap and [launch.get("maxnreg") for launch in launches] == [cap, cap, None]
+
+
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 @pytest.mark.parametrize("block_k", [1024, gemv.GEMV_MAX_BLOCK_K])
