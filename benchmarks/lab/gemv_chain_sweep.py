@@ -10,9 +10,10 @@ import json
 
 import torch
 import triton
+import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
-from nanovllm.kernels import gemv as g
+from nanovllm.kernels import gemv as g, pdl
 
 
 def launch(x, w, out, residual=None, norm_weight=None, residual_out=None, *, gated=False, norm=False, bn, bk, warps,
@@ -31,6 +32,33 @@ def block_widths(model_config: str) -> tuple[int, int, int, int]:
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     return h, cfg["intermediate_size"], (heads + 2 * kv_heads) * hd, heads * hd
+
+
+@triton.jit
+def stand_in_kernel(x_ptr, PDL: tl.constexpr):
+    """One of attention's small dependent kernels at batch 1, in a chain: read a few values, write them back."""
+    pdl.launch_dependents(PDL)
+    pdl.wait_for_inputs(PDL)
+    offs = tl.arange(0, 128)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1)
+
+
+def batch1_chain(model_config: str, num_layers: int) -> dict:
+    """A batch-1 chain's tensors on the GPU: `layers` (num_layers dicts of a block's qkv, o, gate/up and down weights,
+    random, and its two norms' weights n1, n2), `nbytes` (a layer's weights), and the activations the four GEMVs read
+    (hidden, residual, attn_out, o_out, gate_up) and a float32 scratch row for stand-in kernels."""
+    h, inter, qkv_n, attn = block_widths(model_config)
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    shapes = dict(qkv=(qkv_n, h), o=(h, attn), gu=(2 * inter, h), down=(h, inter))
+    layers = [{name: torch.randn(*s, device=dev, dtype=dt) * 0.02 for name, s in shapes.items()}
+              | {"n1": torch.rand(h, device=dev, dtype=dt) + 0.5, "n2": torch.rand(h, device=dev, dtype=dt) + 0.5}
+              for _ in range(num_layers)]
+    return dict(layers=layers, nbytes=sum(layers[0][name].numel() * 2 for name in shapes),
+                hidden=torch.randn(1, h, device=dev, dtype=dt), residual=torch.randn(1, h, device=dev, dtype=dt),
+                attn_out=torch.randn(1, attn, device=dev, dtype=dt), o_out=torch.randn(1, h, device=dev, dtype=dt),
+                gate_up=torch.randn(1, 2 * inter, device=dev, dtype=dt),
+                scratch=torch.zeros(128, device=dev, dtype=torch.float32))
 
 
 def main():
@@ -72,9 +100,9 @@ def main():
             if bn * min(bk, 4096) <= 16384]     # a weight tile of at most 32 KB (registers)
     current = dict(bn=2, bk=1024, warps=4)
     results = []
-    for pdl in (False, True):
-        t = us_per_layer([current] * 4, pdl)
-        print(f"current n2 k1024 w4, PDL {pdl}: {t:.2f} us/layer {nbytes / t / 1e6:.2f} TB/s", flush=True)
+    for with_pdl in (False, True):
+        t = us_per_layer([current] * 4, with_pdl)
+        print(f"current n2 k1024 w4, PDL {with_pdl}: {t:.2f} us/layer {nbytes / t / 1e6:.2f} TB/s", flush=True)
     for c in grid:      # the same parameters for all four
         t = us_per_layer([c] * 4, True)
         results.append((t, c))

@@ -79,21 +79,13 @@ def main():
 
 def e2e(model_config: str, cap: int):
     """bench.py's batch-1 workload (1,024 tokens after a 16-token prompt, seed 1) three times in a fresh engine."""
-    import time
-    from random import Random
     from bench import MODEL_CONFIGS
-    from nanovllm import LLM, SamplingParams
+    from benchmarks.lab.small_batch_decode import CASES, throughput
+    from nanovllm import LLM
     g.NORM_GEMV_MAX_REGISTERS = cap or None
     llm = LLM(MODEL_CONFIGS[model_config], load_format="dummy", max_model_len=4096)
-    rates = []
-    for _ in range(3):
-        rng = Random(1)
-        t = time.perf_counter()
-        out = llm.generate([[rng.randint(0, 10000) for _ in range(16)]],
-                           SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1024), use_tqdm=False)
-        rates.append(len(out[0]["token_ids"]) / (time.perf_counter() - t))
-    print(f"e2e {model_config} norm_gemv cap {cap or 'none'}: batch-1 " + " / ".join(f"{r:,.0f}" for r in rates)
-          + " tok/s", flush=True)
+    print(f"e2e {model_config} norm_gemv cap {cap or 'none'}: batch-1 {throughput(llm, *CASES['b1'])} tok/s",
+          flush=True)
     llm.exit()
 
 

@@ -18,12 +18,11 @@ graph, PDL), microseconds a layer:
 """
 import argparse
 
-import torch
 import triton
 import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
-from benchmarks.lab.gemv_chain_sweep import block_widths
+from benchmarks.lab.gemv_chain_sweep import batch1_chain, stand_in_kernel
 from nanovllm.kernels import gemv as g, pdl
 
 WARM_PROGRAMS = 132
@@ -61,32 +60,15 @@ def warm_kernel(x_ptr, a0, n0, a1, n1, a2, n2, a3, n3, WORK: tl.constexpr, CHUNK
             tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1)
 
 
-@triton.jit
-def _stand_in_kernel(x_ptr, PDL: tl.constexpr):
-    pdl.launch_dependents(PDL)
-    pdl.wait_for_inputs(PDL)
-    offs = tl.arange(0, 128)
-    tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-config", default="qwen3-0.6b")
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--chunk", type=int, default=4096, help="bytes a bulk prefetch")
     args = p.parse_args()
-    h, inter, qkv_n, attn = block_widths(args.model_config)
-    dev, dt, eps = "cuda", torch.bfloat16, 1e-6
-    torch.manual_seed(0)
-    shapes = dict(qkv=(qkv_n, h), o=(h, attn), gu=(2 * inter, h), down=(h, inter))
-    layers = [{name: torch.randn(*s, device=dev, dtype=dt) * 0.02 for name, s in shapes.items()}
-              | {"n1": torch.rand(h, device=dev, dtype=dt) + 0.5, "n2": torch.rand(h, device=dev, dtype=dt) + 0.5}
-              for _ in range(args.layers)]
-    nbytes = sum(layers[0][name].numel() * 2 for name in shapes)
-    hidden, residual = torch.randn(1, h, device=dev, dtype=dt), torch.randn(1, h, device=dev, dtype=dt)
-    attn_out, o_out = torch.randn(1, attn, device=dev, dtype=dt), torch.randn(1, h, device=dev, dtype=dt)
-    gate_up = torch.randn(1, 2 * inter, device=dev, dtype=dt)
-    scratch = torch.zeros(128, device=dev, dtype=torch.float32)
+    t = batch1_chain(args.model_config, args.layers)
+    layers, nbytes, scratch, eps = t["layers"], t["nbytes"], t["scratch"], 1e-6
+    hidden, residual, attn_out, o_out, gate_up = (t[n] for n in ("hidden", "residual", "attn_out", "o_out", "gate_up"))
     kw = {"PDL": True, "launch_pdl": True}
 
     def buffers(*tensors):
@@ -106,7 +88,7 @@ def main():
                                           CHUNK=args.chunk, LANES=128, num_warps=4, **kw)
             stand_ins = 2
         for _ in range(stand_ins):
-            _stand_in_kernel[(1,)](scratch, **kw)
+            stand_in_kernel[(1,)](scratch, **kw)
         g.gemv(attn_out, L["o"])
         g.norm_gemv(o_out, residual, L["n2"], eps, L["gu"])
         g.gemv(gate_up, L["down"], gated=True)

@@ -24,13 +24,12 @@ import argparse
 
 import torch
 import triton
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
-from benchmarks.lab.gemv_chain_sweep import block_widths
-from nanovllm.kernels import gemv as g, pdl
+from benchmarks.lab.gemv_chain_sweep import batch1_chain, stand_in_kernel
+from nanovllm.kernels import gemv as g
 
 # Triton 3.6 names it async_copy_global_to_shared; 3.9 async_load.
 _copy_to_shared = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -134,35 +133,16 @@ def install(block_n: int = 8, warps: int = 4):
     g.gemv, g.norm_gemv = gemv, norm_gemv
 
 
-@triton.jit
-def _stand_in_kernel(x_ptr, PDL: tl.constexpr):
-    # attention's three small dependent kernels at batch 1: read a few values, write them back
-    pdl.launch_dependents(PDL)
-    pdl.wait_for_inputs(PDL)
-    offs = tl.arange(0, 128)
-    tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1)
-
-
 def chain_main(args):
     from triton.testing import do_bench_cudagraph
-    h, inter, qkv_n, attn = block_widths(args.model_config)
-    dev, dt = "cuda", torch.bfloat16
-    torch.manual_seed(0)
-    shapes = dict(qkv=(qkv_n, h), o=(h, attn), gu=(2 * inter, h), down=(h, inter))
-    layers = [{name: torch.randn(*s, device=dev, dtype=dt) * 0.02 for name, s in shapes.items()}
-              | {"n1": torch.rand(h, device=dev, dtype=dt) + 0.5, "n2": torch.rand(h, device=dev, dtype=dt) + 0.5}
-              for _ in range(args.layers)]
-    nbytes = sum(layers[0][name].numel() * 2 for name in shapes)
-    hidden, residual = torch.randn(1, h, device=dev, dtype=dt), torch.randn(1, h, device=dev, dtype=dt)
-    attn_out, o_out = torch.randn(1, attn, device=dev, dtype=dt), torch.randn(1, h, device=dev, dtype=dt)
-    gate_up = torch.randn(1, 2 * inter, device=dev, dtype=dt)
-    scratch = torch.zeros(128, device=dev, dtype=torch.float32)
-    eps = 1e-6
+    t = batch1_chain(args.model_config, args.layers)
+    layers, nbytes, scratch, eps = t["layers"], t["nbytes"], t["scratch"], 1e-6
+    hidden, residual, attn_out, o_out, gate_up = (t[n] for n in ("hidden", "residual", "attn_out", "o_out", "gate_up"))
 
     def block(L, gap, pdl):     # one decoder block's four linear layers, as the model calls them at batch 1
         g.norm_gemv(hidden, residual, L["n1"], eps, L["qkv"])
         for _ in range(3 if gap else 0):
-            _stand_in_kernel[(1,)](scratch, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+            stand_in_kernel[(1,)](scratch, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
         g.gemv(attn_out, L["o"])
         g.norm_gemv(o_out, residual, L["n2"], eps, L["gu"])
         g.gemv(gate_up, L["down"], gated=True)
@@ -194,23 +174,16 @@ def chain_main(args):
 
 def e2e_main(args, variant):
     """bench.py's batch-1 workload and 64 greedy tokens, in a fresh engine, gemv.py's kernel or this one."""
-    import time
-    from random import Random
     from bench import MODEL_CONFIGS
+    from benchmarks.lab.small_batch_decode import CASES, throughput
     from nanovllm import LLM, SamplingParams
     if variant != "gemv.py":
         install(*(int(part[1:]) for part in variant.split()))
     llm = LLM(MODEL_CONFIGS[args.model_config], load_format="dummy", max_model_len=4096)
-    rates = []
-    for _ in range(3):
-        rng = Random(1)
-        t = time.perf_counter()
-        out = llm.generate([[rng.randint(0, 10000) for _ in range(16)]],
-                           SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1024), use_tqdm=False)
-        rates.append(len(out[0]["token_ids"]) / (time.perf_counter() - t))
+    rates = throughput(llm, *CASES["b1"])
     greedy = llm.generate([[11, 22, 33, 44, 55, 66, 77, 88]], SamplingParams(temperature=0.0, ignore_eos=True,
                                                                            max_tokens=64), use_tqdm=False)
-    print(f"e2e {args.model_config} {variant}: batch-1 " + " / ".join(f"{r:.1f}" for r in rates) + " tok/s; greedy "
+    print(f"e2e {args.model_config} {variant}: batch-1 {rates} tok/s; greedy "
           + " ".join(map(str, greedy[0]["token_ids"])), flush=True)
     llm.exit()
 
