@@ -20,9 +20,9 @@ GEMV_MAX_COLUMNS = 2048     # with more output columns (and no norm to fuse) cuB
 # needs is requested before the wait), 4 warps: the fastest uniform choice for Qwen3-0.6B's and SmolLM2-135M's
 # four GEMVs of a block chained with PDL (benchmarks/lab/gemv_chain_sweep.py).
 GEMV_BLOCK_N, GEMV_MAX_BLOCK_K, GEMV_WARPS = 4, 4096, 4
-# norm_gemv's registers a thread (Triton's maxnreg) where K fits 1,024: Triton 3.6 gives that kernel 128, so four
-# programs share an SM; under the cap five do, for a few spilled values, and the wide qkv and gate/up projections of
-# a batch-1 step need fewer rounds of programs (docs/H200_LOG.md has the measurements; Triton 3.9 stays under it).
+# norm_gemv's registers a thread (Triton's maxnreg) where K fits 1,024: Triton 3.6 gives that kernel 128 (3.9: 115),
+# so four programs share an SM; under the cap five do, for a few spilled values, and the wide qkv and gate/up
+# projections of a batch-1 step need fewer rounds of programs (docs/H200_LOG.md has the measurements).
 # With a longer K the same cap spills far more: left to Triton. None: no cap.
 NORM_GEMV_MAX_REGISTERS, NORM_GEMV_CAPPED_MAX_K = 96, 1024
 
