@@ -135,8 +135,6 @@ GEMV_SIGNATURE = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M="i32", N=
                       residual_out_ptr="*bf16", eps="fp32")
 
 
-@pytest.mark.skipif(CUDA, reason="with CUDA the other tests compile and run the kernel for real")
-@pytest.mark.skipif(INTERPRETING, reason="this process runs Triton's interpreter, which cannot compile")
 def test_norm_gemv_caps_registers_only_where_k_fits_the_cap(monkeypatch):
     """A longer K spills far more under the same cap (ptxas -v), so only K up to NORM_GEMV_CAPPED_MAX_K is capped."""
     launches = []
@@ -151,6 +149,8 @@ def test_norm_gemv_caps_registers_only_where_k_fits_the_cap(monkeypatch):
     assert cap and [launch.get("maxnreg") for launch in launches] == [cap, cap, None]
 
 
+@pytest.mark.skipif(CUDA, reason="with CUDA the other tests compile and run the kernel for real")
+@pytest.mark.skipif(INTERPRETING, reason="this process runs Triton's interpreter, which cannot compile")
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="this Triton install has no ptxas")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 @pytest.mark.parametrize("block_k", [1024, gemv.GEMV_MAX_BLOCK_K])
