@@ -391,6 +391,36 @@ def test_decode_with_two_tiles_per_page(num_splits):
     run_check(check_decode, DECODE_CONTEXTS_128, 4, 1, 16, 128, num_splits)
 
 
+# Few (sequence, KV head) pairs take smaller tiles (decode_block_n): 32 tokens of this 128-dim float32 head.
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_decode_with_few_programs_small_tiles(num_splits):
+    run_check(check_decode, [1, 31, 32, 33, 200, 0], 2, 1, 128, 128, num_splits)
+
+
+def test_decode_tiles_shrink_only_where_few_programs_wait_on_them(monkeypatch):
+    """The split kernel's KV tile: at most DECODE_FEW_PROGRAMS_TILE_BYTES of K for few (sequence, KV head) pairs,
+    the launch's for more, and for heads whose launch tile is that small already (SmolLM2-135M's 64 dims)."""
+    tiles = []
+
+    class Recorder:     # stands in for the split kernel: records each launch's tile
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: tiles.append(kwargs["BLOCK_N"])
+    monkeypatch.setattr(backend.kernels, "decode_split_kernel", Recorder())
+    launch = backend.decode_launch(torch.bfloat16)
+
+    def tile(batch, kv_heads, head_dim):
+        k_cache = torch.zeros(4, 256, kv_heads, head_dim, dtype=torch.bfloat16)
+        backend.paged_decode_attention(torch.zeros(batch, kv_heads, head_dim, dtype=torch.bfloat16), k_cache,
+                                       k_cache, torch.ones(batch, dtype=torch.int32),
+                                       torch.zeros(batch, 4, dtype=torch.int32), 1.0, num_splits=1)
+        return tiles[-1]
+    few = tile(1, 8, 128)       # Qwen3-0.6B at batch 1
+    assert few < launch.block_n and few * 128 * 2 <= backend.DECODE_FEW_PROGRAMS_TILE_BYTES
+    assert tile(backend.DECODE_FEW_PROGRAMS // 8, 8, 128) == few
+    assert tile(backend.DECODE_FEW_PROGRAMS // 8 + 1, 8, 128) == launch.block_n
+    assert tile(1, 3, 64) == launch.block_n
+
+
 # The rows' programs started in another order: each row must still read its own context and write its own output.
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("seq_order", ["longest", [12, 0, 7, 3, 11, 1, 9, 5, 2, 10, 4, 8, 6]])
@@ -653,6 +683,17 @@ def test_real_size_decode(num_splits, kv_dtype, launch):
     contexts += torch.randint(1, 3000, (40,)).tolist()
     out, expected, real = run_decode(contexts, **QWEN3_0_6B, num_splits=num_splits, dtype=torch.bfloat16,
                                      scale=128 ** -0.5, kv_dtype=kv_dtype, launch=launch)
+    assert_matches(out[real], expected[real], **BF16_TOL)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_real_size_decode_few_programs(num_splits, kv_dtype):
+    """Four sequences of Qwen3-0.6B's eight KV heads: the smaller tiles of decode_block_n."""
+    out, expected, real = run_decode([1, 65, 513, 3000], **QWEN3_0_6B, num_splits=num_splits, dtype=torch.bfloat16,
+                                     scale=128 ** -0.5, kv_dtype=kv_dtype)
     assert_matches(out[real], expected[real], **BF16_TOL)
 
 

@@ -38,6 +38,10 @@ class DecodeLaunch(NamedTuple):
 # of fp8 bytes at batch 256 against 2.17-2.20 without. float32 needs the smaller tiles to fit shared memory.
 DECODE_LAUNCH = {2: DecodeLaunch(128, 4, 2), 1: DecodeLaunch(128, 4, 2, widen="v", max_registers=168),
                  4: DecodeLaunch(64, 4, 3)}
+# Up to DECODE_FEW_PROGRAMS (sequence, KV head) pairs a decode step is latency-bound (a batch-1 step's few programs
+# each wait on one tile's load): tiles of at most DECODE_FEW_PROGRAMS_TILE_BYTES of K (64 tokens of a 128-dim
+# bfloat16 head) finish sooner, though a bandwidth-bound step is faster with the launch's tiles.
+DECODE_FEW_PROGRAMS, DECODE_FEW_PROGRAMS_TILE_BYTES = 32, 16384
 DECODE_PROGRAMS_PER_SM = 4      # split decode until batch * kv_heads * splits covers this many programs per SM
 DECODE_MAX_SPLITS = 32
 DECODE_ORDER_MIN_BATCH = 32     # decode_order: below this the rows are not sorted (one sort a step for no tail)
@@ -97,8 +101,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     q = _last_dim_contiguous(q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    grid = (triton.cdiv(max_seqlen_q, PREFILL_BLOCK_M), num_seqs, num_heads)
-    kernels.prefill_kernel[grid](
+    kernels.prefill_kernel[(triton.cdiv(max_seqlen_q, PREFILL_BLOCK_M), num_seqs, num_heads)](
         q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
         scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
@@ -134,9 +137,7 @@ def decode_order(context_lens: torch.Tensor) -> torch.Tensor | None:
     matter. A batch's decode programs run in several waves from DECODE_ORDER_MIN_BATCH sequences on; started in
     row order, a long context drawn late runs alone at the end (longest-processing-time-first scheduling keeps
     that tail short). A device sort, one kernel a step: no host sync, so it can be captured in a CUDA graph."""
-    if context_lens.numel() < DECODE_ORDER_MIN_BATCH:
-        return None
-    return torch.argsort(context_lens, descending=True)
+    return torch.argsort(context_lens, descending=True) if context_lens.numel() >= DECODE_ORDER_MIN_BATCH else None
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -153,6 +154,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_heads // num_kv_heads
     launch = decode_launch(k_cache.dtype)
     block_n = min(launch.block_n, block_size)
+    if batch * num_kv_heads <= DECODE_FEW_PROGRAMS:     # latency-bound: smaller tiles (see the constant)
+        block_n = min(block_n, max(16, DECODE_FEW_PROGRAMS_TILE_BYTES // (head_dim * k_cache.element_size())))
     if num_splits is None:
         num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, block_n, q.device)
     q = _last_dim_contiguous(q)
