@@ -3,6 +3,7 @@ per tree, each with its own PYTHONPATH). Case b1 is bench.py's `Batch-1 decode:`
 16-token prompt, seed 1, temperature 0.6) in a fresh engine; bN-L is N requests after L-token prompts.
 
     PYTHONPATH=<tree> python benchmarks/lab/small_batch_decode.py [--model-config qwen3-0.6b] [--label main]
+        [--decode-launch TILE,WARPS,STAGES]    (the bf16 cache's decode launch at every batch, for a launch sweep)
 """
 import argparse
 import time
@@ -10,6 +11,7 @@ from random import Random
 
 from bench import MODEL_CONFIGS
 from nanovllm import LLM, SamplingParams
+from nanovllm.kernels import paged_attention_triton
 
 CASES = {"b1": (1, 16, 1024, 3), "b1-3000": (1, 3000, 512, 2), "b4-1500": (4, 1500, 256, 2),
          "b8-1500": (8, 1500, 256, 2), "b16-1000": (16, 1000, 256, 2), "b16": (16, 16, 512, 2)}
@@ -32,7 +34,13 @@ def main():
     p.add_argument("--model-config", default="qwen3-0.6b", choices=list(MODEL_CONFIGS))
     p.add_argument("--label", default="", help="printed first, to tell the trees apart")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--decode-launch", help="TILE,WARPS,STAGES: replaces DECODE_LAUNCH for a 16-bit cache, and the "
+                   "smaller tiles for few programs are off (DECODE_FEW_PROGRAMS = 0)")
     args = p.parse_args()
+    if args.decode_launch:
+        paged_attention_triton.DECODE_LAUNCH[2] = paged_attention_triton.DecodeLaunch(
+            *map(int, args.decode_launch.split(",")))
+        paged_attention_triton.DECODE_FEW_PROGRAMS = 0
     llm = LLM(MODEL_CONFIGS[args.model_config], load_format="dummy", max_model_len=4096)
     results = [f"{name} {throughput(llm, *CASES[name])}" for name in args.cases]
     print(f"{args.label} {args.model_config} tok/s: " + "; ".join(results), flush=True)
