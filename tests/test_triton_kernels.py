@@ -391,7 +391,7 @@ def test_decode_with_two_tiles_per_page(num_splits):
     run_check(check_decode, DECODE_CONTEXTS_128, 4, 1, 16, 128, num_splits)
 
 
-# Few (sequence, KV head) pairs take smaller tiles (decode_block_n): 32 tokens of this 128-dim float32 head.
+# Few (sequence, KV head) pairs take smaller tiles (DECODE_FEW_PROGRAMS): 32 tokens of this 128-dim float32 head.
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 def test_decode_with_few_programs_small_tiles(num_splits):
     run_check(check_decode, [1, 31, 32, 33, 200, 0], 2, 1, 128, 128, num_splits)
@@ -691,7 +691,8 @@ def test_real_size_decode(num_splits, kv_dtype, launch):
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("num_splits", [None, 1, 5])
 def test_real_size_decode_few_programs(num_splits, kv_dtype):
-    """Four sequences of Qwen3-0.6B's eight KV heads: the smaller tiles of decode_block_n."""
+    """Four sequences of Qwen3-0.6B's eight KV heads, few enough for DECODE_FEW_PROGRAMS: a bf16 cache's smaller
+    tiles, and an fp8 cache's (16 KB already at the launch's 128 tokens) under the same split counts."""
     out, expected, real = run_decode([1, 65, 513, 3000], **QWEN3_0_6B, num_splits=num_splits, dtype=torch.bfloat16,
                                      scale=128 ** -0.5, kv_dtype=kv_dtype)
     assert_matches(out[real], expected[real], **BF16_TOL)
