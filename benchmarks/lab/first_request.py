@@ -1,7 +1,9 @@
 """The first requests after start-up: which Triton kernel variants they still have to compile (or load from the disk
 cache), and what that adds to their time. Start-up compiles what its warm-up and graph capture launch
 (engine/compile_ahead.py); a request whose shapes put an integer argument in another of Triton's specialization
-classes (1, a multiple of 16, anything else) launches a variant nothing has compiled yet.
+classes (1, a multiple of 16, anything else), or tensors of another dtype or alignment, launches a variant nothing
+has compiled yet. A slow first request that compiles nothing points elsewhere (files read cold, cuBLAS's first
+heuristics).
 
     PYTHONPATH=. python benchmarks/lab/first_request.py [--model-config qwen3-0.6b] [--cold]
 
