@@ -761,3 +761,48 @@ def test_decode_cuda_graph_replay(kv_dtype):
         stored = k_cache.view(-1, kv_heads, head_dim)[slots]
         new_k = static["k"][:n] if kv_dtype != FP8 else ref.quantize_fp8(static["k"][:n], k_scale)
         assert torch.equal(stored.view(torch.uint8), new_k.view(torch.uint8))
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_step_shapes_select_no_new_kernel_variant():
+    """The block table's width and the decode split count change from step to step. Triton compiles a kernel again
+    for an integer argument that turns 1 or a multiple of 16, so unless the kernels opt out, a request meets
+    variants start-up never launched and waits seconds for their compile (benchmarks/lab/first_request.py)."""
+    from triton import knobs
+    heads, kv_heads, head_dim, block_size = 16, 8, 128, 256
+    k_cache, v_cache, tables = paged_cache([1024], block_size, kv_heads, head_dim, torch.bfloat16)
+
+    def table(width):       # the sequence's pages, then -1 up to `width` columns
+        padded = torch.full((1, width), -1, dtype=torch.int32, device=DEVICE)
+        padded[0, :min(width, 4)] = tables[0, :min(width, 4)]
+        return padded
+
+    def prefill(width, dtype=torch.bfloat16):     # the sequence's first page
+        q = torch.randn(256, heads, head_dim, device=DEVICE, dtype=dtype)
+        cu_seqlens, lens = (torch.tensor(x, dtype=torch.int32, device=DEVICE) for x in ([0, 256], [256]))
+        backend.paged_prefill_attention(q, k_cache.to(dtype), v_cache.to(dtype), cu_seqlens, lens, table(width),
+                                        0.1, max_seqlen_q=256)
+
+    def decode(width, num_splits):      # over the pages the table holds
+        q = torch.randn(1, heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+        lens = torch.tensor([min(4, width) * block_size], dtype=torch.int32, device=DEVICE)
+        backend.paged_decode_attention(q, k_cache, v_cache, lens, table(width), 0.1, num_splits=num_splits)
+
+    # One launch of each kind, as start-up's warm-up makes (a split count's power of two above it is a constexpr of
+    # the merge: 9 and 16 share one; graph sizes keep their split counts)
+    prefill(5), decode(5, 9), decode(5, 1)
+    compiled = []
+
+    def record(*, fn, **kwargs):
+        compiled.append(fn.name)
+        return False
+    knobs.runtime.jit_cache_hook = record
+    try:
+        prefill(1), prefill(16), decode(16, 16), decode(32, 16), decode(1, 1), decode(16, 1)
+        torch.cuda.synchronize()
+        assert compiled == []
+        prefill(5, torch.float16)       # a new dtype: a new variant, which the hook must see
+        assert compiled == ["prefill_kernel"]
+    finally:
+        knobs.runtime.jit_cache_hook = None

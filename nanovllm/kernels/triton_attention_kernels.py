@@ -22,6 +22,11 @@ from nanovllm.kernels import pdl
 # row instead of one per element.
 FP8_MAX = tl.constexpr(448.0)     # float8_e4m3fn's largest finite value; it has no inf
 
+# Triton compiles a kernel again for an integer argument that turns 1 or a multiple of 16: the block table's width,
+# the split count and the strides it sets change from step to step, so a request could meet a variant start-up never
+# launched and wait for its compile (seconds on a fresh machine). Their divisibility buys these kernels nothing, so
+# they are not specialized on (do_not_specialize below).
+
 
 @triton.jit
 def _query_for_fp8_cache(q):
@@ -126,7 +131,7 @@ def _attend_kv_tiles(acc, m_i, l_i, q, q_pos, qk_scale, k_cache_ptr, v_cache_ptr
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_stride"])
 def prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
                    qk_scale, q_stride_n, q_stride_h, out_stride_n, out_stride_h,
                    stride_page, stride_row, stride_head, table_stride,
@@ -176,7 +181,7 @@ def prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, c
     tl.store(out_ptr + out_offsets, out, mask=row_valid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_stride", "num_splits", "lse_stride_b", "lse_stride_h"])
 def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr, context_lens_ptr,
                         block_tables_ptr, k_scale_ptr, v_scale_ptr, qk_scale, num_splits, q_stride_b, q_stride_h,
                         stride_page, stride_row, stride_head, table_stride,
@@ -239,7 +244,7 @@ def _split_len(context_len, num_splits, BLOCK_N: tl.constexpr):
     return ((context_len + BLOCK_N - 1) // BLOCK_N + num_splits - 1) // num_splits * BLOCK_N
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "lse_stride_b", "lse_stride_h"])
 def decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, context_lens_ptr, num_splits,
                         part_stride_b, part_stride_h, part_stride_s, lse_stride_b, lse_stride_h,
                         out_stride_b, out_stride_h, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
