@@ -4,6 +4,7 @@ per tree, each with its own PYTHONPATH). Case b1 is bench.py's `Batch-1 decode:`
 
     PYTHONPATH=<tree> python benchmarks/lab/small_batch_decode.py [--model-config qwen3-0.6b] [--label main]
         [--decode-launch TILE,WARPS,STAGES]    (the bf16 cache's decode launch at every batch, for a launch sweep)
+        [--max-splits N]                       (DECODE_MAX_SPLITS: how many programs may share one sequence's KV)
 """
 import argparse
 import time
@@ -36,7 +37,10 @@ def main():
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--decode-launch", help="TILE,WARPS,STAGES: replaces DECODE_LAUNCH for a 16-bit cache, and the "
                    "smaller tiles for few programs are off (DECODE_FEW_PROGRAMS = 0)")
+    p.add_argument("--max-splits", type=int, help="replaces DECODE_MAX_SPLITS")
     args = p.parse_args()
+    if args.max_splits:
+        paged_attention_triton.DECODE_MAX_SPLITS = args.max_splits
     if args.decode_launch:
         paged_attention_triton.DECODE_LAUNCH[2] = paged_attention_triton.DecodeLaunch(
             *map(int, args.decode_launch.split(",")))

@@ -43,7 +43,7 @@ DECODE_LAUNCH = {2: DecodeLaunch(128, 4, 2), 1: DecodeLaunch(128, 4, 2, widen="v
 # bfloat16 head) finish sooner, though a bandwidth-bound step is faster with the launch's tiles.
 DECODE_FEW_PROGRAMS, DECODE_FEW_PROGRAMS_TILE_BYTES = 32, 16384
 DECODE_PROGRAMS_PER_SM = 4      # split decode until batch * kv_heads * splits covers this many programs per SM
-DECODE_MAX_SPLITS = 32
+DECODE_MAX_SPLITS = 64
 DECODE_ORDER_MIN_BATCH = 32     # decode_order: below this the rows are not sorted (one sort a step for no tail)
 
 
