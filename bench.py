@@ -91,11 +91,15 @@ def main():
 
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)     # warm-up
     cuda = torch.cuda.is_available()
+    vocab_size = llm.config.model_config.vocab_size
     for i in range(args.repeat):
+        # The same lengths with other token ids each run: the same work, none of it in the prefix cache from the runs
+        # before (a --shared-prefix is still shared within the run).
+        prompts = [[(t + 10_001 * i) % vocab_size for t in prompt] for prompt in prompt_token_ids]
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        outputs = llm.generate(prompt_token_ids, sampling_params, use_tqdm=False)
+        outputs = llm.generate(prompts, sampling_params, use_tqdm=False)
         t = time.perf_counter() - t     # generate() has read every sampled token back, so the GPU is done
         total_tokens = sum(len(o["token_ids"]) for o in outputs)
         print(f"Total: {total_tokens}tok, Time: {t:.2f}s, Throughput: {total_tokens / t:.2f}tok/s")
