@@ -6,8 +6,9 @@
     python bench.py --dummy --model-config llama-3.2-1b    # another shipped config: smollm2-135m, llama-3.2-1b
     python bench.py --dummy --shared-prefix 512    # one 512-token system prompt before every prompt
 
-Other scripts that need this workload import it (`from bench import make_workload`, run from the repository root
-with PYTHONPATH=.), so it is written once.
+Other scripts that need this workload import it (`from bench import make_workload, prompts_for_run`, run from the
+repository root with PYTHONPATH=.), so it is written once. Repeated runs in one engine (`--repeat`) each get their own
+token ids (`prompts_for_run`): the same work, never read from the prefix cache the runs before them filled.
 """
 import argparse
 import os
@@ -40,6 +41,12 @@ def make_workload(num_seqs: int = 256, seed: int = 0,
         prefix = [rng.randint(0, 10000) for _ in range(shared_prefix)]
         prompt_token_ids = [prefix + prompt for prompt in prompt_token_ids]
     return prompt_token_ids, sampling_params
+
+
+def prompts_for_run(prompt_token_ids: list[list[int]], run: int, vocab_size: int) -> list[list[int]]:
+    """The workload's prompts for its `run`-th repetition in one engine: the same lengths with other token ids, so the
+    same work, none of it in the prefix cache from the runs before (a shared prefix stays shared within the run)."""
+    return [[(t + 10_001 * run) % vocab_size for t in prompt] for prompt in prompt_token_ids]
 
 
 def parse_args():
@@ -91,11 +98,8 @@ def main():
 
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)     # warm-up
     cuda = torch.cuda.is_available()
-    vocab_size = llm.config.model_config.vocab_size
     for i in range(args.repeat):
-        # The same lengths with other token ids each run: the same work, none of it in the prefix cache from the runs
-        # before (a --shared-prefix is still shared within the run).
-        prompts = [[(t + 10_001 * i) % vocab_size for t in prompt] for prompt in prompt_token_ids]
+        prompts = prompts_for_run(prompt_token_ids, i, llm.config.model_config.vocab_size)
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from bench import make_workload
+from bench import make_workload, prompts_for_run
 from nanovllm import LLM, SamplingParams
 from nanovllm.configs import MODEL_CONFIGS
 from nanovllm.ray_replicas import ReplicaPool
@@ -34,12 +34,13 @@ def parse_args():
     return p.parse_args()
 
 
-def best_throughput(name: str, generate, prompts: list, params: list, repeat: int) -> float:
+def best_throughput(name: str, generate, prompts: list, params: list, repeat: int, vocab_size: int) -> float:
     generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8))     # warm-up, as bench.py's
     best = 0.0
     for i in range(repeat):
+        run_prompts = prompts_for_run(prompts, i, vocab_size)     # no run reads the one before from the prefix cache
         t = time.perf_counter()
-        outputs = generate(prompts, params)
+        outputs = generate(run_prompts, params)
         t = time.perf_counter() - t     # outputs are back on the host: the GPU is done
         tokens = sum(len(o["token_ids"]) for o in outputs)
         print(f"{name} run {i + 1}: {tokens}tok, {t:.2f}s, {tokens / t:.2f}tok/s")
@@ -56,7 +57,9 @@ def main():
 
     prompts, params = make_workload(args.num_seqs)
     llm = LLM(path, **engine)
-    plain = best_throughput("LLM", lambda p, sp: llm.generate(p, sp, use_tqdm=False), prompts, params, args.repeat)
+    vocab_size = llm.config.model_config.vocab_size
+    plain = best_throughput("LLM", lambda p, sp: llm.generate(p, sp, use_tqdm=False), prompts, params, args.repeat,
+                            vocab_size)
     llm.exit()
     del llm     # give its GPU memory back before a replica sizes its KV cache on the same GPU
     gc.collect()
@@ -72,7 +75,8 @@ def main():
     # As many intra-op threads as this process had, the machine allowing: Ray gives an actor one unless it asks.
     num_cpus = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // args.num_replicas))
     with ReplicaPool(path, args.num_replicas, ray_remote_args={"num_cpus": num_cpus}, **engine) as pool:
-        replicas = best_throughput(f"Ray x{args.num_replicas}", pool.generate, prompts, params, args.repeat)
+        replicas = best_throughput(f"Ray x{args.num_replicas}", pool.generate, prompts, params, args.repeat,
+                                   vocab_size)
     ray.shutdown()
     print(f"LLM {plain:.2f}tok/s; Ray, {args.num_replicas} replica(s): {replicas:.2f}tok/s; "
           f"per replica / LLM = {replicas / args.num_replicas / plain:.3f}")
