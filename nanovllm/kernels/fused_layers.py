@@ -98,27 +98,28 @@ def qk_norm_rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos
         weight_ptr = tl.where(is_q, q_weight_ptr, k_weight_ptr)
         weight1, weight2 = (tl.load(weight_ptr + dims).to(tl.float32),
                             tl.load(weight_ptr + HALF + dims).to(tl.float32))
-    if STORE_KV:
+    if STORE_KV:    # (the fp8 scales too: calibrated at start-up)
         slot = tl.load(slot_mapping_ptr + token)
+        k_scale, v_scale = (tl.load(k_scale_ptr), tl.load(v_scale_ptr)) if KV_FP8 else (1.0, 1.0)
     pdl.wait_for_inputs(PDL)
     if is_q:
         q1, q2 = _norm_rotate_heads(q_ptr, q_stride_t, q_stride_h, weight1, weight2, cos, sin, eps, token, HEADS,
                                     HEADS_PAD, HALF, NORM, dtype)
         _store_heads(q_out_ptr, token, q1, q2, HEADS, HEADS_PAD, HALF)
     else:
+        heads = tl.arange(0, KV_HEADS_PAD)[:, None]
+        mask = heads < KV_HEADS
+        full = tl.arange(0, 2 * HALF)[None, :]
+        if STORE_KV:    # v's row with k's, not after k's stores (which the compiler may not reorder it past)
+            value = tl.load(v_ptr + token * v_stride_t + heads * v_stride_h + full, mask=mask)
         k1, k2 = _norm_rotate_heads(k_ptr, k_stride_t, k_stride_h, weight1, weight2, cos, sin, eps, token,
                                     KV_HEADS, KV_HEADS_PAD, HALF, NORM, dtype)
         _store_heads(k_out_ptr, token, k1, k2, KV_HEADS, KV_HEADS_PAD, HALF)
         if STORE_KV:
             if slot >= 0:   # from registers: no round trip through k_out
-                heads = tl.arange(0, KV_HEADS_PAD)[:, None]
-                mask = heads < KV_HEADS
-                store_cache_rows(k_cache_ptr, slot, k1, heads, dims, mask, k_scale_ptr, KV_HEADS, 2 * HALF, KV_FP8)
-                store_cache_rows(k_cache_ptr, slot, k2, heads, HALF + dims, mask, k_scale_ptr, KV_HEADS, 2 * HALF,
-                                 KV_FP8)
-                full = tl.arange(0, 2 * HALF)[None, :]
-                value = tl.load(v_ptr + token * v_stride_t + heads * v_stride_h + full, mask=mask)
-                store_cache_rows(v_cache_ptr, slot, value, heads, full, mask, v_scale_ptr, KV_HEADS, 2 * HALF, KV_FP8)
+                store_cache_rows(k_cache_ptr, slot, k1, heads, dims, mask, k_scale, KV_HEADS, 2 * HALF, KV_FP8)
+                store_cache_rows(k_cache_ptr, slot, k2, heads, HALF + dims, mask, k_scale, KV_HEADS, 2 * HALF, KV_FP8)
+                store_cache_rows(v_cache_ptr, slot, value, heads, full, mask, v_scale, KV_HEADS, 2 * HALF, KV_FP8)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

@@ -56,21 +56,22 @@ def store_token_kv(key_ptr, key_stride_h, value_ptr, value_stride_h, k_cache_ptr
     a slot < 0 (a padding row) writes nothing."""
     if slot < 0:
         return
-    heads = tl.arange(0, HEADS_PAD)[:, None]
-    dims = tl.arange(0, HEAD_DIM)[None, :]
+    heads, dims = tl.arange(0, HEADS_PAD)[:, None], tl.arange(0, HEAD_DIM)[None, :]
     mask = heads < NUM_KV_HEADS
     key = tl.load(key_ptr + heads * key_stride_h + dims, mask=mask)
     value = tl.load(value_ptr + heads * value_stride_h + dims, mask=mask)
-    store_cache_rows(k_cache_ptr, slot, key, heads, dims, mask, k_scale_ptr, NUM_KV_HEADS, HEAD_DIM, KV_FP8)
-    store_cache_rows(v_cache_ptr, slot, value, heads, dims, mask, v_scale_ptr, NUM_KV_HEADS, HEAD_DIM, KV_FP8)
+    k_scale, v_scale = (tl.load(k_scale_ptr), tl.load(v_scale_ptr)) if KV_FP8 else (1.0, 1.0)
+    store_cache_rows(k_cache_ptr, slot, key, heads, dims, mask, k_scale, NUM_KV_HEADS, HEAD_DIM, KV_FP8)
+    store_cache_rows(v_cache_ptr, slot, value, heads, dims, mask, v_scale, NUM_KV_HEADS, HEAD_DIM, KV_FP8)
 
 
 @triton.jit
-def store_cache_rows(cache_ptr, slot, x, heads, dims, mask, scale_ptr, NUM_KV_HEADS: tl.constexpr,
+def store_cache_rows(cache_ptr, slot, x, heads, dims, mask, scale, NUM_KV_HEADS: tl.constexpr,
                      HEAD_DIM: tl.constexpr, KV_FP8: tl.constexpr):
     """Write x, the [heads, dims] elements of one token's K or V, to cache slot `slot` (>= 0); KV_FP8: x / scale."""
+    # `scale` is a value, not a pointer: fixed after start-up, so a caller may load it before its PDL wait.
     if KV_FP8:  # IEEE division (not the approximate default), as torch divides; clamped, so outliers saturate
-        x = tl.clamp(tl.math.div_rn(x.to(tl.float32), tl.load(scale_ptr)), -FP8_MAX, FP8_MAX)
+        x = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -FP8_MAX, FP8_MAX)
     dst = slot.to(tl.int64) * (NUM_KV_HEADS * HEAD_DIM) + heads * HEAD_DIM + dims
     tl.store(cache_ptr + dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
 
