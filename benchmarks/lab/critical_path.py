@@ -3,7 +3,9 @@ previous kernel's end), which under programmatic dependent launch is what the ke
 duration (its prologue overlaps the kernel before it). From torch.profiler's trace of CUDA-graph replays.
 
     PYTHONPATH=. python benchmarks/lab/critical_path.py [--model-config qwen3-0.6b] [--batch 1] [--tokens 128]
-        [--prefetch-gemv "n8 w4"]
+        [--prefetch-gemv "n8 w4"] [--kv-cache-dtype fp8]
+
+The kernels outside the layers' pattern are listed with their full names (truncated), to tell torch's own apart.
 """
 import argparse
 import json
@@ -56,12 +58,14 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--gap-us", type=float, default=8.0, help="a pause longer than this starts a new step")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--prefetch-gemv", help='"nB wW": route the batch-1 GEMVs to benchmarks/lab/prefetch_gemv.py')
     args = p.parse_args()
     if args.prefetch_gemv:
         from benchmarks.lab.prefetch_gemv import install
         install(*(int(part[1:]) for part in args.prefetch_gemv.split()))
-    llm = LLM(MODEL_CONFIGS[args.model_config], load_format="dummy", max_model_len=4096)
+    llm = LLM(MODEL_CONFIGS[args.model_config], load_format="dummy", max_model_len=4096,
+              kv_cache_dtype=args.kv_cache_dtype)
     prompts = [[(7 * i + j) % 1000 + 1 for j in range(16)] for i in range(args.batch)]
     sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.tokens)
     llm.generate(prompts, sp, use_tqdm=False)
@@ -99,7 +103,7 @@ def main():
     print(f"    a layer: {total_layer:.2f} us")
     print("outside the layer pattern (index, kernel, marginal, duration):")
     for i in list(range(first_gemv)) + list(range(first_gemv + period * layers, length)):
-        print(f"  {i:3d} {names[i]:<18} {med[i]:8.2f} {dur[i]:8.2f}")
+        print(f"  {i:3d} {names[i]:<18} {med[i]:8.2f} {dur[i]:8.2f}  {steps[0][i][0][:100]}")
     llm.exit()
 
 
