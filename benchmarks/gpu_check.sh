@@ -2,7 +2,8 @@
 # The GPU checks and benchmarks in one call, from a fresh clone (nothing outside the repository). Logs go to $OUT.
 #   bash benchmarks/gpu_check.sh [STAGE...]        # no stage: tests bench fp8 accuracy kernels (and old, if .old/)
 # Stages:
-#   tests     the test files that have CUDA tests (their CPU tests run too)
+#   tests     the test files that have CUDA tests (their CPU tests run too); over ten minutes now, more than one
+#             device call allows: tests1 and tests2 are its first and second half of the files, a call each
 #   bench     python bench.py --dummy, then its fraction of the roofline limits (throughput and batch-1)
 #   fp8       python bench.py --dummy --kv-cache-dtype fp8, then its fraction of the fp8 limit
 #   accuracy  python benchmarks/fp8_accuracy.py
@@ -45,11 +46,14 @@ batch1_fraction() {
   [ -n "$tps" ] && python benchmarks/roofline.py --batch1 --measured "$tps" | tail -1
 }
 
-if has tests; then
+if has tests || has tests1 || has tests2; then
+  mapfile -t files < <(grep -l "cuda.is_available\|mark.cuda" tests/test_*.py)
+  half=$(( (${#files[@]} + 1) / 2 ))
+  has tests1 && files=("${files[@]:0:half}")
+  has tests2 && files=("${files[@]:half}")
   # (tests.gpu_memory_trace logs each test's GPU memory: which test leaves memory taken, if one does)
-  # shellcheck disable=SC2046
   GPU_MEMORY_TRACE=$OUT/gpu_memory_trace.log python -m pytest -q -rs -p no:logging -p tests.gpu_memory_trace \
-    $(grep -l "cuda.is_available\|mark.cuda" tests/test_*.py) 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
+    "${files[@]}" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
 fi
 if has bench; then
   bench bench_bf16.log
