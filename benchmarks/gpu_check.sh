@@ -49,8 +49,9 @@ batch1_fraction() {
 if has tests || has tests1 || has tests2; then
   mapfile -t files < <(grep -l "cuda.is_available\|mark.cuda" tests/test_*.py)
   half=$(( (${#files[@]} + 1) / 2 ))
-  has tests1 && files=("${files[@]:0:half}")
-  has tests2 && files=("${files[@]:half}")
+  if ! has tests && ! (has tests1 && has tests2); then     # one half only
+    if has tests1; then files=("${files[@]:0:half}"); else files=("${files[@]:half}"); fi
+  fi
   # (tests.gpu_memory_trace logs each test's GPU memory: which test leaves memory taken, if one does)
   GPU_MEMORY_TRACE=$OUT/gpu_memory_trace.log python -m pytest -q -rs -p no:logging -p tests.gpu_memory_trace \
     "${files[@]}" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
