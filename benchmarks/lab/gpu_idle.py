@@ -3,7 +3,10 @@ recorded on the stream just before and just after each step's launch (`Executor.
 "before" event only once the previous step is done *and* the host has got round to the next one. The time from a
 step's "after" to the next step's "before" is GPU time with nothing queued: idle, waiting for the host.
 
-    PYTHONPATH=. python benchmarks/lab/gpu_idle.py [--kv-cache-dtype fp8] [--no-overlap]
+    PYTHONPATH=. python benchmarks/lab/gpu_idle.py [--kv-cache-dtype fp8] [--no-overlap] [--batch1]
+        [--model-config smollm2-135m]
+
+--batch1 runs bench.py's `Batch-1 decode:` workload (1,024 tokens after a 16-token prompt) instead of its batch.
 
 Prints the run's wall time, the GPU time inside steps and the idle time between them, by step kind and decode
 batch size, and the host's time per step (from one launch to the next) for the same groups.
@@ -11,11 +14,12 @@ batch size, and the host's time per step (from one launch to the next) for the s
 import argparse
 import time
 from collections import defaultdict
+from random import Random
 
 import torch
 
 from bench import MODEL_CONFIGS, make_workload
-from nanovllm import LLM
+from nanovllm import LLM, SamplingParams
 
 
 def bucket(is_prefill: bool, num_seqs: int) -> str:
@@ -32,10 +36,16 @@ def main():
     p.add_argument("--model-config", default="qwen3-0.6b", choices=list(MODEL_CONFIGS))
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--no-overlap", action="store_true")
+    p.add_argument("--batch1", action="store_true", help="bench.py's batch-1 workload instead of its 256 requests")
     args = p.parse_args()
     llm = LLM(MODEL_CONFIGS[args.model_config], load_format="dummy", max_model_len=4096,
               kv_cache_dtype=args.kv_cache_dtype, overlap_scheduling=not args.no_overlap)
-    prompts, params = make_workload()
+    if args.batch1:
+        rng = Random(1)
+        prompts = [[rng.randint(0, 10000) for _ in range(16)]]
+        params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1024)]
+    else:
+        prompts, params = make_workload()
     tokens = sum(sp.max_tokens for sp in params)
     llm.generate(prompts, params, use_tqdm=False)      # the first run pays first launches
     steps = []
