@@ -62,7 +62,7 @@ def test_penalties_take_the_full_sampler_even_when_greedy():
             assert SamplingParams(temperature=temperature, **penalty).needs_sampler_extras
     runner = object.__new__(ModelRunner)    # plan() reads only the graphs and the batch
     runner.graphs = SimpleNamespace(can_run=lambda n: True, padded_size=lambda n: n, sampled=torch.zeros(4))
-    batch = lambda *params: SimpleNamespace(is_prefill=False, num_seqs=len(params),
+    batch = lambda *params: SimpleNamespace(is_prefill=False, num_seqs=len(params), input_ids=[0] * len(params),
                                             sampling=SimpleNamespace(params=list(params)))
     assert runner.plan(batch(SamplingParams(), SamplingParams(temperature=0))).graph_samples
     assert not runner.plan(batch(SamplingParams(), SamplingParams(temperature=0, repetition_penalty=1.2))).graph_samples

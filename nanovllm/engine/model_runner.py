@@ -35,6 +35,9 @@ class StepPlan:
 
 EAGER = StepPlan()
 CALIBRATION_TOKENS = 1024      # what the fp8 scales are measured on (a varied-id prefill, no cache)
+# A prefill whose rows (one a token) attend to at most this many keys in all runs as a decode graph: the host's ~10
+# launches a layer of an eager prefill cost far more than its GPU work until the rows' attention reads take over.
+PREFILL_ROWS_MAX_KEYS = 2**18
 
 
 class ModelRunner:
@@ -241,12 +244,15 @@ class ModelRunner:
     # ---- per step -------------------------------------------------------------------------------------
 
     def plan(self, batch: StepBatch) -> StepPlan:
-        """Eager for a prefill, without graphs or past the largest graph; else the graph that fits (see StepPlan)."""
-        if batch.is_prefill or self.graphs is None or not self.graphs.can_run(batch.num_seqs):
+        """Eager without graphs or past the largest graph; else the graph that fits (see StepPlan). A prefill
+        replays a decode graph as one row a token (StepBatch.as_token_rows) up to PREFILL_ROWS_MAX_KEYS."""
+        rows = len(batch.input_ids)     # a decode's are its sequences
+        if (self.graphs is None or not self.graphs.can_run(rows)
+                or batch.is_prefill and int((batch.positions + 1).sum()) > PREFILL_ROWS_MAX_KEYS):
             return EAGER
         samples = (self.graphs.sampled is not None and batch.sampling is not None
                    and not any(p.needs_sampler_extras for p in batch.sampling.params))
-        return StepPlan(self.graphs.padded_size(batch.num_seqs), samples)
+        return StepPlan(self.graphs.padded_size(rows), samples)
 
     def _to_device(self, data, dtype) -> torch.Tensor:
         return to_device(data, dtype, self.device)
@@ -306,13 +312,17 @@ class ModelRunner:
         """Launch one step without waiting for the GPU (see SampledTokens). Only rank 0 samples (the lm head gathers
         the logits there, and only its batch carries `sampling`): the other ranks return None."""
         plan = self.plan(batch)
-        input_ids, positions = self.prepare_prefill(batch) if batch.is_prefill else self.prepare_decode(batch, plan)
+        rows = batch.as_token_rows() if batch.is_prefill and plan.graph_size else batch
+        input_ids, positions = self.prepare_prefill(batch) if rows.is_prefill else self.prepare_decode(rows, plan)
+        # Of a prefill run as token rows, each sequence's last row is sampled.
+        sampled_rows = slice(None) if rows is batch else self._to_device(batch.cu_seqlens_q[1:] - 1, torch.int64)
         try:
             logits = self.run_model(input_ids, positions, plan)
             token_ids = logprobs = None
             if plan.graph_samples:
-                token_ids = self.graphs.sampled[:batch.num_seqs]
+                token_ids = self.graphs.sampled[:rows.num_seqs][sampled_rows]
             elif logits is not None:
+                logits = logits[sampled_rows]
                 sampling = batch.sampling
                 temperatures, extras = prepare_sampling(sampling.params, sampling.output_lens, self.eos_token_ids,
                                                         self.config.model_config.vocab_size, self.device,

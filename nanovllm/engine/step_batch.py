@@ -38,6 +38,15 @@ class StepBatch:
     def num_seqs(self) -> int:
         return len(self.context_lens)
 
+    def as_token_rows(self) -> "StepBatch":
+        """This prefill as a decode batch of one row a token, each attending to its sequence's keys up to its own
+        position (the step's earlier tokens included: every row's K/V is stored before any row attends), and
+        sampling as its sequence does: so that a short prefill can replay a decode CUDA graph."""
+        seq_of_token = np.repeat(np.arange(self.num_seqs), np.diff(self.cu_seqlens_q))
+        sampling = self.sampling and SamplingRows([self.sampling.params[i] for i in seq_of_token], [], None)
+        return StepBatch(False, self.input_ids, self.positions, self.slot_mapping, np.arange(len(seq_of_token) + 1),
+                         self.positions + 1, self.block_tables[seq_of_token], np.full(len(seq_of_token), -1), sampling)
+
     @classmethod
     def build(cls, seqs: list[Sequence], is_prefill: bool, block_size: int,
               previous_step: list[Sequence] = ()) -> "StepBatch":
