@@ -26,9 +26,9 @@ class AttentionBackend:
     """The contract. `check` runs before the engine builds anything and raises a ValueError saying what cannot run
     and what to pass instead. The runner calls `prepare` once per step (inside the capture for a CUDA graph), before
     any layer; the layers then call `store_kvcache` (unless the rotary kernel stored K/V itself: `fuses_kv_store`),
-    then `prefill` (new tokens over their cached prefix and themselves) or `decode` (one query per sequence over its
-    context_lens[i] cached tokens), which return [tokens, heads, head_dim]. The base class runs `kernels`, a module
-    of paged_attention_torch's functions."""
+    then `prefill` (new tokens over their cached prefix and themselves) or `decode` (one query a row over its
+    context_lens[i] cached tokens; rows may share a sequence and read the keys this step stored: a prefill run as
+    token rows), which return [tokens, heads, head_dim]. The base class runs `kernels`, paged_attention_torch."""
     name: ClassVar[str]
     needs_cuda: ClassVar[bool] = True
     supports_fp8: ClassVar[bool] = False        # can read and write a float8_e4m3fn cache
