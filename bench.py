@@ -121,7 +121,9 @@ def main():
         out = llm.generate([[rng.randint(0, 10000) for _ in range(16)]],
                            SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1024), use_tqdm=False)
         t = time.perf_counter() - t
-        print(f"Batch-1 decode: {len(out[0]['token_ids']) / t:.2f}tok/s (1024 tokens after a 16-token prompt)")
+        ttft = out[0]["metrics"]["first_token_time"] - out[0]["metrics"]["arrival_time"]
+        print(f"Batch-1 decode: {len(out[0]['token_ids']) / t:.2f}tok/s (1024 tokens after a 16-token prompt; "
+              f"time to first token {ttft * 1e3:.1f} ms)")
     if hasattr(llm, "exit"):
         llm.exit()
 
