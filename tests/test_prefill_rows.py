@@ -46,6 +46,7 @@ def test_token_rows_give_the_prefills_logits(qwen3_dir):
         rows = batch.as_token_rows()
         assert not rows.is_prefill and rows.num_seqs == len(batch.input_ids)
         assert (rows.context_lens == batch.positions + 1).all()
+        assert len(rows.sampling.params) == len(rows.sampling.output_lens) == rows.num_seqs
         if step == 1:
             assert batch.positions[0] > 0       # the chunked prompt's rest, after its cached first chunk
         prefill, from_rows = logits_both_ways(runner, batch)
@@ -63,9 +64,13 @@ def test_short_prefills_replay_a_decode_graph_and_keep_the_outputs(qwen3_dir, mo
     llm = LLM(qwen3_dir, attention_backend="triton", kvcache_block_size=16, max_model_len=256,
               gpu_memory_utilization=0.3, max_num_batched_tokens=512, max_num_seqs=128)
     runner = llm.executor.runner
-    plans = []
-    plan = runner.plan
-    monkeypatch.setattr(runner, "plan", lambda batch: plans.append((batch.is_prefill, plan(batch))) or plans[-1][1])
+    plans, plan = [], runner.plan
+
+    def recorded_plan(batch):
+        plans.append((batch.is_prefill, plan(batch)))
+        return plans[-1][1]
+
+    monkeypatch.setattr(runner, "plan", recorded_plan)
     for prompt in prompts:
         out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
         assert out["token_ids"] == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens, device="cuda")

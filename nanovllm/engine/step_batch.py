@@ -43,7 +43,8 @@ class StepBatch:
         position (the step's earlier tokens included: every row's K/V is stored before any row attends), and
         sampling as its sequence does: so that a short prefill can replay a decode CUDA graph."""
         seq_of_token = np.repeat(np.arange(self.num_seqs), np.diff(self.cu_seqlens_q))
-        sampling = self.sampling and SamplingRows([self.sampling.params[i] for i in seq_of_token], [], None)
+        sampling = self.sampling and SamplingRows([self.sampling.params[i] for i in seq_of_token],
+                                                  [self.sampling.output_lens[i] for i in seq_of_token], None)
         return StepBatch(False, self.input_ids, self.positions, self.slot_mapping, np.arange(len(seq_of_token) + 1),
                          self.positions + 1, self.block_tables[seq_of_token], np.full(len(seq_of_token), -1), sampling)
 
