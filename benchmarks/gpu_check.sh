@@ -79,6 +79,8 @@ if has kernels; then
   python benchmarks/decode_sweep.py 2>&1 | tee "$OUT/decode_sweep.log"
 fi
 if has serve; then
+  # the device image lacks the server's packages: their wheels travel in .srvwhl/ (serve_prefill_rows.sh says how)
+  python -c "import fastapi, uvicorn" 2>/dev/null || pip install -q --no-index --find-links .srvwhl fastapi uvicorn
   dir=/tmp/qwen3-0.6b-tok
   python benchmarks/byte_tokenizer.py nanovllm/configs/qwen3-0.6b $dir
   python bench.py --dummy --model $dir --skip-batch1 --repeat 2 2>&1 | tee "$OUT/serve_offline.log"

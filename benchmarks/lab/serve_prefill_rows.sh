@@ -7,6 +7,9 @@
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=.
+# The device image lacks the server's packages: carry their wheels in .srvwhl/ (pip download fastapi uvicorn
+# --python-version 3.12 --only-binary=:all: -d .srvwhl) and they are installed from there.
+python -c "import fastapi, uvicorn" 2>/dev/null || pip install -q --no-index --find-links .srvwhl fastapi uvicorn
 dir=/tmp/qwen3-0.6b-tok
 python benchmarks/byte_tokenizer.py nanovllm/configs/qwen3-0.6b $dir > /dev/null
 for limit in shipped 0; do
@@ -16,12 +19,14 @@ for limit in shipped 0; do
     > /tmp/serve_server_$limit.log 2>&1 &
   server=$!
   python -c "
-import time, urllib.request
+import os, sys, time, urllib.request
 for _ in range(300):
     try:
         urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=1); break
     except OSError:
-        time.sleep(0.5)"
+        if open('/proc/$server/stat').read().split()[2] == 'Z':   # the server exited: stop waiting
+            sys.exit(1)
+        time.sleep(0.5)" || { echo "server did not start:"; tail -20 /tmp/serve_server_$limit.log; continue; }
   for rate in ${*:-8 32}; do
     echo "== PREFILL_ROWS_MAX_KEYS $limit, --stream --request-rate $rate"
     timeout 120 python benchmarks/serve_bench.py --stream --request-rate "$rate" 2>&1 | tail -6
