@@ -91,14 +91,7 @@ if has serve; then
       $dir --load-format dummy --max-model-len 4096 --disable-uvicorn-access-log --uvicorn-log-level warning \
       > "$OUT/serve_server.log" 2>&1 &
     server=$!
-    python - <<'PY'
-import time, urllib.request
-for _ in range(300):
-    try:
-        urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=1); break
-    except OSError:
-        time.sleep(0.5)
-PY
+    python benchmarks/wait_for_server.py $server || tail -20 "$OUT/serve_server.log"
     runs=("" "--stream" "--stream")
     for rate in ${SERVE_RATES-8 32 128}; do runs+=("--stream --request-rate $rate"); done
     for run in "${runs[@]}"; do

@@ -18,15 +18,7 @@ for limit in shipped 0; do
     $dir --load-format dummy --max-model-len 4096 --disable-uvicorn-access-log --uvicorn-log-level warning \
     > /tmp/serve_server_$limit.log 2>&1 &
   server=$!
-  python -c "
-import os, sys, time, urllib.request
-for _ in range(300):
-    try:
-        urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=1); break
-    except OSError:
-        if open('/proc/$server/stat').read().split()[2] == 'Z':   # the server exited: stop waiting
-            sys.exit(1)
-        time.sleep(0.5)" || { echo "server did not start:"; tail -20 /tmp/serve_server_$limit.log; continue; }
+  python benchmarks/wait_for_server.py $server || { echo "server did not start:"; tail -20 /tmp/serve_server_$limit.log; continue; }
   for rate in ${*:-8 32}; do
     echo "== PREFILL_ROWS_MAX_KEYS $limit, --stream --request-rate $rate"
     timeout 120 python benchmarks/serve_bench.py --stream --request-rate "$rate" 2>&1 | tail -6
