@@ -91,7 +91,8 @@ if has serve; then
       $dir --load-format dummy --max-model-len 4096 --disable-uvicorn-access-log --uvicorn-log-level warning \
       > "$OUT/serve_server.log" 2>&1 &
     server=$!
-    python benchmarks/wait_for_server.py $server || tail -20 "$OUT/serve_server.log"
+    python benchmarks/wait_for_server.py $server \
+      || { tail -20 "$OUT/serve_server.log"; kill $server 2>/dev/null; continue; }
     runs=("" "--stream" "--stream")
     for rate in ${SERVE_RATES-8 32 128}; do runs+=("--stream --request-rate $rate"); done
     for run in "${runs[@]}"; do

@@ -1,7 +1,6 @@
 """Wait for a server started in the background to answer /health; exit 1 if it exits first, or after 150 s.
 
     python benchmarks/wait_for_server.py PID [BASE_URL]     (default http://127.0.0.1:8000)"""
-import os
 import sys
 import time
 import urllib.request
@@ -32,4 +31,4 @@ def main():
 
 
 if __name__ == "__main__":
-    os._exit(main())
+    sys.exit(main())

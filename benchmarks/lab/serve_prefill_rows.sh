@@ -18,7 +18,8 @@ for limit in shipped 0; do
     $dir --load-format dummy --max-model-len 4096 --disable-uvicorn-access-log --uvicorn-log-level warning \
     > /tmp/serve_server_$limit.log 2>&1 &
   server=$!
-  python benchmarks/wait_for_server.py $server || { echo "server did not start:"; tail -20 /tmp/serve_server_$limit.log; continue; }
+  python benchmarks/wait_for_server.py $server \
+    || { echo "server did not start:"; tail -20 /tmp/serve_server_$limit.log; kill $server 2>/dev/null; continue; }
   for rate in ${*:-8 32}; do
     echo "== PREFILL_ROWS_MAX_KEYS $limit, --stream --request-rate $rate"
     timeout 120 python benchmarks/serve_bench.py --stream --request-rate "$rate" 2>&1 | tail -6
