@@ -43,6 +43,15 @@ def make_workload(num_seqs: int = 256, seed: int = 0,
     return prompt_token_ids, sampling_params
 
 
+def small_batch_workload(batch: int = 1, prompt_len: int = 16, max_tokens: int = 1024
+                         ) -> tuple[list[list[int]], SamplingParams]:
+    """The `Batch-1 decode:` line's workload (and the lab's small batches): `batch` random prompts of `prompt_len`
+    tokens (seed 1), each decoding max_tokens."""
+    rng = Random(1)
+    prompts = [[rng.randint(0, 10000) for _ in range(prompt_len)] for _ in range(batch)]
+    return prompts, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=max_tokens)
+
+
 def prompts_for_run(prompt_token_ids: list[list[int]], run: int, vocab_size: int) -> list[list[int]]:
     """The workload's prompts for its `run`-th repetition in one engine: the same lengths with other token ids, so the
     same work, none of it in the prefix cache from the runs before (a shared prefix stays shared within the run)."""
@@ -117,9 +126,7 @@ def main():
 
     if not args.skip_batch1:
         t = time.perf_counter()
-        rng = Random(1)
-        out = llm.generate([[rng.randint(0, 10000) for _ in range(16)]],
-                           SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1024), use_tqdm=False)
+        out = llm.generate(*small_batch_workload(), use_tqdm=False)
         t = time.perf_counter() - t
         ttft = out[0]["metrics"]["first_token_time"] - out[0]["metrics"]["arrival_time"]
         print(f"Batch-1 decode: {len(out[0]['token_ids']) / t:.2f}tok/s (1024 tokens after a 16-token prompt; "

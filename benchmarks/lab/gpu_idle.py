@@ -14,12 +14,11 @@ batch size, and the host's time per step (from one launch to the next) for the s
 import argparse
 import time
 from collections import defaultdict
-from random import Random
 
 import torch
 
-from bench import MODEL_CONFIGS, make_workload
-from nanovllm import LLM, SamplingParams
+from bench import MODEL_CONFIGS, make_workload, small_batch_workload
+from nanovllm import LLM
 
 
 def bucket(is_prefill: bool, num_seqs: int) -> str:
@@ -41,9 +40,8 @@ def main():
     llm = LLM(MODEL_CONFIGS[args.model_config], load_format="dummy", max_model_len=4096,
               kv_cache_dtype=args.kv_cache_dtype, overlap_scheduling=not args.no_overlap)
     if args.batch1:
-        rng = Random(1)
-        prompts = [[rng.randint(0, 10000) for _ in range(16)]]
-        params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1024)]
+        prompts, params = small_batch_workload()
+        params = [params]
     else:
         prompts, params = make_workload()
     tokens = sum(sp.max_tokens for sp in params)

@@ -8,10 +8,9 @@ per tree, each with its own PYTHONPATH). Case b1 is bench.py's `Batch-1 decode:`
 """
 import argparse
 import time
-from random import Random
 
-from bench import MODEL_CONFIGS
-from nanovllm import LLM, SamplingParams
+from bench import MODEL_CONFIGS, small_batch_workload
+from nanovllm import LLM
 from nanovllm.kernels import paged_attention_triton
 
 CASES = {"b1": (1, 16, 1024, 3), "b1-3000": (1, 3000, 512, 2), "b4-1500": (4, 1500, 256, 2),
@@ -19,11 +18,9 @@ CASES = {"b1": (1, 16, 1024, 3), "b1-3000": (1, 3000, 512, 2), "b4-1500": (4, 15
 
 
 def throughput(llm: LLM, batch: int, prompt_len: int, tokens: int, repeat: int) -> str:
-    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=tokens)
+    prompts, params = small_batch_workload(batch, prompt_len, tokens)
     rates = []
     for _ in range(repeat):
-        rng = Random(1)
-        prompts = [[rng.randint(0, 10000) for _ in range(prompt_len)] for _ in range(batch)]
         t = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         rates.append(sum(len(o["token_ids"]) for o in outputs) / (time.perf_counter() - t))
