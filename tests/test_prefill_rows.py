@@ -54,6 +54,26 @@ def test_token_rows_give_the_prefills_logits(qwen3_dir):
         scheduler.postprocess(seqs, scheduler.reserve_output_tokens(seqs), [7] * len(seqs))
 
 
+def test_a_mixed_step_takes_its_decodes_pending_ids_from_the_device(qwen3_dir):
+    """A prompt arriving while another sequence decodes, under overlap scheduling: the step's decode row has its
+    last token only on the device (sample_rows). Both the prefill path and the token rows (a decode graph's path)
+    take it from there: their logits equal those of the same step built once that token is booked."""
+    llm = LLM(qwen3_dir, device="cpu", kvcache_block_size=8, num_kvcache_blocks=64, max_model_len=128)
+    runner, scheduler = llm.executor.runner, llm.scheduler
+    llm.add_request(ids(1, 11), GREEDY)
+    llm.step()      # launched; its token is not booked
+    llm.add_request(ids(2, 6), GREEDY)
+    seqs, is_prefill = scheduler.schedule()
+    batch = StepBatch.build(seqs, True, runner.block_size, llm._unbooked[-1][0])
+    assert is_prefill and len(seqs) == 2 and batch.input_ids[0] == 0 and batch.sample_rows.tolist() == [0] + [-1] * 6
+    pending = logits_both_ways(runner, batch)
+    llm._book_results(0)
+    booked = StepBatch.build(seqs, True, runner.block_size)
+    assert (booked.sample_rows < 0).all() and booked.input_ids[0] == seqs[0].last_token
+    for got, expected in zip(pending, logits_both_ways(runner, booked)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_short_prefills_replay_a_decode_graph_and_keep_the_outputs(qwen3_dir, monkeypatch):
     """Prompts one at a time (1 to 100 tokens, then one that hits the prefix cache) replay the graph that fits their

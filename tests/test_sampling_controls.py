@@ -16,6 +16,7 @@ import random
 from collections import Counter
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
@@ -98,22 +99,26 @@ PENALTIES = [(0.0, 0.0, 1.0), (0.5, 0.0, 1.0), (0.0, 0.7, 1.0), (0.0, 0.0, 1.8),
              (0.3, 0.4, 1.1)]
 
 
-@pytest.mark.parametrize("decode", [False, True])
-def test_penalties_equal_the_reference(decode):
-    """Counts scattered on the device from the host's tokens; in a decode step the last token comes from the
-    device (`last_tokens`: with overlap scheduling the host has not booked it yet)."""
+def last_inputs(prompts, completions):
+    """Each row's last input id, as the runner passes them: its last generated token, else its prompt's last."""
+    return torch.tensor([(c or p)[-1] for p, c in zip(prompts, completions)])
+
+
+@pytest.mark.parametrize("booked_last", [False, True])
+def test_penalties_equal_the_reference(booked_last):
+    """Counts scattered on the device from the host's tokens, each row's last generated token from the device
+    (`last_tokens`: with overlap scheduling the host may not have booked it yet); a row that has generated nothing
+    (a prompt's) counts no completion token, whatever its last input id."""
     rng = random.Random(0)
     vocab, rows = 50, len(PENALTIES)
     prompts, completions = random_history(rng, vocab, rows)
-    if decode:
-        completions[0].append(rng.randrange(vocab))    # a decode row has generated at least one token
+    completions[0] = []
     logits = torch.randn(rows, vocab) * 3
     presence, frequency, repetition = zip(*PENALTIES)
     expected = reference_penalties(logits, prompts, completions, presence, frequency, repetition)
-    booked = [c[:-1] if decode else c for c in completions]
-    last = torch.tensor([c[-1] for c in completions]) if decode else None
+    booked = completions if booked_last else [c[:-1] for c in completions]
     counts = token_counts([(fake_seq(p, b), len(c), True) for p, b, c in zip(prompts, booked, completions)],
-                          vocab, torch.device("cpu"), last)
+                          vocab, torch.device("cpu"), last_inputs(prompts, completions))
     got = apply_penalties(logits, torch.arange(rows), torch.tensor(PENALTIES), counts)
     torch.testing.assert_close(got, expected)
     assert counts[0].sum(-1).tolist() == [len(c) for c in completions]
@@ -130,7 +135,7 @@ def test_repetition_penalty_equals_transformers(penalty):
     scores = torch.randn(rows, vocab) * 3
     expected = RepetitionPenaltyLogitsProcessor(penalty)(input_ids, scores.clone())
     counts = token_counts([(fake_seq(p, c), len(c), True) for p, c in zip(prompts, completions)], vocab,
-                          torch.device("cpu"), None)
+                          torch.device("cpu"), last_inputs(prompts, completions))
     got = apply_penalties(scores, torch.arange(rows), torch.tensor([[0.0, 0.0, penalty]] * rows), counts)
     torch.testing.assert_close(got, expected)
 
@@ -149,7 +154,7 @@ def test_sampler_applies_penalties_to_its_rows_only():
     logits = torch.randn(len(params), vocab) * 2
     original = logits.clone()
     temperatures, extras = prepare_sampling(params, [len(c) for c in completions], frozenset(), vocab,
-                                            torch.device("cpu"), seqs)
+                                            torch.device("cpu"), seqs, last_inputs(prompts, completions))
     tokens, (sampled_lp, top_lp, top_ids) = Sampler()(logits, temperatures, extras)
     assert torch.equal(logits, original)        # the caller's logits are left as they were
     penalized = reference_penalties(logits, prompts, completions, *zip(*[
@@ -250,6 +255,43 @@ def test_penalized_greedy_equals_transformers(engines, qwen3_dir, overlap):
     assert changed >= 10        # the penalties do change these completions: the comparison is not vacuous
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_requests_arriving_mid_decode_ride_along_and_equal_transformers(engines, qwen3_dir, overlap):
+    """Requests added while others decode join the running ones' steps (a prefill batch whose decodes are one-token
+    rows, their last token still on the device under overlap scheduling); penalized greedy tokens and their
+    log-probabilities stay transformers'. A decode row's uncounted last token would move the log-probabilities."""
+    llm = engines[overlap]
+    case = (0.4, 0.6, 1.3)
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1, presence_penalty=case[0],
+                        frequency_penalty=case[1], repetition_penalty=case[2])
+    prompts = [prompt_of(n, seed=40 + n) for n in (6, 2 * BLOCK + 3, 9, 70)]
+    arrivals = {0: 0, 2: 1, 4: 2, 5: 3}        # step -> prompt; the last one is chunked beside the decodes
+    added, mixed, run, add = [], 0, llm.executor.run, llm.scheduler.add
+
+    def recording_run(batch):
+        nonlocal mixed
+        query_lens = np.diff(batch.cu_seqlens_q)
+        mixed += batch.is_prefill and query_lens[0] == 1 and query_lens.max() > 1
+        return run(batch)
+
+    llm.executor.run, llm.scheduler.add = recording_run, lambda seq: (added.append(seq), add(seq))
+    try:
+        step = 0
+        while arrivals or not llm.is_finished():
+            if step in arrivals:
+                llm.add_request(prompts[arrivals.pop(step)], sp)
+            llm.step()
+            step += 1
+    finally:
+        del llm.executor.run, llm.scheduler.add
+    assert mixed >= 3
+    for prompt, seq in zip(prompts, added):
+        expected, expected_lp = hf_penalized_greedy(qwen3_dir, prompt, 12, *case)
+        assert seq.completion_token_ids == expected
+        for token, entry, row in zip(expected, seq.logprobs, expected_lp):
+            assert entry[token] == pytest.approx(row[token].item(), abs=2e-4)
+
+
 def test_seeded_penalized_request_is_the_same_alone_and_batched(llm):
     sp = SamplingParams(temperature=1.0, seed=5, max_tokens=24, ignore_eos=True, frequency_penalty=1.0,
                         repetition_penalty=1.2)
@@ -288,8 +330,8 @@ def test_n_samples_share_the_prompts_full_blocks(llm):
     run = llm.executor.run
 
     def counting_run(batch):
-        if batch.is_prefill:
-            prefill_tokens.append(len(batch.input_ids))
+        if batch.is_prefill:    # the prompt's tokens (a step's decodes ride along, past the prompt)
+            prefill_tokens.append(int((batch.positions < len(prompt)).sum()))
         return run(batch)
 
     llm.executor.run = counting_run

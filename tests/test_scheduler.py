@@ -65,11 +65,9 @@ def test_preempts_most_recently_started_first():
     seqs = [Sequence([1, 2, 3, 4], SamplingParams(max_tokens=20)) for _ in range(3)]
     for seq in seqs:
         s.add(seq)
-    for _ in range(3):      # the budget admits one 4-token prompt per step
+    while any(q.status != SequenceStatus.RUNNING for q in seqs):    # admitted in chunks beside the decodes
         step(s)
-    assert [q.status for q in seqs] == [SequenceStatus.RUNNING] * 3
     # Each holds 2 blocks (4 prompt tokens + 1 new needs the second at decode); 6 blocks, all used.
-    step(s)
     assert s.num_preemptions == 0
     while s.num_preemptions == 0:
         step(s)
@@ -162,3 +160,75 @@ def test_n_samples_are_admitted_with_their_first():
     for q in samples:
         s.finish(q, "abort")
     assert s.is_finished() and s.block_manager.num_free_blocks == 32
+
+
+def test_a_step_decodes_every_running_sequence_then_admits_with_the_budget_left():
+    """Mixed steps (vLLM's order): a new prompt rides along with the running decodes instead of stalling them."""
+    s = make_scheduler(max_num_batched_tokens=8)
+    first, second = Sequence([1, 2, 3, 4, 5], SamplingParams(max_tokens=9)), Sequence([1, 2, 3], SamplingParams())
+    s.add(first)
+    s.add(second)
+    step(s)
+    late = Sequence(list(range(20, 30)), SamplingParams(max_tokens=2))
+    s.add(late)
+    scheduled, is_prefill = s.schedule()
+    assert is_prefill and scheduled == [first, second, late]
+    assert [q.num_scheduled_tokens for q in scheduled] == [1, 1, 6]     # 8 tokens: two decodes, a 6-token chunk
+    assert late.status == SequenceStatus.WAITING and list(s.running) == [first, second]
+    s.postprocess(scheduled, s.reserve_output_tokens(scheduled), [7] * 3)
+    assert [q.num_completion_tokens for q in scheduled] == [2, 2, 0]
+    scheduled, is_prefill = s.schedule()
+    assert is_prefill and [q.num_scheduled_tokens for q in scheduled] == [1, 1, 4]
+    s.postprocess(scheduled, s.reserve_output_tokens(scheduled), [7] * 3)
+    assert late.num_completion_tokens == 1 and s.schedule() == ([first, second, late], False)
+
+
+def test_a_step_that_preempts_for_its_decodes_admits_nobody():
+    s = make_scheduler(num_blocks=4, max_num_batched_tokens=16)
+    a, b = (Sequence([1, 2, 3, 4], SamplingParams(max_tokens=20)) for _ in range(2))
+    s.add(a)
+    s.add(b)
+    step(s)                     # a and b hold 1 block each, and each needs a second at its first decode
+    step(s)                     # now 4 of 4 blocks are held
+    waiting = Sequence([1], SamplingParams(max_tokens=2))
+    s.add(waiting)
+    for _ in range(3):
+        step(s)                 # a and b fill their second blocks
+    scheduled, is_prefill = s.schedule()
+    assert s.num_preemptions == 1 and b.status == SequenceStatus.WAITING
+    assert scheduled == [a] and not is_prefill and list(s.waiting) == [b, waiting]
+
+
+def test_a_sequence_preempted_beside_a_chunked_prompt_queues_behind_it():
+    """Ahead of the prompt, which holds its blocks while its chunks run, the preempted sequence would wait for
+    blocks that only the prompt's progress can free, while the prompt waited behind it: nothing would run."""
+    s = make_scheduler(num_blocks=7, max_num_batched_tokens=4)
+    running = Sequence([1, 2, 3, 4], SamplingParams(max_tokens=20))
+    s.add(running)
+    step(s)
+    prompt = Sequence(list(range(20, 39)), SamplingParams(max_tokens=2))
+    s.add(prompt)
+    while not s.num_preemptions:    # the prompt takes the 5 blocks left; running's third block is not there
+        step(s)
+    assert prompt.block_table and running.status == SequenceStatus.WAITING
+    assert list(s.waiting) == [prompt, running]
+    for _ in range(100):
+        if s.is_finished():
+            break
+        step(s)
+    assert s.is_finished() and running.num_completion_tokens == 20 and s.block_manager.num_free_blocks == 7
+
+
+def test_a_preempted_sequence_waits_for_its_last_token_on_the_gpu():
+    """With overlap scheduling a preempted sequence's last token may not be booked: its recompute needs it."""
+    s = make_scheduler()
+    seq = Sequence([1, 2, 3], SamplingParams(max_tokens=5))
+    s.add(seq)
+    scheduled, _ = s.schedule()
+    in_flight = (scheduled, s.reserve_output_tokens(scheduled), [7])    # launched, not booked
+    s.running.remove(seq)       # as a decode that found no block does
+    s.preempt(seq)
+    assert s.schedule() == ([], False)
+    s.postprocess(*in_flight)
+    scheduled, is_prefill = s.schedule()
+    assert is_prefill and scheduled == [seq] and seq.num_scheduled_tokens == 4 and seq.token_ids[-1] == 7

@@ -3,6 +3,7 @@ step read it from the cache (its blocks are published when that step is schedule
 transformers greedy one."""
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,12 +20,14 @@ def ids(seed: int, n: int) -> list[int]:
 
 
 def prefill_counter(llm) -> list[int]:
-    """Patches the executor to record the tokens of every prefill step it launches."""
+    """Patches the executor to record the prompt tokens of every prefill step it launches (not the one-token rows
+    of the sequences decoding beside them)."""
     counts, run = [], llm.executor.run
 
     def counting_run(batch):
         if batch.is_prefill:
-            counts.append(len(batch.input_ids))
+            query_lens = np.diff(batch.cu_seqlens_q)
+            counts.append(int(sum(q for q, n in zip(query_lens, batch.sampling.output_lens) if n == 0)))
         return run(batch)
 
     llm.executor.run = counting_run

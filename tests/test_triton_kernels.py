@@ -493,6 +493,31 @@ def check_entry_points():
         triton_backend.decode(q[:2, :, :12], PagedKV(k_cache[..., :12], v_cache[..., :12], None, None), ctx, 0.5)
 
 
+def check_mixed_step():
+    """A prefill step whose leading sequences are one-token rows (the step's decodes, attended by the decode
+    kernel) and whose others are prompts (the prefill kernel, over the rest of cu_seqlens_q) equals the torch
+    reference attending to every sequence as a prefill; rows are written once, none left out."""
+    torch.manual_seed(1)
+    context_lens = [40, 1, 17, 9, 30]       # two decodes (40 and 1 keys), then prompts of 17, 4 and 6 new tokens
+    query_lens = [1, 1, 17, 4, 6]
+    k_cache, v_cache, tables = paged_cache(context_lens, 16, 2, 16)
+    kv, clean_kv = (PagedKV(k, v, None, None) for k, v in ((k_cache, v_cache), (clean(k_cache), clean(v_cache))))
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(sum(query_lens), 4, 16, device=DEVICE)
+    ctx = Context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=17, context_lens=lens, block_tables=tables)
+    expected = BACKENDS["torch"]().prefill(q, None, None, clean_kv, ctx, 0.5)
+    ctx.num_decode_seqs = 2
+    with mock.patch.object(torch, "empty_like", lambda x, **kw: torch.full_like(x, float("nan"), **kw)):
+        for name in ("triton", "torch"):
+            assert_matches(BACKENDS[name]().prefill(q, None, None, kv if name == "triton" else clean_kv, ctx, 0.5),
+                           expected)
+
+
+def test_a_mixed_step_attends_its_decodes_as_decodes():
+    run_check(check_mixed_step)
+
+
 def test_backend_entry_points_use_the_context():
     run_check(check_entry_points)
 

@@ -84,7 +84,7 @@ class LLMEngine:
 
     def step(self) -> StepOutput:
         """Run one scheduled step: returns the requests it finished, as (seq_id, completion token ids), and the
-        prefill and decode tokens it launched."""
+        prefill and decode tokens it launched (a prefill step's count includes the one token of its decodes)."""
         advanced, num_prefill_tokens, num_decode_tokens = self._step()
         return StepOutput([(seq.seq_id, seq.completion_token_ids) for seq in advanced if seq.is_finished],
                           num_prefill_tokens, num_decode_tokens)

@@ -37,6 +37,7 @@ EAGER = StepPlan()
 CALIBRATION_TOKENS = 1024      # what the fp8 scales are measured on (a varied-id prefill, no cache)
 # A prefill whose rows (one a token) attend to at most this many keys in all runs as a decode graph: the host's ~10
 # launches a layer of an eager prefill cost far more than its GPU work until the rows' attention reads take over.
+# A sequence's last row reads what a decode of it would, so only the rows before it count (a decode counts none).
 PREFILL_ROWS_MAX_KEYS = 2**18
 
 
@@ -247,8 +248,8 @@ class ModelRunner:
         """Eager without graphs or past the largest graph; else the graph that fits (see StepPlan). A prefill
         replays a decode graph as one row a token (StepBatch.as_token_rows) up to PREFILL_ROWS_MAX_KEYS."""
         rows = len(batch.input_ids)     # a decode's are its sequences
-        if (self.graphs is None or not self.graphs.can_run(rows)
-                or batch.is_prefill and int((batch.positions + 1).sum()) > PREFILL_ROWS_MAX_KEYS):
+        if (self.graphs is None or not self.graphs.can_run(rows) or batch.is_prefill
+                and int((batch.positions + 1).sum() - batch.context_lens.sum()) > PREFILL_ROWS_MAX_KEYS):
             return EAGER
         samples = (self.graphs.sampled is not None and batch.sampling is not None
                    and not any(p.needs_sampler_extras for p in batch.sampling.params))
@@ -265,8 +266,16 @@ class ModelRunner:
                             context_lens=self._to_device(batch.context_lens, torch.int32),
                             block_tables=self._to_device(batch.block_tables, torch.int32),
                             has_cached_prefix=bool((batch.context_lens > query_lens).any()),
+                            num_decode_seqs=int(np.cumprod(query_lens == 1).sum()),     # the leading one-token ones
                             backend=self.attention_backend))
-        return self._to_device(batch.input_ids, torch.int64), self._to_device(batch.positions, torch.int64)
+        input_ids = self._to_device(batch.input_ids, torch.int64)
+        if (batch.sample_rows >= 0).any():
+            input_ids = self._with_pending_ids(input_ids, self._to_device(batch.sample_rows, torch.int64))
+        return input_ids, self._to_device(batch.positions, torch.int64)
+
+    def _with_pending_ids(self, input_ids: torch.Tensor, sample_rows: torch.Tensor) -> torch.Tensor:
+        """input_ids with each token the host has not seen (sample_rows r >= 0) taken from the last step's samples."""
+        return torch.where(sample_rows >= 0, self.last_sampled[sample_rows.clamp(min=0)], input_ids)
 
     def prepare_decode(self, batch: StepBatch, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """One host array, one copy: straight into the CUDA graphs' static inputs when a graph runs the step."""
@@ -292,8 +301,8 @@ class ModelRunner:
                     self.graphs.sampled[:len(self.last_sampled)].copy_(self.last_sampled)
             if not plan.graph_samples:
                 rows = inputs.sample_rows[:n]
-                inputs.input_ids[:n] = (self.last_sampled[rows] if (batch.sample_rows >= 0).all() else torch.where(
-                    rows >= 0, self.last_sampled[rows.clamp(min=0)], inputs.input_ids[:n]))
+                inputs.input_ids[:n] = (self.last_sampled[rows] if (batch.sample_rows >= 0).all()
+                                        else self._with_pending_ids(inputs.input_ids[:n], rows))
         if not plan.graph_size:     # a graph replays the metadata it captured
             set_context(Context(is_prefill=False, slot_mapping=inputs.slot_mapping[:n],
                                 context_lens=inputs.context_lens[:n], block_tables=inputs.block_tables[:n],
@@ -314,8 +323,9 @@ class ModelRunner:
         plan = self.plan(batch)
         rows = batch.as_token_rows() if batch.is_prefill and plan.graph_size else batch
         input_ids, positions = self.prepare_prefill(batch) if rows.is_prefill else self.prepare_decode(rows, plan)
-        # Of a prefill run as token rows, each sequence's last row is sampled.
-        sampled_rows = slice(None) if rows is batch else self._to_device(batch.cu_seqlens_q[1:] - 1, torch.int64)
+        # Each sequence's last token: its row of a prefill run as token rows is sampled, and penalties count it.
+        last_rows = self._to_device(batch.cu_seqlens_q[1:] - 1, torch.int64) if batch.is_prefill else slice(None)
+        sampled_rows = slice(None) if rows is batch else last_rows
         try:
             logits = self.run_model(input_ids, positions, plan)
             token_ids = logprobs = None
@@ -326,7 +336,7 @@ class ModelRunner:
                 sampling = batch.sampling
                 temperatures, extras = prepare_sampling(sampling.params, sampling.output_lens, self.eos_token_ids,
                                                         self.config.model_config.vocab_size, self.device,
-                                                        sampling.seqs, None if batch.is_prefill else input_ids)
+                                                        sampling.seqs, input_ids[last_rows])
                 token_ids, logprobs = self.sampler(logits, temperatures, extras)
             if self.broadcast_sampled_ids:      # every rank embeds these ids in the next step
                 if token_ids is None:

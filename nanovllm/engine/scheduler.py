@@ -10,10 +10,10 @@ from nanovllm.engine.sequence import Sequence, SequenceStatus
 class Scheduler:
     """Decides who runs in each step, books the tokens that come back, and when a request ends (`_finish_reason`).
 
-    Prefill comes first: waiting sequences (new or preempted) are admitted in FCFS order while blocks, the token
-    budget and `max_num_seqs` allow; a prompt longer than the budget left is chunked over several steps. Otherwise
-    every running sequence decodes one token; when a decode cannot get a block, the most recently admitted one
-    is preempted (its blocks are freed and it is recomputed later: cheap while its prefix is still cached)."""
+    Each step (as vLLM's) decodes every running sequence, then admits waiting ones (new or preempted) in FCFS order
+    with the token budget left, while blocks and `max_num_seqs` allow, chunking a prompt longer than that budget.
+    When a decode cannot get a block, the most recently admitted sequence is preempted (its blocks are freed and it
+    is recomputed later: cheap while its prefix is still cached), and that step admits nobody."""
 
     def __init__(self, config: Config, num_kvcache_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
         self.max_num_seqs = config.max_num_seqs
@@ -38,15 +38,21 @@ class Scheduler:
         seq.held_samples = []
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """Pick this step's sequences; each gets `num_scheduled_tokens`. Returns (seqs, is_prefill)."""
-        scheduled = self._schedule_prefill()
-        return (scheduled, True) if scheduled else (self._schedule_decode(), False)
+        """Pick this step's sequences (each gets `num_scheduled_tokens`), decodes first. Returns (seqs, is_prefill):
+        a step that admits a prompt is a prefill batch, its decodes one-token rows of it."""
+        num_preemptions = self.num_preemptions
+        decodes = self._schedule_decode()
+        # A step that had to preempt for its decodes frees blocks rather than claiming more.
+        prompts = [] if self.num_preemptions > num_preemptions and decodes else self._schedule_prefill(
+            self.max_num_batched_tokens - len(decodes))
+        return decodes + prompts, bool(prompts)
 
-    def _schedule_prefill(self) -> list[Sequence]:
+    def _schedule_prefill(self, budget: int) -> list[Sequence]:
         scheduled: list[Sequence] = []
-        budget = self.max_num_batched_tokens
         while self.waiting and budget > 0 and len(self.running) + len(scheduled) < self.max_num_seqs:
             seq = self.waiting[0]
+            if len(seq.token_ids) < len(seq):
+                break       # preempted while its last token was on the GPU: admitted again once that is booked
             if not seq.block_table:
                 if (cached_blocks := self.block_manager.can_allocate(seq)) is None:
                     break
@@ -91,7 +97,9 @@ class Scheduler:
         self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.block_manager.deallocate(seq)
-        self.waiting.appendleft(seq)
+        # Behind a prompt whose chunks are under way: it holds blocks, and ahead of it this sequence could wait for
+        # blocks that only that prompt's finishing (and, later, ending) would free, while the prompt waits for it.
+        self.waiting.insert(1 if self.waiting and self.waiting[0].block_table else 0, seq)
 
     def finish(self, seq: Sequence, reason: str):
         """End a request wherever it is, for `reason` ("stop", "length" or "abort"), and free its blocks."""

@@ -52,11 +52,11 @@ def _attend(q, k, v, scale, offset: int | None = 0):
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                            scale: float, max_seqlen_q: int | None = None, *, k_scale=None,
-                            v_scale=None) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens (q: [N, heads, head_dim]) over its cached + new K/V.
-    (max_seqlen_q: unused, as the Triton version takes it.)"""
-    out = torch.empty_like(q)
+                            scale: float, max_seqlen_q: int | None = None, *, out: torch.Tensor | None = None,
+                            k_scale=None, v_scale=None) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens (q: [N, heads, head_dim]) over its cached + new K/V, into
+    `out` if given. (max_seqlen_q: unused, as the Triton version takes it.)"""
+    out = torch.empty_like(q) if out is None else out
     starts = cu_seqlens_q.tolist()
     for i, (start, end, context_len) in enumerate(zip(starts, starts[1:], context_lens.tolist())):
         k, v = gather_kv(k_cache, v_cache, block_tables[i], context_len, k_scale, v_scale)
@@ -66,12 +66,13 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, *, k_scale=None,
-                           v_scale=None, seq_order=None) -> torch.Tensor:
-    """One query token per sequence (q: [B, heads, head_dim]) over its first context_lens[b] cached tokens; a row
-    with no context gives zeros. Sequence by sequence: gathering only each one's blocks moves far fewer bytes than
-    a batch padded to the longest. (seq_order: unused, as the Triton version takes it.)"""
-    out = torch.zeros_like(q)
+                           context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, *,
+                           out: torch.Tensor | None = None, k_scale=None, v_scale=None, seq_order=None
+                           ) -> torch.Tensor:
+    """One query token per sequence (q: [B, heads, head_dim]) over its first context_lens[b] cached tokens, into
+    `out` if given; a row with no context gives zeros. Sequence by sequence: gathering only each one's blocks moves
+    far fewer bytes than a batch padded to the longest. (seq_order: unused, as the Triton version takes it.)"""
+    out = torch.zeros_like(q) if out is None else out.zero_()
     for i, context_len in enumerate(context_lens.tolist()):
         if context_len > 0:
             k, v = gather_kv(k_cache, v_cache, block_tables[i], context_len, k_scale, v_scale)

@@ -52,9 +52,18 @@ class AttentionBackend:
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: PagedKV, ctx: Context,
                 scale: float) -> torch.Tensor:
-        return self.kernels.paged_prefill_attention(q, kv.k_cache, kv.v_cache, ctx.cu_seqlens_q, ctx.context_lens,
-                                                    ctx.block_tables, scale, ctx.max_seqlen_q or None,
-                                                    k_scale=kv.k_scale, v_scale=kv.v_scale)
+        # The step's leading one-token sequences (decodes beside prompts) go through decode, which reads a KV head
+        # once for its whole group of query heads, where prefill reads it once a query head.
+        out, d = torch.empty_like(q), ctx.num_decode_seqs
+        if d:
+            self.kernels.paged_decode_attention(q[:d], kv.k_cache, kv.v_cache, ctx.context_lens[:d],
+                                                ctx.block_tables[:d], scale, out=out[:d], k_scale=kv.k_scale,
+                                                v_scale=kv.v_scale)
+        if d < len(ctx.context_lens):
+            self.kernels.paged_prefill_attention(q, kv.k_cache, kv.v_cache, ctx.cu_seqlens_q[d:], ctx.context_lens[d:],
+                                                 ctx.block_tables[d:], scale, ctx.max_seqlen_q or None, out=out,
+                                                 k_scale=kv.k_scale, v_scale=kv.v_scale)
+        return out
 
     def decode(self, q: torch.Tensor, kv: PagedKV, ctx: Context, scale: float) -> torch.Tensor:
         return self.kernels.paged_decode_attention(q, kv.k_cache, kv.v_cache, ctx.context_lens, ctx.block_tables,

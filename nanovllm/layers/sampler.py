@@ -33,8 +33,8 @@ def prepare_sampling(params: list[SamplingParams], output_lens: list[int], eos_t
                      ) -> tuple[torch.Tensor, SamplingTensors | None]:
     """A batch's sampling inputs, one row per request: the temperatures, and SamplingTensors only when some row
     needs more. `output_lens[i]` is how many tokens row i has generated (for seeds and min_tokens). Penalties also
-    read `seqs` (the rows' sequences) and, in a decode step, `last_tokens`: each row's input id on the device,
-    its last token, which with overlap scheduling the host has not seen yet."""
+    read `seqs` (the rows' sequences) and `last_tokens`: each row's last input id on the device, its last token,
+    which with overlap scheduling the host may not have seen yet."""
     temperatures = to_device([p.temperature for p in params], torch.float32, device)
     if not any(p.needs_sampler_extras for p in params):
         return temperatures, None
@@ -62,28 +62,28 @@ def prepare_sampling(params: list[SamplingParams], output_lens: list[int], eos_t
         extras.penalties = to_device([[params[i].presence_penalty, params[i].frequency_penalty,
                                        params[i].repetition_penalty] for i in penalized], torch.float32, device)
         rows = [(seqs[i], output_lens[i], params[i].repetition_penalty != 1) for i in penalized]
-        pending = None if last_tokens is None else last_tokens[extras.penalty_rows]
-        extras.token_counts = token_counts(rows, vocab_size, device, pending)
+        extras.token_counts = token_counts(rows, vocab_size, device, last_tokens[extras.penalty_rows])
     return temperatures, extras
 
 
-def token_counts(rows: list[tuple], vocab_size: int, device: torch.device, last_tokens: torch.Tensor | None
-                 ) -> torch.Tensor:
+def token_counts(rows: list[tuple], vocab_size: int, device: torch.device, last_tokens: torch.Tensor) -> torch.Tensor:
     """float32 [2, rows, vocab]: how often each token is in a row's completion so far, and in its prompt. `rows`:
-    (sequence, tokens generated, whether its prompt counts: a repetition penalty); `last_tokens`: prepare_sampling's.
-    One scatter on the device, rebuilt each step as vLLM does: host work in the penalized rows' tokens only."""
+    (sequence, tokens generated, whether its prompt counts: a repetition penalty); a row's last generated token is
+    counted from `last_tokens` (prepare_sampling's). One scatter on the device, rebuilt each step as vLLM does:
+    host work in the penalized rows' tokens only."""
     index = [[], []]
     for j, (seq, num_generated, with_prompt) in enumerate(rows):
         start = seq.num_prompt_tokens
-        completion = seq.token_ids[start:start + num_generated - (last_tokens is not None)]
+        completion = seq.token_ids[start:start + num_generated - 1]     # (none for a prompt: num_generated 0)
         index[0] += [j] * len(completion)
         index[1] += completion
         if with_prompt:
             index[0] += [len(rows) + j] * start
             index[1] += seq.token_ids[:start]
     index = to_device(index, torch.int64, device)
-    if last_tokens is not None:
-        index = torch.cat([index, torch.stack([torch.arange(len(rows), device=device), last_tokens])], dim=1)
+    if generated := [j for j, (_, num_generated, _) in enumerate(rows) if num_generated]:
+        generated = to_device(generated, torch.int64, device)
+        index = torch.cat([index, torch.stack([generated, last_tokens[generated]])], dim=1)
     counts = torch.zeros(2 * len(rows), vocab_size, device=device)
     counts.index_put_(tuple(index), torch.ones(index.size(1), device=device), accumulate=True)
     return counts.view(2, len(rows), vocab_size)

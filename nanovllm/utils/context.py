@@ -17,6 +17,7 @@ class Context:
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     has_cached_prefix: bool = False
+    num_decode_seqs: int = 0    # a prefill's leading one-token sequences (the step's decodes), attended as a decode
     backend: object = None
     cu_seqlens_k: torch.Tensor | None = None
     decode_order: torch.Tensor | None = None
