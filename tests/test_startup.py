@@ -212,19 +212,33 @@ llm = LLM(sys.argv[1], attention_backend="triton", kvcache_block_size=16, max_mo
           num_kvcache_blocks=256, max_num_batched_tokens=1024, max_num_seqs=40, load_format=sys.argv[2])
 assert llm.executor.runner.graphs.graphs
 print("compiles", len(where), "on the main thread", sum(where))
+# Requests after start-up compile nothing: decodes, then prompts arriving while one and then several sequences
+# decode, as graph rows and eagerly (400 tokens: more rows than the largest graph), the decodes as decode rows.
+from nanovllm import SamplingParams
+started, sp = len(where), SamplingParams(max_tokens=6, ignore_eos=True)
+for arrivals in ([[5] * 20, [7] * 400], [[6] * 20] * 8 + [[8] * 30, [9] * 400]):
+    llm.add_request(arrivals[0], sp)
+    llm.step()
+    for prompt in arrivals[1:]:
+        llm.add_request(prompt, sp)
+        llm.step()
+    while not llm.is_finished():
+        llm.step()
+print("compiled after start-up", len(where) - started)
 """
 
 
 def count_compiles(model: str, load_format: str, cache_dir, ahead: str) -> tuple[int, int]:
     """(kernels compiled, of them on the main thread) while `LLM(model)` starts in a fresh process with an empty
-    Triton cache."""
+    Triton cache; and none compiled by the requests after it (asserted here)."""
     env = dict(os.environ, TRITON_CACHE_DIR=str(cache_dir), NANOVLLM_COMPILE_AHEAD=ahead, PYTHONPATH=ROOT)
     result = subprocess.run([sys.executable, "-W", "error::UserWarning:nanovllm.engine.compile_ahead", "-c",
                              COUNT_COMPILES, model, load_format], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     words = result.stdout.split()
-    return int(words[-6]), int(words[-1])
+    assert words[-1] == "0", result.stdout[-2000:]
+    return int(words[-10]), int(words[-5])
 
 
 @cuda

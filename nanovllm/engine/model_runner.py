@@ -260,11 +260,13 @@ class ModelRunner:
 
     def prepare_prefill(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         query_lens = np.diff(batch.cu_seqlens_q)
+        # Lengths and tables in int64, as the decode graphs take them: Triton compiles a kernel per pointer type,
+        # and the decode kernel a mixed step launches for its decodes must be one that start-up compiled.
         set_context(Context(is_prefill=True, cu_seqlens_q=self._to_device(batch.cu_seqlens_q, torch.int32),
                             max_seqlen_q=int(query_lens.max()), max_seqlen_k=int(batch.context_lens.max()),
                             slot_mapping=self._to_device(batch.slot_mapping, torch.int64),
-                            context_lens=self._to_device(batch.context_lens, torch.int32),
-                            block_tables=self._to_device(batch.block_tables, torch.int32),
+                            context_lens=self._to_device(batch.context_lens, torch.int64),
+                            block_tables=self._to_device(batch.block_tables, torch.int64),
                             has_cached_prefix=bool((batch.context_lens > query_lens).any()),
                             num_decode_seqs=int(np.cumprod(query_lens == 1).sum()),     # the leading one-token ones
                             backend=self.attention_backend))
