@@ -284,7 +284,7 @@ def test_requests_arriving_mid_decode_ride_along_and_equal_transformers(engines,
             step += 1
     finally:
         del llm.executor.run, llm.scheduler.add
-    assert mixed >= 3
+    assert mixed >= 3 and len(added) == len(prompts)
     for prompt, seq in zip(prompts, added):
         expected, expected_lp = hf_penalized_greedy(qwen3_dir, prompt, 12, *case)
         assert seq.completion_token_ids == expected
