@@ -39,6 +39,17 @@ def caches(blocks: int, kv_dtype: torch.dtype):
     return {"token-major": (k, v), "head-major": tuple(head_major)}
 
 
+def alternate(layouts, launch):
+    """Each layout's launch(k, v) timed in a CUDA graph, the layouts alternating twice: (times in us a layout,
+    the largest difference between the layouts' outputs)."""
+    outs, times = {}, {name: [] for name in layouts}
+    for _ in range(2):
+        for name, (k, v) in layouts.items():
+            outs[name] = launch(k, v)
+            times[name].append(do_bench_cudagraph(lambda: launch(k, v), rep=100) * 1e3)  # noqa: B023
+    return times, (outs["token-major"].float() - outs["head-major"].float()).abs().max().item()
+
+
 def time_decode(batch: int, kv_dtype: torch.dtype, configs):
     rng = random.Random(batch)
     lens = torch.tensor([rng.randint(100, 2048) for _ in range(batch)], device="cuda")
@@ -51,15 +62,10 @@ def time_decode(batch: int, kv_dtype: torch.dtype, configs):
     layouts = caches(batch * WIDTH, kv_dtype)
     for config in configs:
         with launched_as(kv_dtype, config):
-            outs, times = {}, {name: [] for name in layouts}
-            for _ in range(2):
-                for name, (k, v) in layouts.items():
-                    run = lambda: tk.paged_decode_attention(q, k, v, lens, tables, HEAD_DIM ** -0.5,  # noqa: E731
-                                                            seq_order=order, **scales)
-                    outs[name] = run()
-                    times[name].append(do_bench_cudagraph(run, rep=100) * 1e3)
-            diff = (outs["token-major"].float() - outs["head-major"].float()).abs().max().item()
-            line = "  ".join(f"{name} {min(t):7.1f} us ({nbytes / min(t) / 1e6:4.2f} TB/s)" for name, t in times.items())
+            times, diff = alternate(layouts, lambda k, v: tk.paged_decode_attention(
+                q, k, v, lens, tables, HEAD_DIM ** -0.5, seq_order=order, **scales))
+            line = "  ".join(f"{name} {min(t):7.1f} us ({nbytes / min(t) / 1e6:4.2f} TB/s)"
+                             for name, t in times.items())
             print(f"decode {str(kv_dtype).split('.')[1]:13} B={batch:3d} {describe(config)}: {line}  diff {diff:.1e}",
                   flush=True)
 
@@ -74,14 +80,8 @@ def time_prefill(num_seqs: int, q_len: int, cached: int, kv_dtype: torch.dtype):
     scale = torch.ones(1, device="cuda")
     scales = dict(k_scale=scale, v_scale=scale) if kv_dtype == torch.float8_e4m3fn else {}
     layouts = caches(num_seqs * width, kv_dtype)
-    outs, times = {}, {name: [] for name in layouts}
-    for _ in range(2):
-        for name, (k, v) in layouts.items():
-            run = lambda: tk.paged_prefill_attention(q, k, v, cu, lens, tables, HEAD_DIM ** -0.5, q_len,  # noqa: E731
-                                                     **scales)
-            outs[name] = run()
-            times[name].append(do_bench_cudagraph(run, rep=100) * 1e3)
-    diff = (outs["token-major"].float() - outs["head-major"].float()).abs().max().item()
+    times, diff = alternate(layouts, lambda k, v: tk.paged_prefill_attention(
+        q, k, v, cu, lens, tables, HEAD_DIM ** -0.5, q_len, **scales))
     line = "  ".join(f"{name} {min(t):8.1f} us" for name, t in times.items())
     print(f"prefill {str(kv_dtype).split('.')[1]:13} {num_seqs} x {q_len} new after {cached}: {line}  diff {diff:.1e}",
           flush=True)
