@@ -72,8 +72,11 @@ def run_stream(w: dict, num_blocks: int, overlap: bool = False) -> list[list[int
         step += 1
         if scheduler.is_finished():
             continue
-        batch, _ = scheduler.schedule()
+        batch, is_prefill = scheduler.schedule()
         assert batch or unbooked, "nothing was scheduled while requests wait"
+        assert len(batch) <= w["max_num_seqs"]
+        # Prompts take what the decodes leave of the budget (decodes alone may pass it, as one token each)
+        assert not is_prefill or sum(s.num_scheduled_tokens for s in batch) <= w["max_num_batched_tokens"]
         if batch:
             indices = scheduler.reserve_output_tokens(batch)
             tokens = []
