@@ -13,7 +13,8 @@ class Scheduler:
     Each step (as vLLM's) decodes every running sequence, then admits waiting ones (new or preempted) in FCFS order
     with the token budget left, while blocks and `max_num_seqs` allow, chunking a prompt longer than that budget.
     When a decode cannot get a block, the most recently admitted sequence is preempted (its blocks are freed and it
-    is recomputed later: cheap while its prefix is still cached), and that step admits nobody."""
+    is recomputed later: cheap while its prefix is still cached); a step that preempts admits nobody unless no decode
+    is left."""
 
     def __init__(self, config: Config, num_kvcache_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
         self.max_num_seqs = config.max_num_seqs
