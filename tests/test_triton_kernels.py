@@ -362,6 +362,8 @@ def run_decode(context_lens, heads, kv_heads, head_dim, block_size, num_splits, 
         out = backend.paged_decode_attention(q, k_cache, v_cache, lens, stale, scale, out=poisoned_like(q),
                                              num_splits=num_splits, k_scale=k_scale, v_scale=v_scale,
                                              seq_order=seq_order)
+    if (launch or {}).get("query_fp8"):
+        q = ref.round_query_fp8(q)
     expected = ref.paged_decode_attention(q.float(), clean(k_cache), clean(v_cache), lens, tables, scale,
                                           k_scale=k_scale, v_scale=v_scale)
     return out, expected, lens > 0
@@ -452,6 +454,39 @@ LAUNCH_VARIANTS = [None, dict(widen="kv"), dict(widen="v")]
     (DECODE_CONTEXTS_128, 4, 1, 16, 128, 2)])
 def test_decode_fp8_cache_matches_reference(contexts, heads, kv_heads, head_dim, block_size, num_splits, launch):
     run_check(check_decode, contexts, heads, kv_heads, head_dim, block_size, num_splits, FP8, launch)
+
+
+def check_decode_query_fp8(contexts, heads, kv_heads, head_dim, block_size, num_splits, launch):
+    """The query rounded to e4m3 (DecodeLaunch.query_fp8) against the reference with the same rounding. The output
+    is bfloat16 and V meets the softmax weights in a float16 dot, so single elements differ by bfloat16 steps; on
+    average the kernel must sit much closer to the rounded query's reference than to the unrounded one's (a query
+    used unrounded, or a row's scale lost, fails that)."""
+    out, expected, real = run_decode(contexts, heads, kv_heads, head_dim, block_size, num_splits, torch.bfloat16,
+                                     kv_dtype=FP8, launch=launch)
+    unrounded = run_decode(contexts, heads, kv_heads, head_dim, block_size, num_splits, torch.bfloat16,
+                           kv_dtype=FP8)[1]
+    err, err_unrounded = ((out[real].float() - x[real].bfloat16().float()).abs() for x in (expected, unrounded))
+    assert err.max() < 0.05 and err.mean() < 0.6 * err_unrounded.mean(), (err.max(), err.mean(), err_unrounded.mean())
+    assert torch.isfinite(out[~real].float()).all(), "padded rows should come out as zeros"
+
+
+@fp8_capable
+@pytest.mark.parametrize("widen,keys_major", [("", False), ("v", False), ("v", True)])
+@pytest.mark.parametrize("contexts,heads,kv_heads,head_dim,block_size,num_splits", [
+    (DECODE_CONTEXTS_16, 4, 2, 32, 16, 3), (DECODE_CONTEXTS_128, 4, 1, 16, 128, 2)])
+def test_decode_with_the_query_in_fp8_matches_the_reference(contexts, heads, kv_heads, head_dim, block_size,
+                                                            num_splits, widen, keys_major):
+    run_check(check_decode_query_fp8, contexts, heads, kv_heads, head_dim, block_size, num_splits,
+              dict(query_fp8=True, widen=widen, keys_major=keys_major))
+
+
+# The dots with the keys as their rows (DecodeLaunch.keys_major), over a float32 cache and an fp8 one.
+@pytest.mark.parametrize("kv_dtype", [None, pytest.param(FP8, marks=fp8_capable)])
+@pytest.mark.parametrize("contexts,heads,kv_heads,head_dim,block_size,num_splits", [
+    (DECODE_CONTEXTS_16, 4, 2, 32, 16, 3), (DECODE_CONTEXTS_128, 4, 1, 16, 128, 1)])
+def test_decode_keys_major_matches_reference(contexts, heads, kv_heads, head_dim, block_size, num_splits, kv_dtype):
+    run_check(check_decode, contexts, heads, kv_heads, head_dim, block_size, num_splits, kv_dtype,
+              dict(keys_major=True))
 
 
 def test_decode_split_heuristic_depends_on_shapes_only():
@@ -636,6 +671,7 @@ def qwen3_kernel_configs(fp8: bool):
         "decode": (k.decode_split_kernel, dict(GROUP=2, GROUP_PAD=16, BLOCK_SIZE=256, HEAD_DIM=128,
                                                BLOCK_N=decode.block_n, DOT_PRECISION="tf32", KV_FP8=fp8,
                                                WIDEN_K="k" in decode.widen, WIDEN_V="v" in decode.widen,
+                                               QUERY_FP8=decode.query_fp8, KEYS_MAJOR=decode.keys_major,
                                                ORDERED=True,    # as large batches launch it (decode_order)
                                                PDL=True),       # as launched on Hopper (kernels/pdl.py)
                    # the runner's decode inputs are one int64 buffer (engine/decode_inputs.py)

@@ -15,6 +15,14 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
+def round_query_fp8(q: torch.Tensor) -> torch.Tensor:
+    """q [..., head_dim] rounded through e4m3 with one scale per row (its |max| / 448), as the Triton decode holds
+    it with DecodeLaunch.query_fp8."""
+    scale = q.float().abs().amax(-1, keepdim=True) / FP8_MAX
+    scale = torch.where(scale > 0, scale, 1.0)
+    return ((q.float() / scale).to(FP8).float() * scale).to(q.dtype)
+
+
 def dequantize(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x.float() * scale if x.dtype == FP8 else x
 

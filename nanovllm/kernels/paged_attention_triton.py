@@ -29,6 +29,8 @@ class DecodeLaunch(NamedTuple):
     widen: str = ""                 # fp8: which of "k", "v" are widened in registers (kernels._widen)
     max_registers: int | None = None    # a thread's registers (Triton's maxnreg): below Triton's choice, values
                                         # spill, but more programs fit an SM's 64K registers
+    query_fp8: bool = False         # fp8: the query rounded to e4m3 (kernels._query_in_fp8), so q @ K^T is an fp8 dot
+    keys_major: bool = False        # the dots with the keys as rows (kernels._attend_kv_tiles_keys_major)
 
 
 # Decode is bandwidth-bound; launch by the cache's element size, from benchmarks/decode_sweep.py on the H100 at
@@ -168,11 +170,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, part_out, part_lse, context_lens, block_tables, k_scale, v_scale, scale * LOG2E,
         num_splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0),
-        part_lse.stride(1), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        part_lse.stride(1), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
         KV_FP8=k_cache.dtype == torch.float8_e4m3fn, WIDEN_K="k" in launch.widen, WIDEN_V="v" in launch.widen,
-        seq_order_ptr=seq_order, ORDERED=seq_order is not None, num_warps=launch.warps, num_stages=launch.stages,
-        **({"maxnreg": launch.max_registers} if launch.max_registers else {}), **pdl.launch_kwargs(q.device))
+        seq_order_ptr=seq_order, ORDERED=seq_order is not None, QUERY_FP8=launch.query_fp8,
+        KEYS_MAJOR=launch.keys_major, num_warps=launch.warps, num_stages=launch.stages,
+        **({"maxnreg": launch.max_registers} if launch.max_registers else {}),
+        **pdl.launch_kwargs(q.device))
     if num_splits > 1:
         kernels.decode_merge_kernel[(batch, num_heads)](
             part_out, part_lse, out, context_lens, num_splits, part_out.stride(0), part_out.stride(1),

@@ -97,26 +97,45 @@ def _widen(x, dtype: tl.constexpr, IN_REGISTERS: tl.constexpr):
 
 
 @triton.jit
+def _query_in_fp8(q):
+    """(q as e4m3, each row's scale [rows]): one scale per row, its |max| / 448. Then q @ K^T is an fp8 dot of the
+    cache's tiles as stored (vLLM's FlashAttention backend rounds the query so for an fp8 cache)."""
+    amax = tl.max(tl.abs(q.to(tl.float32)), 1)
+    row_scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
+    q = tl.clamp(q.to(tl.float32) / row_scale[:, None], -FP8_MAX, FP8_MAX)     # |max| / its scale may round past
+    return q.to(tl.float8e4nv), row_scale
+
+
+@triton.jit
+def _kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, kv_head, start, kv_len, stride_page, stride_row, stride_head,
+             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(K, V, their positions, which are below kv_len) of the BLOCK_N tokens from `start`: [BLOCK_N, HEAD_DIM] tiles
+    whose rows past kv_len read as 0."""
+    page = tl.load(table_ptr + start // BLOCK_SIZE).to(tl.int64)    # int64: a layer's cache can pass 2**31 elements
+    rows = start % BLOCK_SIZE + tl.arange(0, BLOCK_N)
+    keys = start + tl.arange(0, BLOCK_N)
+    key_valid = keys < kv_len
+    offsets = page * stride_page + rows[:, None] * stride_row + kv_head * stride_head + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(k_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)
+    return k, v, keys, key_valid
+
+
+@triton.jit
 def _attend_kv_tiles(acc, m_i, l_i, q, q_pos, qk_scale, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, begin, end,
                      kv_len, stride_page, stride_row, stride_head, CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False):
     """Fold the K/V tiles of tokens [begin, end) of one sequence, end <= kv_len, into an online softmax; the cache's
-    tiles are widened to q's dtype (`_widen`: exact, and a no-op unless fp8). q: [M, HEAD_DIM] query rows; acc
+    tiles are widened to q's dtype (`_widen`: exact, and a no-op unless fp8; an e4m3 q leaves K as it is and widens V
+    to float16). q: [M, HEAD_DIM] query rows; qk_scale a scalar or [M, 1]; acc
     [M, HEAD_DIM], m_i and l_i [M]: running output, max and sum (log2 domain). Keys at or beyond kv_len are masked
     out; with CAUSAL, so are keys after each row's position q_pos [M]. Every tile starts below kv_len, so every row
     sees at least one finite score once key 0 was seen."""
     for start in range(begin, end, BLOCK_N):
-        # int64: a layer's cache can pass 2**31 elements
-        page = tl.load(table_ptr + start // BLOCK_SIZE).to(tl.int64)
-        rows = start % BLOCK_SIZE + tl.arange(0, BLOCK_N)
-        keys = start + tl.arange(0, BLOCK_N)
-        key_valid = keys < kv_len
-        offsets = (page * stride_page + rows[:, None] * stride_row + kv_head * stride_head
-                   + tl.arange(0, HEAD_DIM)[None, :])
-        k = tl.load(k_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)     # rows past kv_len read as 0
-        v = tl.load(v_cache_ptr + offsets, mask=key_valid[:, None], other=0.0)
-        k, v = _widen(k, q.dtype, WIDEN_K), _widen(v, q.dtype, WIDEN_V)
+        k, v, keys, key_valid = _kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, kv_head, start, kv_len, stride_page,
+                                         stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+        k, v = _widen(k, q.dtype, WIDEN_K), _widen(v, tl.float16 if q.dtype == tl.float8e4nv else q.dtype, WIDEN_V)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         allowed = key_valid[None, :]
         if CAUSAL:
@@ -130,6 +149,30 @@ def _attend_kv_tiles(acc, m_i, l_i, q, q_pos, qk_scale, k_cache_ptr, v_cache_ptr
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_kv_tiles_keys_major(acc_t, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, begin,
+                                end, kv_len, stride_page, stride_row, stride_head, BLOCK_SIZE: tl.constexpr,
+                                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False):
+    """_attend_kv_tiles (not causal) with the keys as the dots' rows: scores [BLOCK_N, M] = K q^T and the output
+    transposed, acc_t [HEAD_DIM, M] += V^T P. A decode's few query rows are then the dots' narrow side, which
+    Hopper's wgmma takes at 16 (its rows must be 64: K's tile, or V^T's head dimension, fill them), so an e4m3
+    query meets the fp8 K tile in an fp8 wgmma without rows of padding. qk_scale: a scalar or [1, M]."""
+    for start in range(begin, end, BLOCK_N):
+        k, v, keys, key_valid = _kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, kv_head, start, kv_len, stride_page,
+                                         stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+        k, v = _widen(k, q.dtype, WIDEN_K), _widen(v, tl.float16 if q.dtype == tl.float8e4nv else q.dtype, WIDEN_V)
+        scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        scores = tl.where(key_valid[:, None], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc_t, m_i, l_i
 
 
 @triton.jit(do_not_specialize=["table_stride"])
@@ -190,7 +233,8 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
                         WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
-                        seq_order_ptr=None, ORDERED: tl.constexpr = False, PDL: tl.constexpr = False):
+                        seq_order_ptr=None, ORDERED: tl.constexpr = False, PDL: tl.constexpr = False,
+                        QUERY_FP8: tl.constexpr = False, KEYS_MAJOR: tl.constexpr = False):
     """Grid (sequences, KV heads, splits): all query heads of one KV group against one split of the KV range.
     Writes the split's normalised output and its log2-sum-exp; a split with no keys returns (the merge skips it) but
     split 0, which writes 0 and -inf (context_len 0: a padded graph row). ORDERED: row i is sequence seq_order[i]."""
@@ -220,13 +264,24 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
     if KV_FP8:
         qk_scale *= tl.load(k_scale_ptr)
         q = _query_for_fp8_cache(q)
+        if QUERY_FP8:   # the rows' scales along the scores' query axis
+            q, row_scale = _query_in_fp8(q)
+            qk_scale = qk_scale * (row_scale[None, :] if KEYS_MAJOR else row_scale[:, None])
 
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc, m_i, l_i = _attend_kv_tiles(acc, m_i, l_i, q, group_rows, qk_scale, k_cache_ptr, v_cache_ptr, table_ptr,
-                                     kv_head, start, end, context_len, stride_page, stride_row, stride_head, False,
-                                     BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION, WIDEN_K, WIDEN_V)
+    if KEYS_MAJOR:
+        acc_t = tl.zeros([HEAD_DIM, GROUP_PAD], dtype=tl.float32)
+        acc_t, m_i, l_i = _attend_kv_tiles_keys_major(acc_t, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr,
+                                                      table_ptr, kv_head, start, end, context_len, stride_page,
+                                                      stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
+                                                      DOT_PRECISION, WIDEN_K, WIDEN_V)
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+        acc, m_i, l_i = _attend_kv_tiles(acc, m_i, l_i, q, group_rows, qk_scale, k_cache_ptr, v_cache_ptr, table_ptr,
+                                         kv_head, start, end, context_len, stride_page, stride_row, stride_head,
+                                         False, BLOCK_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION, WIDEN_K, WIDEN_V)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)       # no keys: acc is 0, m_i is -inf, so out = 0 and lse = -inf
     out = acc / l_safe[:, None]
