@@ -6,11 +6,11 @@ bench.py-like batches: Qwen3-0.6B shapes, 256-token pages, contexts uniform in 1
         batch at forced split counts against the heuristic's choice, timed in a CUDA graph (small batches are
         shorter than their launches)
 
-A configuration is tile,warps,stages[,widen][,rN][,q8][,km] (a DecodeLaunch): widen names the fp8 tiles ("k", "v",
-"kv") widened in registers, rN caps the registers per thread at N, q8 rounds the query to fp8 (an fp8 cache's
-q @ K^T an fp8 dot), km puts the keys on the dots' rows (keys_major). Each cache's sweep starts with its
-shipped launch (paged_attention_triton.DECODE_LAUNCH, marked "shipped"); a configuration replaces that launch while
-it is timed, and the shipped one is put back after.
+A configuration is tile,warps,stages[,widen][,rN][,q8][,km][,p8] (a DecodeLaunch): widen names the fp8 tiles ("k",
+"v", "kv") widened in registers, rN caps the registers per thread at N, q8 rounds the query to fp8 (an fp8 cache's
+q @ K^T an fp8 dot), km puts the keys on the dots' rows (keys_major), p8 the softmax weights in fp8 (with km).
+Each cache's sweep starts with its shipped launch (paged_attention_triton.DECODE_LAUNCH, marked "shipped"); a
+configuration replaces that launch while it is timed, and the shipped one is put back after.
 
 Bytes counted: each sequence's K and V (context * kv_heads * head_dim * element size * 2). Each configuration's
 output is compared with the shipped one's (max abs difference), so a fast wrong configuration shows.
@@ -47,7 +47,7 @@ def inputs(batch: int, kv_dtype: torch.dtype, order: str = "random"):
 def describe(c: tk.DecodeLaunch) -> str:
     return (f"tile {c.block_n:3d} warps {c.warps} stages {c.stages}" + (f" widen {c.widen}" if c.widen else "")
             + (f" r{c.max_registers}" if c.max_registers else "") + (" q8" if c.query_fp8 else "")
-            + (" km" if c.keys_major else ""))
+            + (" km" if c.keys_major else "") + (" p8" if c.weights_fp8 else ""))
 
 
 def parse_config(text: str) -> tk.DecodeLaunch:
@@ -55,7 +55,7 @@ def parse_config(text: str) -> tk.DecodeLaunch:
     registers = [int(f[1:]) for f in fields[3:] if f.startswith("r")]
     return tk.DecodeLaunch(*map(int, fields[:3]), widen="".join(f for f in fields[3:] if f in ("k", "v", "kv")),
                            max_registers=registers[0] if registers else None, query_fp8="q8" in fields[3:],
-                           keys_major="km" in fields[3:])
+                           keys_major="km" in fields[3:], weights_fp8="p8" in fields[3:])
 
 
 @contextlib.contextmanager
@@ -72,7 +72,8 @@ def launched_as(kv_dtype: torch.dtype, config: tk.DecodeLaunch):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kv", choices=["both", "bf16", "fp8"], default="both")
-    p.add_argument("--configs", nargs="+", help="tile,warps,stages[,widen][,rN][,q8][,km] (default: a fixed list)")
+    p.add_argument("--configs", nargs="+", help="tile,warps,stages[,widen][,rN][,q8][,km][,p8] (default: a fixed "
+                   "list)")
     p.add_argument("--batches", type=int, nargs="+", default=[256, 64])
     p.add_argument("--splits", type=int, nargs="+", help="time these split counts instead of launch parameters")
     p.add_argument("--order", choices=["random", "longest-first", "shortest-first"], default="random",

@@ -460,24 +460,30 @@ def check_decode_query_fp8(contexts, heads, kv_heads, head_dim, block_size, num_
     """The query rounded to e4m3 (DecodeLaunch.query_fp8) against the reference with the same rounding. The output
     is bfloat16 and V meets the softmax weights in a float16 dot, so single elements differ by bfloat16 steps; on
     average the kernel must sit much closer to the rounded query's reference than to the unrounded one's (a query
-    used unrounded, or a row's scale lost, fails that)."""
+    used unrounded, or a row's scale lost, fails that). With the weights in e4m3 too (weights_fp8) each weight is off
+    by up to half an e4m3 step (1/16), which the reference does not model: within a few percent on average."""
     out, expected, real = run_decode(contexts, heads, kv_heads, head_dim, block_size, num_splits, torch.bfloat16,
                                      kv_dtype=FP8, launch=launch)
     unrounded = run_decode(contexts, heads, kv_heads, head_dim, block_size, num_splits, torch.bfloat16,
                            kv_dtype=FP8)[1]
     err, err_unrounded = ((out[real].float() - x[real].bfloat16().float()).abs() for x in (expected, unrounded))
-    assert err.max() < 0.05 and err.mean() < 0.6 * err_unrounded.mean(), (err.max(), err.mean(), err_unrounded.mean())
+    if launch.get("weights_fp8"):
+        assert err.max() < 0.1 and err.mean() < 0.03 * expected[real].abs().mean(), (err.max(), err.mean())
+    else:
+        assert err.max() < 0.05 and err.mean() < 0.6 * err_unrounded.mean(), (err.max(), err.mean(),
+                                                                               err_unrounded.mean())
     assert torch.isfinite(out[~real].float()).all(), "padded rows should come out as zeros"
 
 
 @fp8_capable
-@pytest.mark.parametrize("widen,keys_major", [("", False), ("v", False), ("v", True)])
+@pytest.mark.parametrize("launch", [dict(widen=""), dict(widen="v"), dict(widen="v", keys_major=True),
+                                    dict(keys_major=True, weights_fp8=True)])
 @pytest.mark.parametrize("contexts,heads,kv_heads,head_dim,block_size,num_splits", [
     (DECODE_CONTEXTS_16, 4, 2, 32, 16, 3), (DECODE_CONTEXTS_128, 4, 1, 16, 128, 2)])
 def test_decode_with_the_query_in_fp8_matches_the_reference(contexts, heads, kv_heads, head_dim, block_size,
-                                                            num_splits, widen, keys_major):
+                                                            num_splits, launch):
     run_check(check_decode_query_fp8, contexts, heads, kv_heads, head_dim, block_size, num_splits,
-              dict(query_fp8=True, widen=widen, keys_major=keys_major))
+              dict(query_fp8=True, **launch))
 
 
 # The dots with the keys as their rows (DecodeLaunch.keys_major), over a float32 cache and an fp8 one.
@@ -672,6 +678,7 @@ def qwen3_kernel_configs(fp8: bool):
                                                BLOCK_N=decode.block_n, DOT_PRECISION="tf32", KV_FP8=fp8,
                                                WIDEN_K="k" in decode.widen, WIDEN_V="v" in decode.widen,
                                                QUERY_FP8=decode.query_fp8, KEYS_MAJOR=decode.keys_major,
+                                               WEIGHTS_FP8=decode.weights_fp8,
                                                ORDERED=True,    # as large batches launch it (decode_order)
                                                PDL=True),       # as launched on Hopper (kernels/pdl.py)
                    # the runner's decode inputs are one int64 buffer (engine/decode_inputs.py)

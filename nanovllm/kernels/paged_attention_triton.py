@@ -31,6 +31,7 @@ class DecodeLaunch(NamedTuple):
                                         # spill, but more programs fit an SM's 64K registers
     query_fp8: bool = False         # fp8: the query rounded to e4m3 (kernels._query_in_fp8), so q @ K^T is an fp8 dot
     keys_major: bool = False        # the dots with the keys as rows (kernels._attend_kv_tiles_keys_major)
+    weights_fp8: bool = False       # fp8 and keys_major: the softmax weights in e4m3, so P V is an fp8 dot
 
 
 # Decode is bandwidth-bound; launch by the cache's element size, from benchmarks/decode_sweep.py on the H100 at
@@ -174,8 +175,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
         KV_FP8=k_cache.dtype == torch.float8_e4m3fn, WIDEN_K="k" in launch.widen, WIDEN_V="v" in launch.widen,
         seq_order_ptr=seq_order, ORDERED=seq_order is not None, QUERY_FP8=launch.query_fp8,
-        KEYS_MAJOR=launch.keys_major, num_warps=launch.warps, num_stages=launch.stages,
-        **({"maxnreg": launch.max_registers} if launch.max_registers else {}),
+        KEYS_MAJOR=launch.keys_major, WEIGHTS_FP8=launch.weights_fp8, num_warps=launch.warps,
+        num_stages=launch.stages, **({"maxnreg": launch.max_registers} if launch.max_registers else {}),
         **pdl.launch_kwargs(q.device))
     if num_splits > 1:
         kernels.decode_merge_kernel[(batch, num_heads)](

@@ -21,6 +21,9 @@ from nanovllm.kernels import pdl
 # by k_scale and the output by v_scale, the same as dequantizing every element (x * scale), with one multiply per
 # row instead of one per element.
 FP8_MAX = tl.constexpr(448.0)     # float8_e4m3fn's largest finite value; it has no inf
+# Softmax weights (at most 1) scaled by this before they are rounded to e4m3: weights down to 2**-14 keep its normal
+# precision, instead of 2**-6, and a power of two leaves the scaling exact.
+WEIGHTS_FP8_SCALE = tl.constexpr(256.0)
 
 # Triton compiles a kernel again for an integer argument that turns 1 or a multiple of 16: the block table's width,
 # the split count and the strides it sets change from step to step, so a request could meet a variant start-up never
@@ -155,22 +158,31 @@ def _attend_kv_tiles(acc, m_i, l_i, q, q_pos, qk_scale, k_cache_ptr, v_cache_ptr
 def _attend_kv_tiles_keys_major(acc_t, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, begin,
                                 end, kv_len, stride_page, stride_row, stride_head, BLOCK_SIZE: tl.constexpr,
                                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                                WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False):
+                                WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
+                                WEIGHTS_FP8: tl.constexpr = False):
     """_attend_kv_tiles (not causal) with the keys as the dots' rows: scores [BLOCK_N, M] = K q^T and the output
     transposed, acc_t [HEAD_DIM, M] += V^T P. A decode's few query rows are then the dots' narrow side, which
     Hopper's wgmma takes at 16 (its rows must be 64: K's tile, or V^T's head dimension, fill them), so an e4m3
-    query meets the fp8 K tile in an fp8 wgmma without rows of padding. qk_scale: a scalar or [1, M]."""
+    query meets the fp8 K tile in an fp8 wgmma without rows of padding. qk_scale: a scalar or [1, M].
+    WEIGHTS_FP8 (an fp8 cache): the softmax weights in e4m3 too, times WEIGHTS_FP8_SCALE, so that P meets the V
+    tile as stored in an fp8 wgmma (FlashAttention-3's fp8 path rounds P the same way)."""
     for start in range(begin, end, BLOCK_N):
         k, v, keys, key_valid = _kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, kv_head, start, kv_len, stride_page,
                                          stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
-        k, v = _widen(k, q.dtype, WIDEN_K), _widen(v, tl.float16 if q.dtype == tl.float8e4nv else q.dtype, WIDEN_V)
+        k = _widen(k, q.dtype, WIDEN_K)
+        if not WEIGHTS_FP8:
+            v = _widen(v, tl.float16 if q.dtype == tl.float8e4nv else q.dtype, WIDEN_V)
         scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(key_valid[:, None], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
-        acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION)
+        if WEIGHTS_FP8:
+            pv = tl.dot(tl.trans(v), (p * WEIGHTS_FP8_SCALE).to(tl.float8e4nv)) * (1.0 / WEIGHTS_FP8_SCALE)
+        else:
+            pv = tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION)
+        acc_t = acc_t * alpha[None, :] + pv
         m_i = m_new
     return acc_t, m_i, l_i
 
@@ -234,7 +246,8 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
                         WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
                         seq_order_ptr=None, ORDERED: tl.constexpr = False, PDL: tl.constexpr = False,
-                        QUERY_FP8: tl.constexpr = False, KEYS_MAJOR: tl.constexpr = False):
+                        QUERY_FP8: tl.constexpr = False, KEYS_MAJOR: tl.constexpr = False,
+                        WEIGHTS_FP8: tl.constexpr = False):
     """Grid (sequences, KV heads, splits): all query heads of one KV group against one split of the KV range.
     Writes the split's normalised output and its log2-sum-exp; a split with no keys returns (the merge skips it) but
     split 0, which writes 0 and -inf (context_len 0: a padded graph row). ORDERED: row i is sequence seq_order[i]."""
@@ -275,7 +288,7 @@ def decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_
         acc_t, m_i, l_i = _attend_kv_tiles_keys_major(acc_t, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr,
                                                       table_ptr, kv_head, start, end, context_len, stride_page,
                                                       stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
-                                                      DOT_PRECISION, WIDEN_K, WIDEN_V)
+                                                      DOT_PRECISION, WIDEN_K, WIDEN_V, WEIGHTS_FP8)
         acc = tl.trans(acc_t)
     else:
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
