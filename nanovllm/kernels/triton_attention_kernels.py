@@ -131,10 +131,10 @@ def _attend_kv_tiles(acc, m_i, l_i, q, q_pos, qk_scale, k_cache_ptr, v_cache_ptr
                      WIDEN_K: tl.constexpr = False, WIDEN_V: tl.constexpr = False):
     """Fold the K/V tiles of tokens [begin, end) of one sequence, end <= kv_len, into an online softmax; the cache's
     tiles are widened to q's dtype (`_widen`: exact, and a no-op unless fp8; an e4m3 q leaves K as it is and widens V
-    to float16). q: [M, HEAD_DIM] query rows; qk_scale a scalar or [M, 1]; acc
-    [M, HEAD_DIM], m_i and l_i [M]: running output, max and sum (log2 domain). Keys at or beyond kv_len are masked
-    out; with CAUSAL, so are keys after each row's position q_pos [M]. Every tile starts below kv_len, so every row
-    sees at least one finite score once key 0 was seen."""
+    to float16). q: [M, HEAD_DIM] query rows, qk_scale a scalar or [M, 1]; acc [M, HEAD_DIM], m_i and l_i [M]:
+    running output, max and sum (log2 domain). Keys at or beyond kv_len are masked out; with CAUSAL, so are keys after
+    each row's position q_pos [M]. Every tile starts below kv_len, so every row sees at least one finite score once
+    key 0 was seen."""
     for start in range(begin, end, BLOCK_N):
         k, v, keys, key_valid = _kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, kv_head, start, kv_len, stride_page,
                                          stride_row, stride_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
